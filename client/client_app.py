@@ -1,0 +1,168 @@
+"""The hospital's Flower ClientApp: decrypt, check the budget, train with DP, encrypt.
+
+Order of a train round (each step can refuse, with a reason sent back):
+
+1. parse and validate the instruction (job config, round, key epoch);
+2. decrypt the global model with the hospital's secret CKKS context — a
+   fingerprint or epoch mismatch is refused before any arithmetic;
+3. ask the local ledger whether this round's DP-SGD steps fit the budget;
+4. train with Opacus, continuing the job's accountant state;
+5. record the new privacy spend *before* anything leaves the hospital;
+6. weight the model by the sample count, encrypt, reply with metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedvault.client.ledger import LocalLedger
+from fedvault.client.site import HospitalSite, SiteProvider
+from fedvault.client.training import evaluate, get_weights, set_weights, train_private
+from fedvault.config import JobConfig, SecureAggregation
+from fedvault.messages import EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
+from fedvault.privacy.dp import plan_dp
+from fedvault.privacy.errors import FedvaultError, KeyMismatchError
+from fedvault.privacy.he import decrypt_average, encrypt_update
+
+__all__ = ["make_client_app"]
+
+log = logging.getLogger("fedvault.client")
+
+
+def _global_model(site: HospitalSite, instr: RoundInstruction) -> dict:
+    if instr.job.secure_aggregation is SecureAggregation.HE:
+        if instr.model.envelope is None:
+            raise KeyMismatchError(
+                "the coordinator sent a plaintext model for an encrypted job; refusing"
+            )
+        if site.ckks is None:
+            raise KeyMismatchError(
+                f"{site.name} holds no CKKS secret context; run the key ceremony first"
+            )
+        return decrypt_average(site.ckks, instr.model.envelope, key_epoch=instr.key_epoch)
+    if instr.model.arrays is None:
+        raise KeyMismatchError("the coordinator sent ciphertext for a plaintext job")
+    return dict(instr.model.arrays)
+
+
+def _train_seed(job: JobConfig, hospital: str, server_round: int) -> int:
+    return (job.seed * 1_000_003 + server_round * 7919 + zlib.crc32(hospital.encode())) % 2**31
+
+
+def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
+    job = instr.job
+    n = len(site.train_data)  # type: ignore[arg-type]
+    batch_size = min(job.training.batch_size, n)
+    plan = plan_dp(
+        job.privacy,
+        num_samples=n,
+        batch_size=batch_size,
+        local_epochs=job.training.local_epochs,
+        rounds=job.rounds,
+    )
+    ledger = LocalLedger(site.ledger_path, hospital=site.name)
+    try:
+        ledger.check_round(
+            job=job.job,
+            server_round=instr.server_round,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps_per_round,
+            budget=site.epsilon_budget or job.privacy.epsilon,
+            delta=job.privacy.delta,
+        )
+        model = site.build_model()
+        set_weights(model, _global_model(site, instr))
+        result = train_private(
+            model,
+            site.train_data,
+            training=job.training,
+            max_grad_norm=job.privacy.max_grad_norm,
+            batch_size=batch_size,
+            plan=plan,
+            state=ledger.state(job.job),
+            device=site.device,
+            seed=_train_seed(job, site.name, instr.server_round),
+        )
+        # The spend is on the books before the update can leave the hospital.
+        entry = ledger.record_round(
+            job=job.job, server_round=instr.server_round, state=result.state, delta=job.privacy.delta
+        )
+    finally:
+        ledger.close()
+    weights = get_weights(model)
+    if job.secure_aggregation is SecureAggregation.HE:
+        assert site.ckks is not None  # checked by _global_model
+        update = ModelPayload(
+            envelope=encrypt_update(
+                site.ckks,
+                weights,
+                weight=float(n),
+                key_epoch=instr.key_epoch,
+                job=job.job,
+                server_round=instr.server_round,
+            )
+        )
+    else:
+        update = ModelPayload(arrays=weights)
+    return TrainReply(
+        hospital=site.name,
+        status=ReplyStatus.OK,
+        update=update,
+        samples=n,
+        train_loss=result.loss,
+        epsilon=entry.epsilon,
+        delta=job.privacy.delta,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=result.state.steps,
+        round_steps=result.round_steps,
+        accountant=result.state.accountant,
+        accountant_state=result.state.to_json(),
+    )
+
+
+def make_client_app(sites: SiteProvider) -> ClientApp:
+    """A ClientApp serving the hospitals that ``sites`` resolves."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        instr = RoundInstruction.from_message(msg)
+        site = sites.site(context, instr.job)
+        try:
+            reply = _train(site, instr)
+        except FedvaultError as exc:
+            log.warning("%s refused round %d: %s", site.name, instr.server_round, exc)
+            reply = TrainReply(
+                hospital=site.name,
+                status=ReplyStatus.REFUSED,
+                reason=f"{type(exc).__name__}: {exc}",
+                delta=instr.job.privacy.delta,
+            )
+        return Message(reply.to_content(), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_global(msg: Message, context: Context) -> Message:
+        instr = RoundInstruction.from_message(msg)
+        site = sites.site(context, instr.job)
+        try:
+            model = site.build_model()
+            set_weights(model, _global_model(site, instr))
+            loss, accuracy, seen = evaluate(model, site.test_data, device=site.device)
+            reply = EvalReply(
+                hospital=site.name,
+                status=ReplyStatus.OK,
+                accuracy=accuracy,
+                loss=loss,
+                samples=seen,
+            )
+        except FedvaultError as exc:
+            reply = EvalReply(hospital=site.name, status=ReplyStatus.REFUSED, reason=str(exc))
+        return Message(reply.to_content(), reply_to=msg)
+
+    return app

@@ -1,0 +1,44 @@
+"""A hospital as its ClientApp sees it: name, state directory, data, keys.
+
+The ClientApp does not know where its data comes from: a :class:`SiteProvider`
+resolves the Flower context to a :class:`HospitalSite`. The simulation runner
+provides virtual hospitals (partitions of a bundled data set); the production
+daemon provides the hospital's own data and kit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from flwr.app import Context
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedvault.config import JobConfig
+from fedvault.privacy.ckks import CkksContext
+
+__all__ = ["HospitalSite", "SiteProvider"]
+
+
+@dataclass(frozen=True)
+class HospitalSite:
+    name: str
+    state_dir: Path  # the hospital's own ledger lives here
+    train_data: Dataset
+    test_data: Dataset
+    build_model: Callable[[], nn.Module]
+    ckks: CkksContext | None  # secret context; None in plaintext mode
+    device: torch.device
+    epsilon_budget: float | None = None  # the hospital's own cap; None: the job's target
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+
+class SiteProvider(Protocol):
+    def site(self, context: Context, job: JobConfig) -> HospitalSite: ...

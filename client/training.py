@@ -1,0 +1,133 @@
+"""Local training and evaluation at a hospital.
+
+Training is always DP-SGD (Opacus, Poisson sampling, per-sample clipping): the
+model that leaves the hospital — even encrypted — is already differentially
+private with respect to each patient record, so the privacy guarantee does not
+rest on the encryption alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedvault.config import TrainingConfig
+from fedvault.privacy.dp import AccountantState, DpPlan, make_private
+from fedvault.privacy.errors import MalformedUpdateError
+
+__all__ = ["LocalResult", "evaluate", "get_weights", "pick_device", "set_weights", "train_private"]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one round of local DP-SGD produced."""
+
+    loss: float
+    state: AccountantState  # accountant history after this round (all rounds of the job)
+    round_steps: int
+
+
+def pick_device() -> torch.device:
+    """The hospital's GPU when it has one; CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's state as named numpy arrays (the order is the state dict's)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load named arrays, refusing any mismatch in names or shapes."""
+    expected = model.state_dict()
+    if set(arrays) != set(expected):
+        missing = sorted(set(expected) - set(arrays))
+        extra = sorted(set(arrays) - set(expected))
+        raise MalformedUpdateError(
+            f"global model does not fit the local model (missing {missing}, unexpected {extra}); "
+            "coordinator and hospital must run the same model definition"
+        )
+    state = {}
+    for name, ref in expected.items():
+        value = np.asarray(arrays[name])
+        if tuple(value.shape) != tuple(ref.shape):
+            raise MalformedUpdateError(
+                f"global model tensor {name!r} has shape {value.shape}, expected {tuple(ref.shape)}"
+            )
+        state[name] = torch.as_tensor(value, dtype=ref.dtype)
+    model.load_state_dict(state)
+
+
+def train_private(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    training: TrainingConfig,
+    max_grad_norm: float,
+    batch_size: int,
+    plan: DpPlan,
+    state: AccountantState,
+    device: torch.device,
+    seed: int,
+) -> LocalResult:
+    """Run one round of local DP-SGD, continuing the job's accountant ``state``."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=training.learning_rate, momentum=training.momentum
+    )
+    private = make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        state=state,
+    )
+    criterion = nn.CrossEntropyLoss()
+    total_loss, total_seen, steps = 0.0, 0, 0
+    for _ in range(training.local_epochs):
+        for features, labels in private.data_loader:
+            features, labels = features.to(device), labels.to(device)
+            private.optimizer.zero_grad(set_to_none=True)
+            # Poisson sampling can draw an empty batch; Opacus still takes the
+            # (noise-only) step so the accountant's step count stays exact.
+            logits = private.module(features)
+            loss = criterion(logits, labels) if len(labels) else logits.sum() * 0.0
+            loss.backward()
+            private.optimizer.step()
+            steps += 1
+            if len(labels):
+                total_loss += float(loss.detach()) * len(labels)
+                total_seen += len(labels)
+    model.to("cpu")
+    return LocalResult(
+        loss=total_loss / max(total_seen, 1),
+        state=private.state(),
+        round_steps=steps,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, *, device: torch.device) -> tuple[float, float, int]:
+    """(mean cross-entropy, accuracy, number of records) on ``data``."""
+    model.to(device).eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss, correct, seen = 0.0, 0, 0
+    for features, labels in DataLoader(data, batch_size=1024):
+        features, labels = features.to(device), labels.to(device)
+        logits = model(features)
+        loss += float(criterion(logits, labels))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        seen += len(labels)
+    model.to("cpu")
+    if seen == 0:
+        return 0.0, 0.0, 0
+    return loss / seen, correct / seen, seen

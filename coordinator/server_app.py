@@ -1,0 +1,252 @@
+"""The coordinator's Flower ServerApp: a durable round loop around :class:`SecureFedAvg`.
+
+Flower's ``Strategy.start`` always begins at round 1. A consortium job must
+survive a coordinator restart, so this loop is keyed by the *job name* in the
+round store: it finds the last committed round and its global model (a
+ciphertext in ``he`` mode) and goes on from there. Each round is committed in
+one transaction — round row, participants, new global model, ledger rows and
+audit events — or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from torch import nn
+
+from fedvault.config import JobConfig, SecureAggregation
+from fedvault.coordinator.aggregation import arrays_from_bytes, arrays_to_bytes
+from fedvault.coordinator.records import AuditEvent, ModelBlob, Participation, RoundCommit, RoundView
+from fedvault.coordinator.report import write_report
+from fedvault.coordinator.store import RoundStore
+from fedvault.coordinator.strategy import RoundOutcome, SecureFedAvg
+from fedvault.messages import ModelPayload, payload_to_record
+from fedvault.privacy.ckks import CkksContext
+from fedvault.privacy.errors import StoreError
+from fedvault.privacy.he import encrypt_update
+
+__all__ = ["CoordinatorSettings", "RoundObserver", "make_server_app", "run_job"]
+
+log = logging.getLogger("fedvault.coordinator")
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """Everything the coordinator needs to run (or resume) one job."""
+
+    job: JobConfig
+    store_url: str
+    build_model: Callable[[], nn.Module]  # the initial global model's architecture
+    public_context: CkksContext | None = None  # he mode: public key only
+    key_epoch: int = 0
+    report_dir: Path | None = None
+    max_round_attempts: int = 3
+    node_wait_s: float = 120.0
+
+
+class RoundObserver(Protocol):
+    """Hooks for progress displays; the loop works without one."""
+
+    def on_start(self, job: JobConfig, resumed_after: int) -> None: ...
+
+    def on_round(self, view: RoundView) -> None: ...
+
+    def on_round_failed(self, number: int, attempt: int, reason: str) -> None: ...
+
+
+class _LogObserver:
+    def on_start(self, job: JobConfig, resumed_after: int) -> None:
+        if resumed_after:
+            log.info("job %s: resuming after committed round %d", job.job, resumed_after)
+        else:
+            log.info("job %s: starting (%d rounds)", job.job, job.rounds)
+
+    def on_round(self, view: RoundView) -> None:
+        log.info("round %d committed: accuracy=%s", view.number, view.eval_accuracy)
+
+    def on_round_failed(self, number: int, attempt: int, reason: str) -> None:
+        log.warning("round %d attempt %d failed: %s", number, attempt, reason)
+
+
+def _initial_model(settings: CoordinatorSettings) -> ModelPayload:
+    """The seeded initial model; in ``he`` mode encrypted under the public key."""
+    torch.manual_seed(settings.job.seed)
+    weights = {k: v.detach().cpu().numpy() for k, v in settings.build_model().state_dict().items()}
+    if settings.job.secure_aggregation is SecureAggregation.HE:
+        assert settings.public_context is not None
+        return ModelPayload(
+            envelope=encrypt_update(
+                settings.public_context,
+                weights,
+                weight=1.0,
+                key_epoch=settings.key_epoch,
+                job=settings.job.job,
+                server_round=0,
+            )
+        )
+    return ModelPayload(arrays=weights)
+
+
+def _to_blob(number: int, outcome: RoundOutcome) -> ModelBlob:
+    assert outcome.model is not None
+    if outcome.model.envelope is not None:
+        return ModelBlob(round=number, kind="ckks", blob=outcome.model.envelope, total_weight=outcome.total_weight)
+    assert outcome.model.arrays is not None
+    return ModelBlob(
+        round=number, kind="plain", blob=arrays_to_bytes(outcome.model.arrays), total_weight=outcome.total_weight
+    )
+
+
+def _from_blob(blob: ModelBlob) -> ModelPayload:
+    if blob.kind == "ckks":
+        return ModelPayload(envelope=blob.blob)
+    return ModelPayload(arrays=arrays_from_bytes(blob.blob))
+
+
+def _wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() > deadline:
+            raise StoreError(
+                f"only {connected} of the {needed} hospitals needed are connected after "
+                f"{timeout_s:.0f} s; start their daemons or lower min_hospitals"
+            )
+        time.sleep(1.0)
+
+
+class _RoundRunner:
+    def __init__(self, grid: Grid, settings: CoordinatorSettings, store: RoundStore, job_id: int) -> None:
+        self.grid, self.settings, self.store, self.job_id = grid, settings, store, job_id
+        self.job = settings.job
+        self.strategy = SecureFedAvg(
+            job=self.job, public_context=settings.public_context, key_epoch=settings.key_epoch
+        )
+
+    def _config(self, server_round: int) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "job-config": self.job.to_json(),
+                "server-round": server_round,
+                "key-epoch": self.settings.key_epoch,
+            }
+        )
+
+    def train(self, number: int, model: ModelPayload) -> RoundOutcome:
+        _wait_for_nodes(self.grid, self.job.quorum, self.settings.node_wait_s)
+        messages = list(self.strategy.configure_train(number, payload_to_record(model), self._config(number), self.grid))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s))
+        outcome = self.strategy.collect_train(number, replies)
+        answered = {r.metadata.src_node_id for r in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                outcome.participations.append(
+                    Participation(
+                        hospital=f"node-{msg.metadata.dst_node_id}",
+                        node_id=msg.metadata.dst_node_id,
+                        status="failed",
+                        reason=f"no reply within {self.job.round_timeout_s:.0f} s",
+                    )
+                )
+        return outcome
+
+    def evaluate(self, number: int, model: ModelPayload) -> None:
+        messages = list(
+            self.strategy.configure_evaluate(number, payload_to_record(model), self._config(number), self.grid)
+        )
+        replies = self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s)
+        evals = self.strategy.collect_evaluate(number, replies)
+        self.store.record_evaluation(self.job_id, number, evaluations=evals)
+
+
+def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver | None = None) -> str:
+    """Run or resume ``settings.job`` to completion; returns the final job status."""
+    obs: RoundObserver = observer or _LogObserver()
+    job = settings.job
+    with RoundStore(settings.store_url) as store:
+        job_row = store.open_job(job.job, job.to_dict())
+        done = store.last_committed_round(job_row.id)
+        obs.on_start(job, done)
+        store.append_audit(
+            AuditEvent(
+                kind="job_resumed" if done else "job_started",
+                actor="coordinator",
+                detail={"after_round": done, "mode": job.secure_aggregation.value},
+            ),
+            job_id=job_row.id,
+        )
+        runner = _RoundRunner(grid, settings, store, job_row.id)
+        latest = store.latest_model(job_row.id)
+        model = _from_blob(latest) if latest is not None else _initial_model(settings)
+        views = store.rounds(job_row.id)
+        if done and views and views[-1].status == "committed" and views[-1].eval_accuracy is None:
+            runner.evaluate(done, model)  # crashed between commit and evaluation
+        for number in range(done + 1, job.rounds + 1):
+            outcome = None
+            for attempt in range(1, settings.max_round_attempts + 1):
+                candidate = runner.train(number, model)
+                if candidate.model is not None and candidate.accepted >= job.quorum:
+                    outcome = candidate
+                    break
+                reason = (
+                    f"{candidate.accepted} of {job.quorum} required hospitals contributed: "
+                    + "; ".join(
+                        f"{p.hospital} {p.status}: {p.reason}"
+                        for p in candidate.participations
+                        if p.status != "ok"
+                    )
+                )
+                store.record_failed_round(
+                    job_row.id, number, reason=reason, participations=candidate.participations
+                )
+                obs.on_round_failed(number, attempt, reason)
+            if outcome is None:
+                store.set_job_status(job_row.id, "failed")
+                _write_report(store, settings)
+                return "failed"
+            store.commit_round(
+                job_row.id,
+                RoundCommit(
+                    number=number,
+                    model=_to_blob(number, outcome),
+                    participations=tuple(outcome.participations),
+                    train_loss=outcome.train_loss,
+                    audit=tuple(outcome.audit),
+                ),
+            )
+            assert outcome.model is not None
+            model = outcome.model
+            runner.evaluate(number, model)
+            _write_report(store, settings)
+            obs.on_round(store.rounds(job_row.id)[-1])
+        store.set_job_status(job_row.id, "finished")
+        _write_report(store, settings)
+        return "finished"
+
+
+def _write_report(store: RoundStore, settings: CoordinatorSettings) -> None:
+    if settings.report_dir is not None:
+        write_report(store, settings.job.job, settings.report_dir)
+
+
+def make_server_app(
+    settings: Callable[[Context], CoordinatorSettings],
+    observer: RoundObserver | None = None,
+) -> ServerApp:
+    """A ServerApp running the job that ``settings(context)`` describes."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        status = run_job(grid, settings(context), observer)
+        if status != "finished":
+            raise StoreError(f"job ended with status {status!r}; see the audit log and report")
+
+    return app

@@ -1,0 +1,563 @@
+"""The coordinator's durable round store (SQLAlchemy 2; SQLite or PostgreSQL).
+
+A round is committed whole or not at all: round row, participations, new global
+model, privacy-ledger rows and audit events go in ONE transaction, and the store
+refuses any round but ``last committed + 1``, so a crash or a retry can neither
+lose a round nor apply one twice. A restarted coordinator finds its job by name
+(:meth:`RoundStore.open_job`) and resumes from :meth:`RoundStore.latest_model`.
+
+Writers serialise: SQLite write transactions start with ``BEGIN IMMEDIATE``
+(SQLAlchemy emits BEGIN itself, since Python's sqlite3 skips it before SELECTs,
+which would let a read-then-write race), PostgreSQL ones take a transaction
+advisory lock. File databases run in WAL mode with ``synchronous=FULL``: a
+second process may read while the coordinator writes, and a committed round
+survives power loss. The unique constraints in :mod:`.store_models` back all of
+this up at the database level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from fedvault.privacy.errors import InvalidConfigError, StoreError
+from sqlalchemy import Engine, LargeBinary, String, create_engine, event, func, select, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.pool import StaticPool
+
+from .records import (
+    AuditEvent,
+    AuditRow,
+    HospitalEval,
+    Job,
+    LedgerRow,
+    ModelBlob,
+    Participation,
+    RoundCommit,
+    RoundView,
+)
+from .store_models import (
+    Base,
+    JobTable,
+    LedgerTable,
+    ModelTable,
+    ParticipationTable,
+    RoundTable,
+    append_audit_events,
+    audit_query,
+    audit_record,
+    canonical_json,
+    first_broken_link,
+    job_record,
+    ledger_record,
+    ledger_row,
+    participation_row,
+    round_view,
+    utcnow,
+)
+
+__all__ = ["DEFAULT_STORE_FILENAME", "JOB_STATUSES", "RoundStore", "sqlite_url"]
+
+DEFAULT_STORE_FILENAME = "fedvault.sqlite"
+JOB_STATUSES = ("running", "finished", "failed", "stopped")
+ACTOR = "coordinator"
+_WRITE_OPTION = "fedvault_write"
+_PG_WRITER_LOCK = 0x66656476  # "fedv": one writer at a time per PostgreSQL database
+_UNSET = object()
+
+
+def sqlite_url(path: Path) -> str:
+    """Return the SQLAlchemy URL of a SQLite file (absolute, so ``cd`` cannot move it)."""
+    return URL.create("sqlite", database=str(Path(path).expanduser().resolve())).render_as_string()
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own message (first line): it says what the database refused."""
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+def _create_engine(url: URL, engine_kwargs: Mapping[str, Any] | None) -> Engine:
+    kwargs = dict(engine_kwargs or {})
+    if url.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kwargs)
+    in_memory = url.database in (None, "", ":memory:")
+    if in_memory:
+        # One shared connection, or every new connection would see an empty database.
+        kwargs.setdefault("poolclass", StaticPool)
+        kwargs["connect_args"] = {"check_same_thread": False, **kwargs.get("connect_args", {})}
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # BEGIN is ours (see _on_begin)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        write = connection.get_execution_options().get(_WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _conflict(name: str, stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> StoreError:
+    keys = sorted(
+        k for k in stored.keys() | wanted.keys() if stored.get(k, _UNSET) != wanted.get(k, _UNSET)
+    )
+
+    def show(config: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k}={json.dumps(config[k]) if k in config else '<unset>'}" for k in keys)
+
+    return StoreError(
+        f"job {name!r} already exists in this store with {show(stored)} (this run asks for "
+        f"{show(wanted)}); use another --out/--store or the same settings to resume"
+    )
+
+
+class RoundStore:
+    """Durable state of the coordinator's jobs and rounds.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL: ``sqlite:///PATH`` (see :func:`sqlite_url`), ``sqlite://``
+        for an in-memory store, or ``postgresql+psycopg://USER@HOST/DB``.
+    engine_kwargs
+        Extra :func:`sqlalchemy.create_engine` arguments, e.g.
+        ``{"connect_args": {"options": "-csearch_path=myschema"}}``.
+    """
+
+    def __init__(self, url: str, *, engine_kwargs: Mapping[str, Any] | None = None) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            raise StoreError(
+                f"{url!r} is not a database URL; pass e.g. sqlite:///PATH/{DEFAULT_STORE_FILENAME} "
+                "or postgresql+psycopg://USER@HOST/DB"
+            ) from exc
+        self._url = parsed.render_as_string(hide_password=True)
+        self._postgres = parsed.get_backend_name() == "postgresql"
+        try:
+            self._engine = _create_engine(parsed, engine_kwargs)
+        except ImportError as exc:
+            raise StoreError(
+                f"no database driver for {self._url} ({exc}); install it, e.g. "
+                "`pip install 'fedvault[postgres]'` for PostgreSQL"
+            ) from exc
+        try:
+            options = {_WRITE_OPTION: True}
+            with self._engine.connect().execution_options(**options) as conn, conn.begin():
+                Base.metadata.create_all(conn)
+        except SQLAlchemyError as exc:
+            self._engine.dispose()
+            reason = _reason(exc)
+            if parsed.password:
+                reason = reason.replace(parsed.password, "***")
+            raise StoreError(
+                f"cannot open the round store at {self._url}: {reason}. Check that the database "
+                "server is running and reachable, that the credentials are right, or that the "
+                "file's directory exists and is writable; or pass another --store URL"
+            ) from exc
+
+    @property
+    def engine(self) -> Engine:
+        """The underlying engine (for migrations and operator tooling)."""
+        return self._engine
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self._engine.dispose()
+
+    def __enter__(self) -> RoundStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _session(self, what: str, *, write: bool = False) -> Iterator[Session]:
+        """One transaction; database errors become a StoreError naming ``what``."""
+        try:
+            with Session(self._engine) as s, s.begin():
+                if write:
+                    s.connection(execution_options={_WRITE_OPTION: True})
+                    if self._postgres:
+                        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_WRITER_LOCK})
+                elif self._postgres:
+                    # One snapshot for all of a read's queries, as SQLite's BEGIN gives.
+                    s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                yield s
+        except SQLAlchemyError as exc:
+            done = " The transaction was rolled back: nothing was written." if write else ""
+            raise StoreError(
+                f"could not {what} in the round store at {self._url}: {_reason(exc)}.{done} "
+                "Check that the store is reachable, that no other coordinator writes this job, "
+                "and that the data obeys the rule the database names."
+            ) from exc
+
+    def _job_row(self, s: Session, job_id: int) -> JobTable:
+        row = s.get(JobTable, job_id)
+        if row is None:
+            raise StoreError(
+                f"no job with id {job_id} in {self._url}; open it with open_job() first"
+            )
+        return row
+
+    @staticmethod
+    def _log(s: Session, job: JobTable, kind: str, **detail: Any) -> None:
+        append_audit_events(s, job, [AuditEvent(kind=kind, actor=ACTOR, detail=detail)])
+
+    @staticmethod
+    def _last_committed(s: Session, job_id: int) -> int:
+        last = s.scalar(
+            select(func.max(RoundTable.number)).where(
+                RoundTable.job_id == job_id, RoundTable.status == "committed"
+            )
+        )
+        return int(last or 0)
+
+    def _next_attempt(self, s: Session, job: JobTable, number: int) -> int:
+        """Check that ``number`` is the next round and return its attempt number."""
+        last = self._last_committed(s, job.id)
+        if number != last + 1:
+            raise StoreError(
+                f"refusing round {number} of job {job.name!r}: the last committed round is {last}, "
+                f"so the next one must be {last + 1} (a round may be neither skipped nor applied "
+                f"twice); resume from round {last + 1}"
+            )
+        attempts = s.scalar(
+            select(func.max(RoundTable.attempt)).where(
+                RoundTable.job_id == job.id, RoundTable.number == number
+            )
+        )
+        return int(attempts or 0) + 1
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def open_job(self, name: str, config: Mapping[str, Any]) -> Job:
+        """Create job ``name``, or return it to resume when ``config`` is unchanged.
+
+        Raises
+        ------
+        StoreError
+            The job exists with other settings (the keys that differ are named).
+        """
+        if not name or len(name) > 200:
+            raise InvalidConfigError(f"job name {name!r} must be 1 to 200 characters")
+        try:
+            config_text = canonical_json(dict(config))
+        except (TypeError, ValueError) as exc:
+            raise InvalidConfigError(
+                f"job config is not plain JSON ({exc}); "
+                "pass str/int/finite float/bool/list/dict values"
+            ) from exc
+        wanted = json.loads(config_text)
+        with self._session(f"open job {name!r}", write=True) as s:
+            row = s.scalars(select(JobTable).where(JobTable.name == name)).one_or_none()
+            if row is None:
+                now = utcnow()
+                row = JobTable(
+                    name=name, config=config_text, status="running", created_at=now, updated_at=now
+                )
+                s.add(row)
+                s.flush()
+                self._log(s, row, "job.created", config=wanted)
+            else:
+                stored = json.loads(row.config)
+                if stored != wanted:
+                    raise _conflict(name, stored, wanted)
+                last = self._last_committed(s, row.id)
+                self._log(s, row, "job.resumed", last_committed_round=last, status=row.status)
+            return job_record(row)
+
+    def get_job(self, name: str) -> Job | None:
+        """Return job ``name``, or ``None`` when this store has none by that name."""
+        with self._session(f"read job {name!r}") as s:
+            row = s.scalars(select(JobTable).where(JobTable.name == name)).one_or_none()
+            return None if row is None else job_record(row)
+
+    def set_job_status(self, job_id: int, status: str) -> None:
+        """Set a job's status (one of :data:`JOB_STATUSES`), with an audit event."""
+        if status not in JOB_STATUSES:
+            raise InvalidConfigError(f"job status {status!r} is not one of {JOB_STATUSES}")
+        with self._session(f"set the status of job {job_id}", write=True) as s:
+            job = self._job_row(s, job_id)
+            job.status = status
+            job.updated_at = utcnow()
+            self._log(s, job, "job.status", status=status)
+
+    # -- rounds -------------------------------------------------------------------
+
+    def last_committed_round(self, job_id: int) -> int:
+        """Number of the job's last committed round; 0 before the first."""
+        with self._session(f"read the rounds of job {job_id}") as s:
+            self._job_row(s, job_id)
+            return self._last_committed(s, job_id)
+
+    def commit_round(self, job_id: int, commit: RoundCommit) -> None:
+        """Commit a whole round in one transaction, or nothing.
+
+        Writes the round row, its participations, the new model (with its
+        SHA-256), a privacy-ledger row for every ``ok`` participation that
+        reported ε, a ``round.committed`` audit event binding the model hash,
+        then ``commit.audit``.
+
+        Raises
+        ------
+        StoreError
+            ``commit.number`` is not the last committed round + 1, or the
+            database refused a row; nothing was written.
+        """
+        what = f"commit round {commit.number} of job {job_id}"
+        with self._session(what, write=True) as s:
+            job = self._job_row(s, job_id)
+            attempt = self._next_attempt(s, job, commit.number)
+            now = utcnow()
+            ok = [p for p in commit.participations if p.status == "ok"]
+            model = commit.model
+            rnd = RoundTable(
+                job_id=job.id,
+                number=commit.number,
+                attempt=attempt,
+                status="committed",
+                reason="",
+                started_at=now,
+                committed_at=now,
+                total_weight=model.total_weight,
+                num_participants=len(ok),
+                train_loss=commit.train_loss,
+            )
+            rnd.participations = [participation_row(p) for p in commit.participations]
+            s.add(rnd)
+            sha256 = hashlib.sha256(model.blob).hexdigest()
+            s.add(
+                ModelTable(
+                    job_id=job.id,
+                    round=commit.number,
+                    kind=model.kind,
+                    blob=model.blob,
+                    sha256=sha256,
+                    total_weight=model.total_weight,
+                    created_at=now,
+                )
+            )
+            s.add_all(ledger_row(job.id, commit.number, p) for p in ok if p.epsilon is not None)
+            job.updated_at = now
+            detail = {
+                "round": commit.number,
+                "attempt": attempt,
+                "model_kind": model.kind,
+                "model_sha256": sha256,
+                "total_weight": model.total_weight,
+                "participants": sorted(p.hospital for p in ok),
+            }
+            committed = AuditEvent(kind="round.committed", actor=ACTOR, detail=detail)
+            append_audit_events(s, job, [committed, *commit.audit])
+
+    def record_failed_round(
+        self, job_id: int, number: int, *, reason: str, participations: Sequence[Participation]
+    ) -> None:
+        """Record one failed attempt at round ``number`` (the next round), audited.
+
+        Attempts are numbered; the round may later be committed as the next
+        attempt. No ledger rows are written: a hospital's ε is cumulative, so
+        the next committed round's ledger row includes what this attempt spent.
+        """
+        with self._session(f"record failed round {number} of job {job_id}", write=True) as s:
+            job = self._job_row(s, job_id)
+            attempt = self._next_attempt(s, job, number)
+            rnd = RoundTable(
+                job_id=job.id,
+                number=number,
+                attempt=attempt,
+                status="failed",
+                reason=reason,
+                started_at=utcnow(),
+                num_participants=sum(p.status == "ok" for p in participations),
+            )
+            rnd.participations = [participation_row(p) for p in participations]
+            s.add(rnd)
+            statuses = {p.hospital: p.status for p in participations}
+            self._log(
+                s,
+                job,
+                "round.failed",
+                round=number,
+                attempt=attempt,
+                reason=reason,
+                statuses=statuses,
+            )
+
+    def record_evaluation(
+        self, job_id: int, number: int, *, evaluations: Sequence[HospitalEval]
+    ) -> None:
+        """Store the hospitals' evaluation of committed round ``number``.
+
+        The round gets the sample-weighted accuracy and loss; each hospital's
+        own numbers go on its participation (a row with status ``evaluated`` for
+        a hospital that did not train). Recording again replaces the previous
+        evaluation, so a resumed coordinator may re-evaluate safely; recording
+        none (no hospital answered) leaves the round unevaluated.
+        """
+        hospitals = [e.hospital for e in evaluations]
+        if len(set(hospitals)) != len(hospitals):
+            raise StoreError(
+                f"evaluation of round {number} must name each hospital once, got {hospitals}; "
+                "keep one evaluation per hospital"
+            )
+        with self._session(f"record the evaluation of round {number}", write=True) as s:
+            job = self._job_row(s, job_id)
+            rnd = s.scalars(
+                select(RoundTable)
+                .where(
+                    RoundTable.job_id == job_id,
+                    RoundTable.number == number,
+                    RoundTable.status == "committed",
+                )
+                .options(selectinload(RoundTable.participations))
+            ).one_or_none()
+            if rnd is None:
+                raise StoreError(
+                    f"round {number} of job {job.name!r} is not committed; "
+                    "evaluate committed rounds only"
+                )
+            wanted = {e.hospital: e for e in evaluations}
+            rows = {p.hospital: p for p in rnd.participations}
+            for hospital, row in rows.items():
+                if hospital in wanted:
+                    continue
+                if row.status == "evaluated":
+                    rnd.participations.remove(row)  # delete-orphan
+                else:
+                    row.eval_accuracy = row.eval_loss = row.eval_samples = None
+            for e in evaluations:
+                row = rows.get(e.hospital) or ParticipationTable(
+                    hospital=e.hospital, status="evaluated"
+                )
+                if e.hospital not in rows:
+                    rnd.participations.append(row)
+                row.eval_accuracy, row.eval_loss, row.eval_samples = e.accuracy, e.loss, e.samples
+            total = sum(e.samples for e in evaluations)  # each >= 1: 0 only when empty
+            if total:
+                rnd.eval_accuracy = sum(e.accuracy * e.samples for e in evaluations) / total
+                rnd.eval_loss = sum(e.loss * e.samples for e in evaluations) / total
+            else:
+                rnd.eval_accuracy = rnd.eval_loss = None
+            rnd.evaluated_at = utcnow()
+            self._log(
+                s,
+                job,
+                "round.evaluated",
+                round=number,
+                hospitals=sorted(wanted),
+                accuracy=rnd.eval_accuracy,
+                loss=rnd.eval_loss,
+            )
+
+    def latest_model(self, job_id: int) -> ModelBlob | None:
+        """The model of the last committed round (integrity-checked), or ``None``."""
+        with self._session(f"read the latest model of job {job_id}") as s:
+            self._job_row(s, job_id)
+            row = s.scalars(
+                select(ModelTable)
+                .where(ModelTable.job_id == job_id)
+                .order_by(ModelTable.round.desc())
+                .limit(1)
+            ).one_or_none()
+            if row is None:
+                return None
+            if hashlib.sha256(row.blob).hexdigest() != row.sha256:
+                raise StoreError(
+                    f"the stored model of round {row.round} (job {job_id}) does not match its "
+                    "SHA-256: the store was corrupted or tampered with; restore it from a backup"
+                )
+            return ModelBlob(row.round, row.kind, row.blob, row.total_weight)  # type: ignore[arg-type]
+
+    def rounds(self, job_id: int) -> list[RoundView]:
+        """Every committed round and failed attempt, by (number, attempt); 3 queries."""
+        with self._session(f"read the rounds of job {job_id}") as s:
+            self._job_row(s, job_id)
+            rows = s.scalars(
+                select(RoundTable)
+                .where(RoundTable.job_id == job_id)
+                .order_by(RoundTable.number, RoundTable.attempt)
+                .options(selectinload(RoundTable.participations))
+            ).all()
+            states = {
+                (hospital, number): state
+                for hospital, number, state in s.execute(
+                    select(
+                        LedgerTable.hospital, LedgerTable.round, LedgerTable.accountant_state
+                    ).where(LedgerTable.job_id == job_id)
+                )
+            }
+            return [round_view(r, states) for r in rows]
+
+    def ledger(self, job_id: int) -> list[LedgerRow]:
+        """The job's privacy ledger, by round then hospital (ε is cumulative)."""
+        with self._session(f"read the privacy ledger of job {job_id}") as s:
+            self._job_row(s, job_id)
+            rows = s.scalars(
+                select(LedgerTable)
+                .where(LedgerTable.job_id == job_id)
+                .order_by(LedgerTable.round, LedgerTable.hospital)
+            ).all()
+            return [ledger_record(r) for r in rows]
+
+    # -- audit --------------------------------------------------------------------
+
+    def append_audit(self, event: AuditEvent, *, job_id: int | None = None) -> None:
+        """Append one event to the hash chain (store-wide when ``job_id`` is None)."""
+        with self._session(f"append audit event {event.kind!r}", write=True) as s:
+            job = None if job_id is None else self._job_row(s, job_id)
+            append_audit_events(s, job, [event])
+
+    def audit_events(self, job_id: int | None = None) -> list[AuditRow]:
+        """Audit events in chain order, all or one job's."""
+        with self._session("read the audit trail") as s:
+            return [audit_record(r, name) for r, name in s.execute(audit_query(job_id))]
+
+    def verify_audit_chain(self) -> int | None:
+        """Re-walk the hash chain: the id of the first broken link, or ``None`` if intact.
+
+        See :func:`.store_models.first_broken_link`.
+        """
+        with self._session("verify the audit trail") as s:
+            return first_broken_link(s)
+
+    def iter_blobs(self) -> Iterator[tuple[str, bytes]]:
+        """Yield ``("table.column#id", bytes)`` for every binary and text value stored.
+
+        Covers every LargeBinary and String/Text/JSON column of every table, so
+        a test can prove that no CKKS secret key (or other secret) is stored.
+        """
+        with self._session("scan the stored values") as s:
+            for table in Base.metadata.sorted_tables:
+                columns = [c for c in table.columns if isinstance(c.type, String | LargeBinary)]
+                stmt = select(table.c.id, *columns).order_by(table.c.id)
+                for row in s.execute(stmt.execution_options(yield_per=100)):
+                    for column, value in zip(columns, row[1:], strict=True):
+                        if value is not None:
+                            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                            yield f"{table.name}.{column.name}#{row[0]}", data

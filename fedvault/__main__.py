@@ -1,0 +1,3 @@
+from fedvault.cli import main
+
+main()

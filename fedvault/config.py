@@ -1,0 +1,275 @@
+"""Typed job configuration, read once and shared by both sides.
+
+A leaf module: it imports neither ``fedvault.coordinator`` nor ``fedvault.client``.
+The same :class:`JobConfig` travels three ways — from the CLI, as Flower run
+config (flat ``key=value`` pairs), and as JSON inside every round message and in
+the round store — and is validated the same way each time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+from typing import Any, Protocol
+
+from fedvault.partition import Partition
+from fedvault.privacy.dp import PrivacyConfig
+from fedvault.privacy.errors import InvalidConfigError
+
+__all__ = [
+    "JobConfig",
+    "SecureAggregation",
+    "TrainingConfig",
+]
+
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SecureAggregation(StrEnum):
+    """How hospital updates are combined.
+
+    ``he``: CKKS ciphertexts summed by a coordinator that holds no secret key.
+    ``none``: plaintext FedAvg, for research baselines only.
+    """
+
+    HE = "he"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, text: str) -> SecureAggregation:
+        try:
+            return cls(text)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise InvalidConfigError(
+                f"unknown secure aggregation mode {text!r}: choose one of {choices}"
+            ) from None
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidConfigError(message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Local optimisation at each hospital (per round)."""
+
+    batch_size: int
+    learning_rate: float
+    local_epochs: int = 1
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_int(self.batch_size) and self.batch_size >= 1,
+            f"batch_size must be an integer >= 1 (got {self.batch_size!r})",
+        )
+        _require(
+            _is_finite_number(self.learning_rate) and self.learning_rate > 0,
+            f"learning_rate must be > 0 (got {self.learning_rate!r})",
+        )
+        _require(
+            _is_int(self.local_epochs) and self.local_epochs >= 1,
+            f"local_epochs must be an integer >= 1 (got {self.local_epochs!r})",
+        )
+        _require(
+            _is_finite_number(self.momentum) and 0 <= self.momentum < 1,
+            f"momentum must be in [0, 1) (got {self.momentum!r})",
+        )
+
+
+class _ExampleLike(Protocol):
+    """What :meth:`JobConfig.for_example` reads of an example task."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def defaults(self) -> Any: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """Everything that defines a federated job; identical at every party.
+
+    A job is identified by ``job`` (its name), not by Flower's run id, so a
+    restarted coordinator finds it in the store and resumes it.
+    """
+
+    job: str
+    example: str
+    hospitals: int
+    rounds: int
+    privacy: PrivacyConfig
+    training: TrainingConfig
+    partition: Partition = Partition(kind="iid")
+    secure_aggregation: SecureAggregation = SecureAggregation.HE
+    seed: int = 0
+    min_hospitals: int = 0  # 0 means "all hospitals"
+    round_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.job, str) and bool(_JOB_NAME.match(self.job)),
+            f"job name {self.job!r} is invalid: use 1-64 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit",
+        )
+        _require(
+            isinstance(self.example, str) and bool(self.example),
+            "example must be a non-empty name",
+        )
+        _require(
+            _is_int(self.hospitals) and self.hospitals >= 1,
+            f"hospitals must be an integer >= 1 (got {self.hospitals!r})",
+        )
+        _require(
+            _is_int(self.rounds) and self.rounds >= 1,
+            f"rounds must be an integer >= 1 (got {self.rounds!r})",
+        )
+        _require(
+            _is_int(self.seed) and self.seed >= 0,
+            f"seed must be an integer >= 0 (got {self.seed!r})",
+        )
+        _require(
+            _is_int(self.min_hospitals) and 0 <= self.min_hospitals <= self.hospitals,
+            f"min_hospitals must be between 1 and hospitals={self.hospitals} "
+            f"(got {self.min_hospitals!r}; 0 means all)",
+        )
+        _require(
+            _is_finite_number(self.round_timeout_s) and self.round_timeout_s > 0,
+            f"round_timeout_s must be > 0 (got {self.round_timeout_s!r})",
+        )
+        _require(
+            self.training.batch_size >= 1,
+            "batch_size must be >= 1",
+        )
+
+    @property
+    def quorum(self) -> int:
+        """Replies a round needs to commit."""
+        return self.min_hospitals or self.hospitals
+
+    @classmethod
+    def for_example(
+        cls,
+        example: _ExampleLike,
+        *,
+        hospitals: int,
+        rounds: int,
+        epsilon: float = 3.0,
+        delta: float = 1e-5,
+        partition: str | Partition = "iid",
+        secure_aggregation: str | SecureAggregation = "he",
+        seed: int = 0,
+        job: str | None = None,
+        **overrides: Any,
+    ) -> JobConfig:
+        """A job on ``example`` with its tuned training defaults.
+
+        ``overrides`` may set any :class:`TrainingConfig` field, ``max_grad_norm``,
+        ``min_hospitals`` or ``round_timeout_s``.
+        """
+        d = example.defaults
+        training = {
+            "batch_size": d.batch_size,
+            "learning_rate": d.learning_rate,
+            "local_epochs": d.local_epochs,
+            "momentum": d.momentum,
+        }
+        top: dict[str, Any] = {}
+        max_grad_norm = d.max_grad_norm
+        for key, value in overrides.items():
+            if key in training:
+                training[key] = value
+            elif key == "max_grad_norm":
+                max_grad_norm = value
+            elif key in ("min_hospitals", "round_timeout_s"):
+                top[key] = value
+            else:
+                raise InvalidConfigError(f"unknown job setting {key!r}")
+        parts = (
+            partition if isinstance(partition, Partition) else Partition.parse(partition)
+        )
+        mode = (
+            secure_aggregation
+            if isinstance(secure_aggregation, SecureAggregation)
+            else SecureAggregation.parse(secure_aggregation)
+        )
+        return cls(
+            job=job or f"{example.name}-{hospitals}h-{rounds}r-seed{seed}",
+            example=example.name,
+            hospitals=hospitals,
+            rounds=rounds,
+            privacy=PrivacyConfig(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm),
+            training=TrainingConfig(**training),
+            partition=parts,
+            secure_aggregation=mode,
+            seed=seed,
+            **top,
+        )
+
+    # --- serialisation -------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, nested form (stored with the job, sent with each round)."""
+        out = asdict(self)
+        out["partition"] = str(self.partition)
+        out["secure_aggregation"] = self.secure_aggregation.value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
+        """Parse and validate; :class:`InvalidConfigError` names what is wrong."""
+        try:
+            fields = dict(data)
+            privacy = PrivacyConfig(**dict(fields.pop("privacy")))
+            training = TrainingConfig(**dict(fields.pop("training")))
+            partition = Partition.parse(str(fields.pop("partition", "iid")))
+            mode = SecureAggregation.parse(str(fields.pop("secure_aggregation", "he")))
+            return cls(
+                privacy=privacy,
+                training=training,
+                partition=partition,
+                secure_aggregation=mode,
+                **fields,
+            )
+        except InvalidConfigError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidConfigError(
+                f"malformed job configuration ({exc}); regenerate it with "
+                "`fedvault simulate` or the consortium's job file"
+            ) from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> JobConfig:
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise InvalidConfigError(f"job configuration is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidConfigError("job configuration must be a JSON object")
+        return cls.from_dict(data)
+
+    def with_job(self, job: str) -> JobConfig:
+        return replace(self, job=job)

@@ -1,0 +1,244 @@
+"""``fedvault simulate``: a virtual consortium on Flower's simulation runtime.
+
+The researcher's entry point runs the *production* ServerApp and ClientApp; only
+the surroundings are simulated: each virtual hospital is a partition of a
+bundled data set with its own state directory (ledger, CKKS secret context),
+and the runner plays the key custodian, generating the CKKS context once and
+giving the coordinator only its public part.
+
+Output, all under ``out_dir``: ``report.json`` and ``report.png`` (rewritten
+after every committed round), the SQLite round store, and ``hospitals/*``.
+Re-running with the same ``out_dir`` and settings resumes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedvault.config import JobConfig, SecureAggregation
+from fedvault.coordinator.records import RoundView
+from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
+from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
+from fedvault.client.client_app import make_client_app
+from fedvault.client.site import HospitalSite
+from fedvault.client.training import pick_device
+from fedvault.examples import Example, get_example
+from fedvault.partition import Partition, partition_indices
+from fedvault.privacy.ckks import CkksContext
+from fedvault.privacy.errors import InvalidConfigError
+
+__all__ = ["SimulatedSites", "hospital_name", "simulate"]
+
+PUBLIC_CONTEXT = Path("coordinator") / "ckks-public.ctx"
+SECRET_CONTEXT = "ckks-secret.ctx"
+
+
+def hospital_name(index: int) -> str:
+    return f"hospital-{index + 1}"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret file readable by its owner only (0600 from creation on)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+@dataclass(frozen=True)
+class SimulatedSites:
+    """Virtual hospitals: partition ``i`` of ``example`` is ``hospital-(i+1)``.
+
+    Picklable (Ray ships it to worker processes); data and keys are loaded once
+    per worker and cached.
+    """
+
+    example: Example
+    partition: Partition
+    hospitals: int
+    seed: int
+    root: Path
+
+    def site(self, context: Any, job: JobConfig) -> HospitalSite:
+        index = int(context.node_config["partition-id"])
+        key = (self, index, job.secure_aggregation)
+        if key not in _SITES:
+            _SITES[key] = self._load(index, job)
+        return _SITES[key]
+
+    def _load(self, index: int, job: JobConfig) -> HospitalSite:
+        import torch
+        from torch.utils.data import Subset
+
+        torch.set_num_threads(1)  # one Ray actor per core
+        train, test = self.example.load_data(self.seed)
+        parts = partition_indices(
+            self.example.labels(train), self.hospitals, self.partition, seed=self.seed
+        )
+        # Test data is split evenly, so the sample-weighted federated accuracy is
+        # exactly the accuracy on the whole held-out set.
+        tests = partition_indices(
+            self.example.labels(test), self.hospitals, Partition(kind="iid"), seed=self.seed, min_size=1
+        )
+        name = hospital_name(index)
+        state_dir = self.root / "hospitals" / name
+        ckks = None
+        if job.secure_aggregation is SecureAggregation.HE:
+            ckks = CkksContext.from_bytes((state_dir / SECRET_CONTEXT).read_bytes())
+        return HospitalSite(
+            name=name,
+            state_dir=state_dir,
+            train_data=Subset(train, parts[index].tolist()),
+            test_data=Subset(test, tests[index].tolist()),
+            build_model=self.example.build_model,
+            ckks=ckks,
+            device=pick_device(),
+        )
+
+
+_SITES: dict[tuple[Any, ...], HospitalSite] = {}
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Fail early, before anything is written, if ``out_dir`` cannot hold results."""
+    probe_dir = out_dir
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise InvalidConfigError(f"--out {out_dir}: {probe_dir} is a file, not a directory")
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise InvalidConfigError(f"--out {out_dir} is not writable: choose another directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise InvalidConfigError(f"--out {out_dir} is not writable ({exc.strerror})") from exc
+
+
+def _provision_keys(config: JobConfig, out_dir: Path) -> CkksContext:
+    """Play the key custodian: one CKKS context; secret to hospitals, public to the coordinator."""
+    public_path = out_dir / PUBLIC_CONTEXT
+    if public_path.exists():  # resuming: reuse the consortium's keys
+        return CkksContext.from_bytes(public_path.read_bytes())
+    secret = CkksContext.generate()
+    sealed = secret.serialize_secret()
+    for index in range(config.hospitals):
+        _write_private(out_dir / "hospitals" / hospital_name(index) / SECRET_CONTEXT, sealed)
+    public = secret.public()
+    public_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.write_bytes(public.serialize_public())
+    return public
+
+
+class RichObserver:
+    """Per-round progress with accuracy and the highest epsilon so far."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("rounds", total=total, status="starting Flower")
+
+    def on_start(self, job: JobConfig, resumed_after: int) -> None:
+        if resumed_after:
+            self.console.print(
+                f"[yellow]Resuming job {job.job!r} after committed round {resumed_after} "
+                f"of {job.rounds}[/yellow]"
+            )
+        self.progress.update(self.task, completed=resumed_after, status="training")
+
+    def on_round(self, view: RoundView) -> None:
+        eps = [p.epsilon for p in view.participations if p.epsilon is not None]
+        acc = "n/a" if view.eval_accuracy is None else f"{view.eval_accuracy:.3f}"
+        status = f"acc {acc}  eps max {max(eps, default=0.0):.2f}"
+        for p in view.participations:
+            if p.status != "ok":
+                self.console.print(f"  round {view.number}: {p.hospital} {p.status}: {p.reason}")
+        self.progress.update(self.task, completed=view.number, status=status)
+
+    def on_round_failed(self, number: int, attempt: int, reason: str) -> None:
+        self.console.print(f"[red]round {number} attempt {attempt} failed:[/red] {reason}")
+
+
+def _quiet_flower() -> None:
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def simulate(
+    config: JobConfig,
+    *,
+    example: Example | None = None,
+    out_dir: Path,
+    store_url: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``config`` on ``config.hospitals`` virtual hospitals.
+
+    Returns the final report (also in ``out_dir/report.json``).
+    """
+    from flwr.simulation import run_simulation
+
+    task = example if example is not None else get_example(config.example)
+    if task.name != config.example:
+        raise InvalidConfigError(
+            f"job is for example {config.example!r} but example {task.name!r} was given"
+        )
+    out_dir = Path(out_dir).resolve()
+    _prepare_out_dir(out_dir)
+    url = store_url or sqlite_url(out_dir / DEFAULT_STORE_FILENAME)
+    with RoundStore(url) as store:  # refuses a conflicting job before anything else is written
+        existing = store.get_job(config.job)
+        if existing is not None:
+            store.open_job(config.job, config.to_dict())
+    public = _provision_keys(config, out_dir) if config.secure_aggregation is SecureAggregation.HE else None
+    settings = CoordinatorSettings(
+        job=config,
+        store_url=url,
+        build_model=task.build_model,
+        public_context=public,
+        report_dir=out_dir,
+    )
+    sites = SimulatedSites(
+        example=task, partition=config.partition, hospitals=config.hospitals, seed=config.seed, root=out_dir
+    )
+    out = console or Console(stderr=True)
+    observer = RichObserver(out, config.rounds)
+    _quiet_flower()
+    cpus = os.cpu_count() or 1
+    with observer.progress:
+        run_simulation(
+            server_app=make_server_app(lambda _ctx: settings, observer),
+            client_app=make_client_app(sites),
+            num_supernodes=config.hospitals,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": cpus,
+                    "logging_level": "ERROR",
+                    "log_to_driver": False,
+                    "include_dashboard": False,
+                },
+            },
+        )
+    report: dict[str, Any] = json.loads((out_dir / "report.json").read_text())
+    return report

@@ -16,16 +16,19 @@ from __future__ import annotations
 import logging
 import zlib
 
-from flwr.app import Context, Message
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedvault.client.keys import custodian_ceremony, install_sealed_key
 from fedvault.client.ledger import LocalLedger
-from fedvault.client.site import HospitalSite, SiteProvider
+from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
 from fedvault.config import JobConfig, SecureAggregation
-from fedvault.messages import EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
+from fedvault.messages import CEREMONY_KEY, EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
 from fedvault.privacy.dp import plan_dp
-from fedvault.privacy.errors import FedvaultError, KeyMismatchError
+from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.he import decrypt_average, encrypt_update
 
 __all__ = ["make_client_app"]
@@ -39,11 +42,8 @@ def _global_model(site: HospitalSite, instr: RoundInstruction) -> dict:
             raise KeyMismatchError(
                 "the coordinator sent a plaintext model for an encrypted job; refusing"
             )
-        if site.ckks is None:
-            raise KeyMismatchError(
-                f"{site.name} holds no CKKS secret context; run the key ceremony first"
-            )
-        return decrypt_average(site.ckks, instr.model.envelope, key_epoch=instr.key_epoch)
+        ctx = site.keys.get(instr.key_epoch)
+        return decrypt_average(ctx, instr.model.envelope, key_epoch=instr.key_epoch)
     if instr.model.arrays is None:
         raise KeyMismatchError("the coordinator sent ciphertext for a plaintext job")
     return dict(instr.model.arrays)
@@ -96,10 +96,9 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         ledger.close()
     weights = get_weights(model)
     if job.secure_aggregation is SecureAggregation.HE:
-        assert site.ckks is not None  # checked by _global_model
         update = ModelPayload(
             envelope=encrypt_update(
-                site.ckks,
+                site.keys.get(instr.key_epoch),
                 weights,
                 weight=float(n),
                 key_epoch=instr.key_epoch,
@@ -124,6 +123,38 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         accountant=result.state.accountant,
         accountant_state=result.state.to_json(),
     )
+
+
+def _ceremony(who: HospitalIdentity, request: ConfigRecord) -> ConfigRecord:
+    """Answer one key-ceremony query (see :mod:`fedvault.client.keys`)."""
+    action = str(request.get("action", ""))
+    reply = ConfigRecord({"hospital": who.name, "status": "ok", "reason": ""})
+    if action == "hello":
+        reply["epochs"] = [int(e) for e in who.keys.epochs()]
+        reply["custodian"] = bool(who.kit is not None and who.kit.is_custodian)
+        return reply
+    if who.kit is None:
+        raise KeyMismatchError(f"{who.name} has no kit: key ceremonies need a provisioned hospital")
+    epoch = int(request["epoch"])  # type: ignore[arg-type]
+    if action == "key-ceremony":
+        recipients = [str(r) for r in request.get("recipients", [])]  # type: ignore[union-attr]
+        public, envelopes = custodian_ceremony(who.kit, who.keys, epoch=epoch, recipients=recipients)
+        reply["public-context"] = public
+        reply["custodian-cert"] = who.kit.certificate().public_bytes(Encoding.PEM)
+        reply["recipients"] = list(envelopes)
+        reply["envelopes"] = list(envelopes.values())
+        return reply
+    if action == "install-key":
+        reply["fingerprint"] = install_sealed_key(
+            who.kit,
+            who.keys,
+            envelope=bytes(request["envelope"]),  # type: ignore[arg-type]
+            custodian_cert_pem=bytes(request["custodian-cert"]),  # type: ignore[arg-type]
+            epoch=epoch,
+            public_fingerprint=str(request["fingerprint"]),
+        )
+        return reply
+    raise MalformedUpdateError(f"unknown key-ceremony action {action!r}")
 
 
 def make_client_app(sites: SiteProvider) -> ClientApp:
@@ -164,5 +195,18 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
         except FedvaultError as exc:
             reply = EvalReply(hospital=site.name, status=ReplyStatus.REFUSED, reason=str(exc))
         return Message(reply.to_content(), reply_to=msg)
+
+    @app.query()
+    def key_ceremony(msg: Message, context: Context) -> Message:
+        who = sites.identity(context)
+        try:
+            request = msg.content.config_records[CEREMONY_KEY]
+            reply = _ceremony(who, request)
+        except (FedvaultError, KeyError, TypeError, ValueError) as exc:
+            log.warning("%s refused a key-ceremony request: %s", who.name, exc)
+            reply = ConfigRecord(
+                {"hospital": who.name, "status": "refused", "reason": f"{type(exc).__name__}: {exc}"}
+            )
+        return Message(RecordDict({CEREMONY_KEY: reply}), reply_to=msg)
 
     return app

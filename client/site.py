@@ -18,10 +18,11 @@ from flwr.app import Context
 from torch import nn
 from torch.utils.data import Dataset
 
+from fedvault.client.keys import KeyStore
 from fedvault.config import JobConfig
-from fedvault.privacy.ckks import CkksContext
+from fedvault.kit import Kit
 
-__all__ = ["HospitalSite", "SiteProvider"]
+__all__ = ["HospitalIdentity", "HospitalSite", "SiteProvider"]
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,26 @@ class HospitalSite:
     train_data: Dataset
     test_data: Dataset
     build_model: Callable[[], nn.Module]
-    ckks: CkksContext | None  # secret context; None in plaintext mode
+    keys: KeyStore  # secret CKKS contexts by key epoch
     device: torch.device
     epsilon_budget: float | None = None  # the hospital's own cap; None: the job's target
+    kit: Kit | None = None  # deployment only: enables the key ceremony
 
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
 
 
+@dataclass(frozen=True)
+class HospitalIdentity:
+    """What the key ceremony needs: who the hospital is and where its keys live."""
+
+    name: str
+    keys: KeyStore
+    kit: Kit | None
+
+
 class SiteProvider(Protocol):
     def site(self, context: Context, job: JobConfig) -> HospitalSite: ...
+
+    def identity(self, context: Context) -> HospitalIdentity: ...

@@ -212,7 +212,7 @@ class SuperNodeSupervisor:
             self.restarts += 1
             message = (
                 f"flower-supernode exited with code {code} after {ran:.1f} s "
-                f"({self.last_exit_reason}); restart #{self.restarts} in {delay:.1f} s"
+                f"({self.last_exit_reason}); restart #{self.restarts} in {delay:.2f} s"
             )
             _log.warning(message)
             self._mark(message)

@@ -27,6 +27,7 @@ Run as ``python -m fedvault.coordinator.fleet_gateway --host H --port P
 from __future__ import annotations
 
 import argparse
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
@@ -34,6 +35,8 @@ from typing import Any
 import httpx
 
 __all__ = ["FLEET_PATHS", "MAX_BODY_BYTES", "FleetGateway", "main"]
+
+_log = logging.getLogger("fedvault.fleet_gateway")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -106,6 +109,8 @@ class FleetGateway:
             await _reply(send, 200, b"")
             return
         if scope["method"] != "POST" or path not in FLEET_PATHS:
+            client = scope.get("client") or ("?", 0)
+            _log.warning("refused %s %r from %s:%s", scope["method"], path, *client)
             await _reply(send, 404, b"not served on the public Fleet endpoint\n")
             return
         body = bytearray()
@@ -176,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ssl-keyfile", required=True)
     parser.add_argument("--ssl-ca-certfile", required=True)
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s [fleet-gateway] %(message)s"
+    )
     uvicorn.run(
         FleetGateway(args.upstream, ca_certfile=args.ssl_ca_certfile),
         host=args.host,
@@ -184,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ssl_keyfile=args.ssl_keyfile,
         proxy_headers=False,
         server_header=False,
+        access_log=False,  # SuperNodes poll every few seconds; refusals are logged above
         log_level="info",
     )
 

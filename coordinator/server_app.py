@@ -24,6 +24,8 @@ from torch import nn
 
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.coordinator.aggregation import arrays_from_bytes, arrays_to_bytes
+from fedvault.coordinator.key_ceremony import KeyCeremony, KeyDirectory
+from fedvault.coordinator.operator_api import requested_control
 from fedvault.coordinator.records import AuditEvent, ModelBlob, Participation, RoundCommit, RoundView
 from fedvault.coordinator.report import write_report
 from fedvault.coordinator.store import RoundStore
@@ -50,6 +52,11 @@ class CoordinatorSettings:
     report_dir: Path | None = None
     max_round_attempts: int = 3
     node_wait_s: float = 120.0
+    # Deployment: no public context up front; the custodian hospital creates it
+    # in a key ceremony that the coordinator relays (see key_ceremony.py).
+    key_directory: KeyDirectory | None = None
+    custodian: str = ""
+    pause_poll_s: float = 5.0
 
 
 class RoundObserver(Protocol):
@@ -76,18 +83,20 @@ class _LogObserver:
         log.warning("round %d attempt %d failed: %s", number, attempt, reason)
 
 
-def _initial_model(settings: CoordinatorSettings) -> ModelPayload:
+def _initial_model(
+    settings: CoordinatorSettings, public: CkksContext | None, key_epoch: int
+) -> ModelPayload:
     """The seeded initial model; in ``he`` mode encrypted under the public key."""
     torch.manual_seed(settings.job.seed)
     weights = {k: v.detach().cpu().numpy() for k, v in settings.build_model().state_dict().items()}
     if settings.job.secure_aggregation is SecureAggregation.HE:
-        assert settings.public_context is not None
+        assert public is not None
         return ModelPayload(
             envelope=encrypt_update(
-                settings.public_context,
+                public,
                 weights,
                 weight=1.0,
-                key_epoch=settings.key_epoch,
+                key_epoch=key_epoch,
                 job=settings.job.job,
                 server_round=0,
             )
@@ -126,9 +135,31 @@ class _RoundRunner:
     def __init__(self, grid: Grid, settings: CoordinatorSettings, store: RoundStore, job_id: int) -> None:
         self.grid, self.settings, self.store, self.job_id = grid, settings, store, job_id
         self.job = settings.job
-        self.strategy = SecureFedAvg(
-            job=self.job, public_context=settings.public_context, key_epoch=settings.key_epoch
-        )
+        self.key_epoch = settings.key_epoch
+        self.public = settings.public_context
+        self.ceremony: KeyCeremony | None = None
+        if self.job.secure_aggregation is SecureAggregation.HE and self.public is None:
+            if settings.key_directory is None or not settings.custodian:
+                raise StoreError("he mode needs a public context or a key directory and custodian")
+            self.ceremony = KeyCeremony(
+                settings.key_directory,
+                custodian=settings.custodian,
+                store=store,
+                job_id=job_id,
+                timeout_s=settings.node_wait_s,
+            )
+            self.key_epoch = self.ceremony.epoch
+        self.strategy: SecureFedAvg | None = None
+
+    def ensure_keys(self) -> None:
+        """Every connected hospital holds the current key before a round starts."""
+        _wait_for_nodes(self.grid, self.job.quorum, self.settings.node_wait_s)
+        if self.ceremony is not None:
+            self.public = self.ceremony.ensure(self.grid)
+        if self.strategy is None:
+            self.strategy = SecureFedAvg(
+                job=self.job, public_context=self.public, key_epoch=self.key_epoch
+            )
 
     def _config(self, server_round: int) -> ConfigRecord:
         return ConfigRecord(
@@ -139,8 +170,13 @@ class _RoundRunner:
             }
         )
 
+    def _name(self, node: int) -> str:
+        hospitals = self.ceremony.hospitals if self.ceremony is not None else {}
+        return hospitals.get(node, f"node-{node}")
+
     def train(self, number: int, model: ModelPayload) -> RoundOutcome:
-        _wait_for_nodes(self.grid, self.job.quorum, self.settings.node_wait_s)
+        self.ensure_keys()
+        assert self.strategy is not None
         messages = list(self.strategy.configure_train(number, payload_to_record(model), self._config(number), self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s))
         outcome = self.strategy.collect_train(number, replies)
@@ -149,7 +185,7 @@ class _RoundRunner:
             if msg.metadata.dst_node_id not in answered:
                 outcome.participations.append(
                     Participation(
-                        hospital=f"node-{msg.metadata.dst_node_id}",
+                        hospital=self._name(msg.metadata.dst_node_id),
                         node_id=msg.metadata.dst_node_id,
                         status="failed",
                         reason=f"no reply within {self.job.round_timeout_s:.0f} s",
@@ -158,6 +194,7 @@ class _RoundRunner:
         return outcome
 
     def evaluate(self, number: int, model: ModelPayload) -> None:
+        assert self.strategy is not None
         messages = list(
             self.strategy.configure_evaluate(number, payload_to_record(model), self._config(number), self.grid)
         )
@@ -172,6 +209,9 @@ def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver |
     job = settings.job
     with RoundStore(settings.store_url) as store:
         job_row = store.open_job(job.job, job.to_dict())
+        if job_row.status in ("finished", "stopped"):
+            log.info("job %s is already %s", job.job, job_row.status)
+            return job_row.status
         done = store.last_committed_round(job_row.id)
         obs.on_start(job, done)
         store.append_audit(
@@ -183,12 +223,21 @@ def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver |
             job_id=job_row.id,
         )
         runner = _RoundRunner(grid, settings, store, job_row.id)
+        runner.ensure_keys()
         latest = store.latest_model(job_row.id)
-        model = _from_blob(latest) if latest is not None else _initial_model(settings)
+        model = (
+            _from_blob(latest)
+            if latest is not None
+            else _initial_model(settings, runner.public, runner.key_epoch)
+        )
         views = store.rounds(job_row.id)
         if done and views and views[-1].status == "committed" and views[-1].eval_accuracy is None:
             runner.evaluate(done, model)  # crashed between commit and evaluation
         for number in range(done + 1, job.rounds + 1):
+            if _wait_while_paused(store, job.job, settings.pause_poll_s) == "stop":
+                log.info("job %s stopped by an operator before round %d", job.job, number)
+                _write_report(store, settings)
+                return "stopped"
             outcome = None
             for attempt in range(1, settings.max_round_attempts + 1):
                 candidate = runner.train(number, model)
@@ -225,10 +274,17 @@ def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver |
             model = outcome.model
             runner.evaluate(number, model)
             _write_report(store, settings)
-            obs.on_round(store.rounds(job_row.id)[-1])
+            obs.on_round([v for v in store.rounds(job_row.id) if v.status == "committed"][-1])
         store.set_job_status(job_row.id, "finished")
         _write_report(store, settings)
         return "finished"
+
+
+def _wait_while_paused(store: RoundStore, job_name: str, poll_s: float) -> str:
+    """Honour operators' stop/pause requests between rounds."""
+    while (control := requested_control(store, job_name)) == "pause":
+        time.sleep(poll_s)
+    return control
 
 
 def _write_report(store: RoundStore, settings: CoordinatorSettings) -> None:

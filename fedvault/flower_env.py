@@ -249,13 +249,20 @@ def terminate_tree(proc: subprocess.Popen[bytes], *, grace: float) -> int:
         tree |= _descendants(proc.pid)
         _kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
-    while tree and time.monotonic() < deadline:
-        tree = {pid for pid in tree if _alive(pid)}
-        time.sleep(0.05)
+    tree = _wait_gone(tree, timeout=max(0.0, deadline - time.monotonic()))
     for pid in tree:
-        if _alive(pid):
-            _kill(pid, signal.SIGKILL)
+        _kill(pid, signal.SIGKILL)
+    _wait_gone(tree, timeout=1.0)  # SIGKILL is asynchronous: return once they are gone
     return int(proc.returncode)
+
+
+def _wait_gone(pids: set[int], *, timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while pids := {pid for pid in pids if _alive(pid)}:
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    return pids
 
 
 def log_tail(path: Path, *, max_bytes: int = 4000) -> str:

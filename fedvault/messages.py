@@ -26,6 +26,7 @@ from fedvault.config import JobConfig
 from fedvault.privacy.errors import MalformedUpdateError
 
 __all__ = [
+    "CEREMONY_KEY",
     "ENVELOPE_KEY",
     "EvalReply",
     "ModelPayload",
@@ -41,6 +42,7 @@ CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 STATUS_KEY = "status"
 ENVELOPE_KEY = "he-envelope"
+CEREMONY_KEY = "ceremony"  # key-ceremony queries and replies (a ConfigRecord)
 
 
 class ReplyStatus(StrEnum):

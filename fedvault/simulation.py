@@ -30,7 +30,8 @@ from fedvault.coordinator.records import RoundView
 from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.client.client_app import make_client_app
-from fedvault.client.site import HospitalSite
+from fedvault.client.keys import KeyStore
+from fedvault.client.site import HospitalIdentity, HospitalSite
 from fedvault.client.training import pick_device
 from fedvault.examples import Example, get_example
 from fedvault.partition import Partition, partition_indices
@@ -40,19 +41,11 @@ from fedvault.privacy.errors import InvalidConfigError
 __all__ = ["SimulatedSites", "hospital_name", "simulate"]
 
 PUBLIC_CONTEXT = Path("coordinator") / "ckks-public.ctx"
-SECRET_CONTEXT = "ckks-secret.ctx"
+SIMULATION_KEY_EPOCH = 0
 
 
 def hospital_name(index: int) -> str:
     return f"hospital-{index + 1}"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret file readable by its owner only (0600 from creation on)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 @dataclass(frozen=True)
@@ -76,6 +69,11 @@ class SimulatedSites:
             _SITES[key] = self._load(index, job)
         return _SITES[key]
 
+    def identity(self, context: Any) -> HospitalIdentity:
+        name = hospital_name(int(context.node_config["partition-id"]))
+        state_dir = self.root / "hospitals" / name
+        return HospitalIdentity(name=name, keys=KeyStore(state_dir), kit=None)
+
     def _load(self, index: int, job: JobConfig) -> HospitalSite:
         import torch
         from torch.utils.data import Subset
@@ -92,16 +90,13 @@ class SimulatedSites:
         )
         name = hospital_name(index)
         state_dir = self.root / "hospitals" / name
-        ckks = None
-        if job.secure_aggregation is SecureAggregation.HE:
-            ckks = CkksContext.from_bytes((state_dir / SECRET_CONTEXT).read_bytes())
         return HospitalSite(
             name=name,
             state_dir=state_dir,
             train_data=Subset(train, parts[index].tolist()),
             test_data=Subset(test, tests[index].tolist()),
             build_model=self.example.build_model,
-            ckks=ckks,
+            keys=KeyStore(state_dir),
             device=pick_device(),
         )
 
@@ -132,9 +127,8 @@ def _provision_keys(config: JobConfig, out_dir: Path) -> CkksContext:
     if public_path.exists():  # resuming: reuse the consortium's keys
         return CkksContext.from_bytes(public_path.read_bytes())
     secret = CkksContext.generate()
-    sealed = secret.serialize_secret()
     for index in range(config.hospitals):
-        _write_private(out_dir / "hospitals" / hospital_name(index) / SECRET_CONTEXT, sealed)
+        KeyStore(out_dir / "hospitals" / hospital_name(index)).put(SIMULATION_KEY_EPOCH, secret)
     public = secret.public()
     public_path.parent.mkdir(parents=True, exist_ok=True)
     public_path.write_bytes(public.serialize_public())

@@ -75,7 +75,7 @@ def test_epsilon_rederived_from_reported_dp_parameters(run_dir: Path) -> None:
 
 
 def test_coordinator_store_holds_no_secret_key(run_dir: Path) -> None:
-    secret_bytes = (run_dir / "hospitals" / "hospital-1" / "ckks-secret.ctx").read_bytes()
+    secret_bytes = (run_dir / "hospitals" / "hospital-1" / "keys" / "epoch-0" / "ckks-secret.ctx").read_bytes()
     assert ts.context_from(secret_bytes).is_private()
     store = RoundStore(sqlite_url(run_dir / "fedvault.sqlite"))
     blobs = list(store.iter_blobs())

@@ -1,0 +1,153 @@
+"""The hospital's CKKS keys: a key store by epoch, and its half of the key ceremony.
+
+The secret CKKS context is born at the custodian hospital and leaves it only
+sealed (X25519 + HKDF + AES-GCM) to another hospital's enrolled key, signed by
+the custodian. The coordinator relays the envelopes and keeps the public
+context; it can open neither. Each ceremony has an epoch: a hospital decrypts
+only with the key of the epoch an instruction names, so updates under an old
+epoch fail before any arithmetic.
+
+Ceremony actions (Flower ``query`` messages, see :func:`handle_key_query`):
+
+``hello``        report the hospital's name and the key epochs it holds;
+``key-ceremony`` custodian only: create the epoch's secret context (once) and
+                 return its public context plus envelopes for the recipients;
+``install-key``  open an envelope, check it against the public fingerprint the
+                 coordinator announced, and store it (mode 0600).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from cryptography import x509
+
+from fedvault.kit import Kit
+from fedvault.privacy.ckks import CkksContext
+from fedvault.privacy.errors import KeyMismatchError, MalformedUpdateError
+from fedvault.privacy.sealing import SealedKeyEnvelope, seal_context_for
+
+__all__ = ["KeyStore", "custodian_ceremony", "install_sealed_key"]
+
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+
+
+class KeyStore:
+    """Secret CKKS contexts by key epoch, under ``state_dir/keys/epoch-N/``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir) / "keys"
+        self._cache: dict[int, CkksContext] = {}
+
+    def _path(self, epoch: int) -> Path:
+        return self.root / f"epoch-{epoch}" / "ckks-secret.ctx"
+
+    def epochs(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = (_EPOCH_DIR.match(p.name) for p in self.root.iterdir())
+        return sorted(int(m.group(1)) for m in found if m and self._path(int(m.group(1))).exists())
+
+    def has(self, epoch: int) -> bool:
+        return self._path(epoch).exists()
+
+    def get(self, epoch: int) -> CkksContext:
+        if epoch not in self._cache:
+            path = self._path(epoch)
+            if not path.exists():
+                held = self.epochs()
+                raise KeyMismatchError(
+                    f"no CKKS key for key epoch {epoch} at this hospital (it holds "
+                    f"{held or 'none'}); the key ceremony has not reached it yet — "
+                    "restart the hospital daemon so the coordinator can relay the key"
+                )
+            ctx = CkksContext.from_bytes(path.read_bytes())
+            if not ctx.is_private:
+                raise KeyMismatchError(f"{path} holds no secret key; re-run the key ceremony")
+            self._cache[epoch] = ctx
+        return self._cache[epoch]
+
+    def put(self, epoch: int, ctx: CkksContext) -> Path:
+        """Store a secret context, readable by the hospital's account only."""
+        path = self._path(epoch)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(ctx.serialize_secret())
+        os.replace(tmp, path)
+        self._cache[epoch] = ctx
+        return path
+
+
+def custodian_ceremony(
+    kit: Kit, keys: KeyStore, *, epoch: int, recipients: list[str]
+) -> tuple[bytes, dict[str, bytes]]:
+    """Custodian: the epoch's public context and sealed copies for ``recipients``.
+
+    The secret context is generated once per epoch and reused when a hospital
+    enrolled later asks for its copy. Recipients' keys come from the custodian's
+    own signed kit, never from the relay.
+    """
+    if not kit.is_custodian:
+        raise KeyMismatchError(
+            f"{kit.party} is not the key custodian ({kit.custodian} is); refusing to run "
+            "a key ceremony"
+        )
+    if epoch < 1:
+        raise MalformedUpdateError(f"key epoch must be >= 1 (got {epoch})")
+    secret = keys.get(epoch) if keys.has(epoch) else None
+    if secret is None:
+        secret = CkksContext.generate()
+        keys.put(epoch, secret)
+    enrolled = kit.seal_public_keys()
+    unknown = sorted(set(recipients) - set(enrolled))
+    if unknown:
+        raise KeyMismatchError(
+            f"cannot seal the key to {unknown}: they are not enrolled in the custodian's kit; "
+            "re-provision the consortium to add them"
+        )
+    wanted = {name: enrolled[name] for name in recipients if name != kit.party}
+    envelopes = seal_context_for(
+        wanted,
+        secret.serialize_secret(),
+        consortium=kit.consortium,
+        epoch=epoch,
+        sender=kit.party,
+        signing_key=kit.private_key(),
+    )
+    return secret.public().serialize_public(), {k: v.to_bytes() for k, v in envelopes.items()}
+
+
+def install_sealed_key(
+    kit: Kit,
+    keys: KeyStore,
+    *,
+    envelope: bytes,
+    custodian_cert_pem: bytes,
+    epoch: int,
+    public_fingerprint: str,
+) -> str:
+    """Recipient: verify, open and store a sealed context; returns its fingerprint."""
+    sealed = SealedKeyEnvelope.from_bytes(envelope)
+    if sealed.recipient != kit.party or sealed.consortium != kit.consortium:
+        raise KeyMismatchError(
+            f"sealed key is for {sealed.recipient!r} in {sealed.consortium!r}, not for "
+            f"{kit.party!r}; the relay sent the wrong envelope"
+        )
+    if sealed.sender != kit.custodian:
+        raise KeyMismatchError(
+            f"sealed key comes from {sealed.sender!r}, but only the custodian "
+            f"{kit.custodian!r} may issue keys; alert the consortium operator"
+        )
+    sealed.verify_sender(x509.load_pem_x509_certificate(custodian_cert_pem), kit.ca_cert)
+    ctx = CkksContext.from_bytes(sealed.open(kit.seal_private_key(), expected_epoch=epoch))
+    if not ctx.is_private or ctx.fingerprint != public_fingerprint:
+        raise KeyMismatchError(
+            "the opened key does not match the consortium's public context for epoch "
+            f"{epoch}; refusing it — ask the custodian to re-run the key ceremony"
+        )
+    keys.put(epoch, ctx)
+    return ctx.fingerprint

@@ -1,0 +1,544 @@
+"""The coordinator's operator API: status, rounds, ledger, audit trail, job control.
+
+A gRPC service (``fedvault.admin.v1.OperatorService``, ``proto/admin.proto``)
+over mutual TLS with the consortium CA. The caller's role is read from the
+subject ``OU=role:<role>`` of its *verified* client certificate
+(:func:`~fedvault.privacy.pki.role_from_certificate`), never from a request
+field, so holding a certificate is the only way to hold a role. A certificate
+that carries no role (a hospital's, the coordinator's) is refused.
+
+Access matrix (✓ allowed). It is enforced in one place, :class:`AccessControl`,
+keyed by method name through :data:`ACCESS`; a method missing from the table is
+refused (fail closed):
+
+=================  =====  =======  ========  =====
+method             guest  auditor  engineer  admin
+=================  =====  =======  ========  =====
+GetAccess          ✓      ✓        ✓         ✓
+GetJobStatus       ✓      ✓        ✓         ✓
+ListRounds                         ✓         ✓
+ListParticipants                   ✓         ✓
+GetPrivacyLedger          ✓        ✓         ✓
+GetAuditLog               ✓        ✓         ✓
+StopJob                                      ✓
+PauseJob                                     ✓
+ResumeJob                                    ✓
+=================  =====  =======  ========  =====
+
+A guest sees only a job's final metrics. Auditors (privacy officers) read the
+ledger and the audit trail but not the per-round operations. Engineers may read
+the ledger too: the levels stay ordered as :meth:`Role.allows` defines them, the
+participants of a round (engineer) already carry each hospital's ε, and an
+engineer needs the spend to diagnose budget refusals. Only an admin changes a
+job.
+
+Every denial is appended to the audit trail (``operator_denied``, actor = the
+certificate's common name), and so is every job-control action
+(``operator_action``), *before* the action takes effect: no action without its
+record. A stop sets the job's stored status to ``stopped``. The store has no
+``paused`` status, so a pause is the ``operator_action`` event itself; the round
+loop calls :func:`requested_control` between rounds (see there).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent import futures
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Literal, NoReturn
+
+import grpc
+from cryptography import x509
+from fedvault.privacy.errors import FedvaultError, InvalidConfigError, StoreError
+from fedvault.privacy.pki import Role, common_name, role_from_certificate, verify_issued_by
+from fedvault.proto import admin_pb2, admin_pb2_grpc
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from fedvault.kit import Kit, KitKind
+
+from .records import AuditEvent, AuditRow, Job, LedgerRow, RoundView
+from .store import RoundStore
+from .store_models import JobTable, canonical_json
+
+__all__ = [
+    "ACCESS",
+    "REQUIRED_ROLE_METADATA",
+    "SERVICE",
+    "AccessControl",
+    "Caller",
+    "JobControl",
+    "OperatorServicer",
+    "Rule",
+    "requested_control",
+    "serve",
+]
+
+_log = logging.getLogger(__name__)
+
+SERVICE = admin_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name
+#: Trailing metadata of a PERMISSION_DENIED answer: the least role that may call.
+REQUIRED_ROLE_METADATA = "fedvault-required-role"
+JobControl = Literal["run", "pause", "stop"]
+_REASON_MAX = 500  # characters of an operator's free-text reason kept in the audit trail
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Who may call one method, and what it does (for refusal messages)."""
+
+    required: Role
+    description: str
+
+
+ACCESS: Mapping[str, Rule] = MappingProxyType(
+    {
+        "GetAccess": Rule(Role.GUEST, "list what your role may do"),
+        "GetJobStatus": Rule(Role.GUEST, "read a job's status"),
+        "ListRounds": Rule(Role.ENGINEER, "list the rounds"),
+        "ListParticipants": Rule(Role.ENGINEER, "list a round's participants"),
+        "GetPrivacyLedger": Rule(Role.AUDITOR, "read the privacy ledger"),
+        "GetAuditLog": Rule(Role.AUDITOR, "read the audit log"),
+        "StopJob": Rule(Role.ADMIN, "stop a job"),
+        "PauseJob": Rule(Role.ADMIN, "pause a job"),
+        "ResumeJob": Rule(Role.ADMIN, "resume a job"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated operator: certificate common name and role."""
+
+    common_name: str
+    role: Role
+
+
+_CALLER: ContextVar[Caller] = ContextVar("fedvault_operator_caller")
+
+
+class _RefusedError(Exception):
+    """A servicer's answer other than OK; :class:`AccessControl` turns it into a status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _ask(required: Role) -> str:
+    names = [r.value for r in sorted(Role, key=lambda r: r.level) if r.allows(required)]
+    named = [f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in names]
+    return named[0] if len(named) == 1 else f"{', '.join(named[:-1])} or {named[-1]}"
+
+
+class AccessControl(grpc.ServerInterceptor):  # type: ignore[misc]
+    """The one place that authenticates callers and enforces :data:`ACCESS`.
+
+    Wraps every unary handler of the service: reads the peer certificate that
+    TLS verified, checks it once more against the consortium CA, reads its role,
+    refuses (and audits) what the matrix does not allow, then runs the servicer
+    with the :class:`Caller` in a context variable. Non-unary or unknown methods
+    get no handler (UNIMPLEMENTED).
+    """
+
+    def __init__(self, store: RoundStore, ca_cert: x509.Certificate) -> None:
+        self._store = store
+        self._ca = ca_cert
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return None
+        full: str = handler_call_details.method
+        method = full.rsplit("/", 1)[-1] if full.startswith(f"/{SERVICE}/") else full
+        behavior = handler.unary_unary
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            caller = self._authorize(method, context)
+            token = _CALLER.set(caller)
+            try:
+                return behavior(request, context)
+            except _RefusedError as exc:
+                context.abort(exc.code, str(exc))
+            except StoreError as exc:
+                _log.error("operator API %s: %s", method, exc)
+                context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            except FedvaultError as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            finally:
+                _CALLER.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _authorize(self, method: str, context: grpc.ServicerContext) -> Caller:
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+        if not pems:  # TLS requires a client certificate; refuse if one ever slips through
+            self._deny(context, method, "", None, None, "no client certificate was presented")
+        try:
+            cert = x509.load_pem_x509_certificate(pems[0])
+        except ValueError:
+            self._deny(context, method, "", None, None, "the client certificate does not parse")
+        cn = common_name(cert)
+        try:
+            verify_issued_by(cert, self._ca)
+            role = role_from_certificate(cert)
+        except InvalidConfigError as exc:
+            self._deny(context, method, cn, None, None, str(exc))
+        rule = ACCESS.get(method)
+        if rule is None:
+            self._deny(context, method, cn, role, None, f"{method} is not an operator method")
+        if not role.allows(rule.required):
+            message = (
+                f"role {role.value} may not {rule.description} (requires {rule.required.value} "
+                f"or above); ask {_ask(rule.required)}"
+            )
+            self._deny(context, method, cn, role, rule.required, message)
+        return Caller(cn, role)
+
+    def _deny(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        cn: str,
+        role: Role | None,
+        required: Role | None,
+        message: str,
+    ) -> NoReturn:
+        detail = {"method": method, "role": None if role is None else role.value}
+        if role is None:
+            detail["reason"] = message
+        try:
+            self._store.append_audit(
+                AuditEvent(kind="operator_denied", actor=cn or "<unknown>", detail=detail)
+            )
+        except FedvaultError as exc:  # still refuse: a full disk must not open the door
+            _log.error("could not audit a denied %s by %r: %s", method, cn, exc)
+        if required is not None:
+            context.set_trailing_metadata(((REQUIRED_ROLE_METADATA, required.value),))
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _current() -> Caller:
+    caller = _CALLER.get(None)
+    if caller is None:
+        raise _RefusedError(grpc.StatusCode.PERMISSION_DENIED, "unauthenticated call")
+    return caller
+
+
+def _iso(when: datetime | None) -> str:
+    return "" if when is None else when.astimezone(UTC).isoformat()
+
+
+def _job_status(job: Job, rounds: list[RoundView], rows: list[LedgerRow], paused: bool) -> Any:
+    committed = [r for r in rounds if r.status == "committed"]
+    evaluated = [r for r in committed if r.eval_accuracy is not None]
+    planned = job.config.get("rounds")
+    msg = admin_pb2.JobStatus(
+        job=job.name,
+        status=job.status,
+        paused=paused,
+        rounds_committed=max((r.number for r in committed), default=0),
+        rounds_planned=planned if isinstance(planned, int) and planned > 0 else 0,
+        epsilon_budget=_budget(job),
+    )
+    if evaluated:
+        msg.final_accuracy = evaluated[-1].eval_accuracy
+        msg.final_loss = evaluated[-1].eval_loss
+    if rows:
+        msg.epsilon_max = max(r.epsilon for r in rows)
+        deltas = [r.delta for r in rows if r.delta is not None]
+        if deltas:
+            msg.delta = max(deltas)
+    return msg
+
+
+def _budget(job: Job) -> float | None:
+    privacy = job.config.get("privacy")
+    epsilon = privacy.get("epsilon") if isinstance(privacy, Mapping) else None
+    return float(epsilon) if isinstance(epsilon, int | float) else None
+
+
+def _copy(cls: Any, record: object, **values: Any) -> Any:
+    """Message ``cls`` from ``values`` and the same-named attributes of ``record``.
+
+    ``None`` leaves a field unset, so an optional field reads as absent, not 0.
+    """
+    names = cls.DESCRIPTOR.fields_by_name
+    same = {n: getattr(record, n) for n in names if n not in values and hasattr(record, n)}
+    return cls(**same, **values)
+
+
+def _round_summary(v: RoundView) -> Any:
+    return _copy(
+        admin_pb2.RoundSummary,
+        v,
+        round=v.number,
+        accuracy=v.eval_accuracy,
+        loss=v.eval_loss,
+        participants=v.num_participants,
+        failures=sum(p.status != "ok" for p in v.participations),
+        committed_at=_iso(v.committed_at),
+    )
+
+
+def _participants(job: Job, v: RoundView) -> Any:
+    evals = {e.hospital: e for e in v.evaluations}
+    out = [
+        _copy(
+            admin_pb2.Participant,
+            p,
+            eval_accuracy=evals[p.hospital].accuracy if p.hospital in evals else None,
+            eval_loss=evals[p.hospital].loss if p.hospital in evals else None,
+        )
+        for p in v.participations
+    ]
+    trained = {p.hospital for p in v.participations}
+    out += [
+        admin_pb2.Participant(
+            hospital=e.hospital, status="evaluated", eval_accuracy=e.accuracy, eval_loss=e.loss
+        )
+        for e in v.evaluations
+        if e.hospital not in trained
+    ]
+    return admin_pb2.ListParticipantsResponse(
+        job=job.name, round=v.number, attempt=v.attempt, round_status=v.status, participants=out
+    )
+
+
+def _audit_entry(e: AuditRow) -> Any:
+    detail = canonical_json(dict(e.detail))
+    return _copy(admin_pb2.AuditEntry, e, time=_iso(e.created_at), detail_json=detail)
+
+
+def requested_control(store: RoundStore, job_name: str) -> JobControl:
+    """What operators asked of a job: ``"run"``, ``"pause"`` or ``"stop"``.
+
+    The round loop calls this after each committed round (and before the
+    first): on ``"stop"`` it ends the loop *without* setting the job to
+    ``finished`` (the stored status is already ``stopped``); on ``"pause"`` it
+    polls again every few seconds until the answer changes. A pause is the
+    latest ``operator_action`` event of the job whose action is ``pause`` or
+    ``resume``; the store keeps no ``paused`` status.
+    """
+    job = store.get_job(job_name)
+    if job is None:
+        raise StoreError(f"no job {job_name!r} in the round store; open it with open_job() first")
+    if job.status == "stopped":
+        return "stop"
+    for event in reversed(store.audit_events(job.id)):
+        action = event.detail.get("action") if event.kind == "operator_action" else None
+        if action in ("pause", "resume"):
+            return "pause" if action == "pause" else "run"
+    return "run"
+
+
+class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[misc]
+    """The RPCs, reading the round store; access was checked by :class:`AccessControl`."""
+
+    def __init__(self, store: RoundStore) -> None:
+        self._store = store
+
+    def _job(self, name: str) -> Job:
+        if not name:
+            try:
+                with Session(self._store.engine) as s:
+                    name = (
+                        s.scalar(
+                            select(JobTable.name)
+                            .order_by(JobTable.updated_at.desc(), JobTable.id.desc())
+                            .limit(1)
+                        )
+                        or ""
+                    )
+            except SQLAlchemyError as exc:
+                raise StoreError(f"could not list the jobs of the round store: {exc}") from exc
+            if not name:
+                raise _RefusedError(
+                    grpc.StatusCode.NOT_FOUND,
+                    "the round store holds no job yet; start one with `fedvault coordinator start`",
+                )
+        job = self._store.get_job(name)
+        if job is None:
+            raise _RefusedError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no job {name!r} in the round store; check the name, or leave it empty for the "
+                "most recent job",
+            )
+        return job
+
+    def _status(self, job: Job) -> admin_pb2.JobStatus:
+        paused = requested_control(self._store, job.name) == "pause"
+        return _job_status(job, self._store.rounds(job.id), self._store.ledger(job.id), paused)
+
+    def GetAccess(self, request: Any, context: Any) -> admin_pb2.GetAccessResponse:  # noqa: N802
+        caller = _current()
+        return admin_pb2.GetAccessResponse(
+            common_name=caller.common_name,
+            role=caller.role.value,
+            methods=[
+                admin_pb2.MethodAccess(
+                    method=name,
+                    description=rule.description,
+                    required_role=rule.required.value,
+                    allowed=caller.role.allows(rule.required),
+                )
+                for name, rule in ACCESS.items()
+            ],
+        )
+
+    def GetJobStatus(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+        return self._status(self._job(request.job))
+
+    def ListRounds(self, request: Any, context: Any) -> admin_pb2.ListRoundsResponse:  # noqa: N802
+        job = self._job(request.job)
+        rounds = [_round_summary(v) for v in self._store.rounds(job.id)]
+        return admin_pb2.ListRoundsResponse(job=job.name, rounds=rounds)
+
+    def ListParticipants(  # noqa: N802
+        self, request: Any, context: Any
+    ) -> admin_pb2.ListParticipantsResponse:
+        if request.round < 1:
+            raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, "round must be >= 1")
+        job = self._job(request.job)
+        views = [v for v in self._store.rounds(job.id) if v.number == request.round]
+        if not views:
+            raise _RefusedError(
+                grpc.StatusCode.NOT_FOUND,
+                f"job {job.name!r} has no round {request.round} yet; list them with ListRounds",
+            )
+        committed = [v for v in views if v.status == "committed"]
+        return _participants(job, committed[0] if committed else views[-1])
+
+    def GetPrivacyLedger(  # noqa: N802
+        self, request: Any, context: Any
+    ) -> admin_pb2.GetPrivacyLedgerResponse:
+        job = self._job(request.job)
+        entries = [_copy(admin_pb2.LedgerEntry, r) for r in self._store.ledger(job.id)]
+        return admin_pb2.GetPrivacyLedgerResponse(
+            job=job.name, epsilon_budget=_budget(job), entries=entries
+        )
+
+    def GetAuditLog(self, request: Any, context: Any) -> admin_pb2.GetAuditLogResponse:  # noqa: N802
+        job_id = self._job(request.job).id if request.job else None
+        events = self._store.audit_events(job_id)
+        broken = self._store.verify_audit_chain()
+        return admin_pb2.GetAuditLogResponse(
+            events=[_audit_entry(e) for e in events[-(request.limit or 100) :]],
+            total=len(events),
+            chain_intact=broken is None,
+            first_broken_id=broken,
+        )
+
+    def StopJob(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+        return self._control(request, "StopJob", "stop")
+
+    def PauseJob(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+        return self._control(request, "PauseJob", "pause")
+
+    def ResumeJob(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+        return self._control(request, "ResumeJob", "resume")
+
+    def _control(self, request: Any, method: str, action: str) -> admin_pb2.JobStatus:
+        caller = _current()
+        job = self._job(request.job)
+        if job.status != "running":
+            raise _RefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {job.name!r} is {job.status}; only a running job can be {action}d "
+                "(a stopped job resumes only when its coordinator is started again)",
+            )
+        state = requested_control(self._store, job.name)
+        if action == "pause" and state == "pause":
+            raise _RefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {job.name!r} is already paused; ResumeJob lifts the pause",
+            )
+        if action == "resume" and state != "pause":
+            raise _RefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {job.name!r} is not paused; nothing to resume",
+            )
+        detail = {
+            "method": method,
+            "action": action,
+            "role": caller.role.value,
+            "reason": str(request.reason)[:_REASON_MAX],
+        }
+        # The record first: an action must never take effect without one.
+        event = AuditEvent(kind="operator_action", actor=caller.common_name, detail=detail)
+        self._store.append_audit(event, job_id=job.id)
+        if action == "stop":
+            self._store.set_job_status(job.id, "stopped")
+        return self._status(self._job(job.name))
+
+
+def serve(
+    store_url: str, kit: Kit, *, address: str | None = None, max_workers: int = 4
+) -> grpc.Server:
+    """Start the operator API on the coordinator kit's ``operator_api`` address.
+
+    Returns the started server; ``server.stop(grace)`` ends it and closes the
+    store. ``address`` overrides the kit's (for tests).
+
+    Raises
+    ------
+    InvalidConfigError
+        ``kit`` is not the coordinator's, or the address cannot be bound.
+    StoreError
+        The round store cannot be opened.
+    """
+    if kit.kind is not KitKind.COORDINATOR:
+        raise InvalidConfigError(
+            f"kit {kit.root} is the {kit.kind.value} kit of {kit.party!r}; the operator API "
+            "serves with the coordinator kit (OUT/coordinator from `fedvault provision`)"
+        )
+    target = address or kit.operator_api_address
+
+    def read(path: Any) -> bytes:
+        return kit.read(path.relative_to(kit.root).as_posix())
+
+    credentials = grpc.ssl_server_credentials(
+        [(read(kit.key_path), read(kit.cert_path))],
+        root_certificates=read(kit.ca_path),
+        require_client_auth=True,
+    )
+    store = RoundStore(store_url)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="operator-api"),
+        interceptors=[AccessControl(store, kit.ca_cert)],
+        # No SO_REUSEPORT: a second coordinator on the same port must fail, not share it.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    admin_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(store), server)
+    try:
+        port = server.add_secure_port(target, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        store.close()
+        raise InvalidConfigError(
+            f"cannot bind the operator API to {target}: the port is in use or the address is "
+            "not local; stop the other process or change operator_api in the consortium file"
+        )
+    server.start()
+
+    def close_store_after_stop() -> None:
+        server.wait_for_termination()
+        store.close()
+
+    threading.Thread(target=close_store_after_stop, name="operator-api-closer", daemon=True).start()
+    _log.info("operator API listening on %s", target)
+    return server

@@ -1,0 +1,369 @@
+"""A small client of the coordinator's operator API (``proto/admin.proto``).
+
+It authenticates with an operator kit's certificate (mutual TLS; the server
+reads the role from it) and returns frozen dataclasses rather than protobuf
+messages, so callers never test ``HasField`` or confuse "unset" with 0. gRPC
+failures become :class:`OperatorApiError` subclasses whose messages say what to
+do: a refusal names the role it needs, an unreachable server names the address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from fedvault.kit import Kit, KitError, KitKind
+from fedvault.privacy.errors import FedvaultError
+from fedvault.privacy.pki import Role
+from fedvault.proto import admin_pb2, admin_pb2_grpc
+
+__all__ = [
+    "REQUIRED_ROLE_METADATA",
+    "Access",
+    "AuditEntry",
+    "AuditLog",
+    "JobStatus",
+    "LedgerEntry",
+    "MethodAccess",
+    "OperatorApiError",
+    "OperatorClient",
+    "OperatorPermissionError",
+    "OperatorUnavailableError",
+    "Participant",
+    "PrivacyLedger",
+    "RoundParticipants",
+    "RoundSummary",
+]
+
+#: Trailing metadata of a refusal: the least role that may make the call.
+REQUIRED_ROLE_METADATA = "fedvault-required-role"
+_T = TypeVar("_T")
+
+
+class OperatorApiError(FedvaultError):
+    """The operator API refused or failed a call; the message says why."""
+
+
+class OperatorPermissionError(OperatorApiError):
+    """The caller's role may not make this call (``required_role`` may)."""
+
+    def __init__(self, message: str, *, required_role: Role | None = None) -> None:
+        super().__init__(message)
+        self.required_role = required_role
+
+
+class OperatorUnavailableError(OperatorApiError):
+    """The operator API cannot be reached, or the TLS handshake failed."""
+
+
+@dataclass(frozen=True)
+class MethodAccess:
+    """One RPC, the least role that may call it, and whether the caller may."""
+
+    method: str
+    description: str
+    required_role: Role
+    allowed: bool
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who the server thinks the caller is, and what its role may call."""
+
+    common_name: str
+    role: Role
+    methods: tuple[MethodAccess, ...]
+
+    def allows(self, method: str) -> bool:
+        """Whether the caller's role may call ``method``."""
+        return any(m.allowed for m in self.methods if m.method == method)
+
+    def required(self, method: str) -> Role | None:
+        """The least role that may call ``method`` (``None``: unknown method)."""
+        return next((m.required_role for m in self.methods if m.method == method), None)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's status and final metrics; ``None`` where nothing is known yet."""
+
+    job: str
+    status: str
+    paused: bool
+    rounds_committed: int
+    rounds_planned: int | None
+    final_accuracy: float | None
+    final_loss: float | None
+    epsilon_max: float | None
+    delta: float | None
+    epsilon_budget: float | None
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One committed round or failed attempt (accuracy/loss: sample-weighted evaluation)."""
+
+    round: int
+    attempt: int
+    status: str
+    reason: str
+    accuracy: float | None
+    loss: float | None
+    train_loss: float | None
+    participants: int
+    failures: int
+    committed_at: str
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One hospital in one round; ``epsilon`` is cumulative over the job."""
+
+    hospital: str
+    status: str
+    reason: str
+    samples: int
+    train_loss: float | None
+    epsilon: float | None
+    bytes_received: int
+    eval_accuracy: float | None
+    eval_loss: float | None
+
+
+@dataclass(frozen=True)
+class RoundParticipants:
+    """The hospitals of one round's committed (or last failed) attempt."""
+
+    job: str
+    round: int
+    attempt: int
+    round_status: str
+    participants: tuple[Participant, ...]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A hospital's cumulative privacy spend after one round."""
+
+    hospital: str
+    round: int
+    epsilon: float
+    delta: float | None
+    noise_multiplier: float | None
+    sample_rate: float | None
+    steps: int | None
+    accountant: str
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """A job's privacy ledger, by round then hospital."""
+
+    job: str
+    epsilon_budget: float | None
+    entries: tuple[LedgerEntry, ...]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One hash-chained audit event (``job`` is ``None`` for store-wide ones)."""
+
+    id: int
+    time: str
+    kind: str
+    actor: str
+    job: str | None
+    detail_json: str
+    hash: str
+    prev_hash: str
+
+
+@dataclass(frozen=True)
+class AuditLog:
+    """The newest audit events, and whether the whole hash chain verified."""
+
+    events: tuple[AuditEntry, ...]
+    total: int
+    chain_intact: bool
+    first_broken_id: int | None
+
+
+def _fields(cls: type[_T], message: Any, **overrides: Any) -> _T:
+    """Build dataclass ``cls`` from the same-named fields of ``message`` (unset -> None)."""
+    values: dict[str, Any] = {}
+    for name in cls.__dataclass_fields__:  # type: ignore[attr-defined]
+        if name in overrides:
+            values[name] = overrides[name]
+        elif message.DESCRIPTOR.fields_by_name[name].has_presence:
+            values[name] = getattr(message, name) if message.HasField(name) else None
+        else:
+            values[name] = getattr(message, name)
+    return cls(**values)
+
+
+def _job_status(m: Any) -> JobStatus:
+    return _fields(JobStatus, m, rounds_planned=m.rounds_planned or None)
+
+
+class OperatorClient:
+    """Calls the operator API with an operator kit's certificate.
+
+    Parameters
+    ----------
+    kit
+        An operator kit (``OUT/operators/NAME`` from ``fedvault provision``).
+    address
+        ``host:port`` of the API; defaults to the kit's ``operator_api``.
+    timeout
+        Seconds per call.
+    """
+
+    def __init__(self, kit: Kit, *, address: str | None = None, timeout: float = 10.0) -> None:
+        if kit.kind is not KitKind.OPERATOR:
+            raise KitError(
+                f"kit {kit.root} is the {kit.kind.value} kit of {kit.party!r}; the operator API "
+                "takes an operator kit (OUT/operators/NAME from `fedvault provision`)"
+            )
+
+        def read(path: Any) -> bytes:
+            return kit.read(path.relative_to(kit.root).as_posix())
+
+        self._open(
+            address or kit.operator_api_address,
+            ca_pem=read(kit.ca_path),
+            cert_pem=read(kit.cert_path),
+            key_pem=read(kit.key_path),
+            timeout=timeout,
+        )
+
+    @classmethod
+    def from_pem(
+        cls,
+        address: str,
+        *,
+        ca_pem: bytes,
+        cert_pem: bytes | None = None,
+        key_pem: bytes | None = None,
+        timeout: float = 10.0,
+    ) -> OperatorClient:
+        """Connect with raw PEM material (tooling and tests; prefer the kit constructor)."""
+        client = cls.__new__(cls)
+        client._open(address, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, timeout=timeout)
+        return client
+
+    def _open(
+        self,
+        address: str,
+        *,
+        ca_pem: bytes,
+        cert_pem: bytes | None,
+        key_pem: bytes | None,
+        timeout: float,
+    ) -> None:
+        if not timeout > 0:
+            raise OperatorApiError(f"timeout must be > 0 seconds (got {timeout!r})")
+        self.address = address
+        self._timeout = timeout
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+        )
+        self._channel = grpc.secure_channel(address, credentials)
+        self._stub = admin_pb2_grpc.OperatorServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        rpc: Callable[..., Any] = getattr(self._stub, method)
+        try:
+            return rpc(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise self._error(method, exc) from None
+
+    def _error(self, method: str, exc: grpc.RpcError) -> OperatorApiError:
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            trailing = dict(exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else {}
+            wanted = trailing.get(REQUIRED_ROLE_METADATA)
+            required = Role(wanted) if wanted in {r.value for r in Role} else None
+            return OperatorPermissionError(
+                details or f"{method} was refused; ask an admin", required_role=required
+            )
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return OperatorUnavailableError(
+                f"coordinator operator API at {self.address} unreachable: is `fedvault "
+                "coordinator start` running? If it is, check that your kit belongs to the same "
+                f"consortium (another CA's certificate fails the TLS handshake). ({details})"
+            )
+        return OperatorApiError(details or f"{method} failed with {code.name}")
+
+    # -- the RPCs ----------------------------------------------------------------
+
+    def access(self) -> Access:
+        """Who the server sees, and which methods the caller's role may call."""
+        m = self._call("GetAccess", admin_pb2.GetAccessRequest())
+        methods = tuple(
+            MethodAccess(a.method, a.description, Role(a.required_role), a.allowed)
+            for a in m.methods
+        )
+        return Access(m.common_name, Role(m.role), methods)
+
+    def job_status(self, job: str = "") -> JobStatus:
+        """A job's status and final metrics (every role); ``""``: the latest job."""
+        return _job_status(self._call("GetJobStatus", admin_pb2.GetJobStatusRequest(job=job)))
+
+    def rounds(self, job: str = "") -> tuple[RoundSummary, ...]:
+        """Every committed round and failed attempt (engineer and above)."""
+        m = self._call("ListRounds", admin_pb2.ListRoundsRequest(job=job))
+        return tuple(_fields(RoundSummary, r) for r in m.rounds)
+
+    def participants(self, round_number: int, job: str = "") -> RoundParticipants:
+        """The hospitals of one round (engineer and above)."""
+        request = admin_pb2.ListParticipantsRequest(job=job, round=round_number)
+        m = self._call("ListParticipants", request)
+        people = tuple(_fields(Participant, p) for p in m.participants)
+        return _fields(RoundParticipants, m, participants=people)
+
+    def privacy_ledger(self, job: str = "") -> PrivacyLedger:
+        """Each hospital's cumulative (ε, δ) per round (auditor and above)."""
+        m = self._call("GetPrivacyLedger", admin_pb2.GetPrivacyLedgerRequest(job=job))
+        entries = tuple(_fields(LedgerEntry, e) for e in m.entries)
+        return _fields(PrivacyLedger, m, entries=entries)
+
+    def audit_log(self, job: str = "", *, limit: int = 100) -> AuditLog:
+        """The newest ``limit`` audit events, all jobs when ``job`` is empty (auditor+)."""
+        m = self._call("GetAuditLog", admin_pb2.GetAuditLogRequest(job=job, limit=limit))
+        events = tuple(_fields(AuditEntry, e, job=e.job or None) for e in m.events)
+        return _fields(AuditLog, m, events=events)
+
+    def stop_job(self, job: str = "", *, reason: str = "") -> JobStatus:
+        """Stop the job after its current round (admin only)."""
+        return self._control("StopJob", job, reason)
+
+    def pause_job(self, job: str = "", *, reason: str = "") -> JobStatus:
+        """Hold the job before its next round (admin only)."""
+        return self._control("PauseJob", job, reason)
+
+    def resume_job(self, job: str = "", *, reason: str = "") -> JobStatus:
+        """Lift a pause (admin only)."""
+        return self._control("ResumeJob", job, reason)
+
+    def _control(self, method: str, job: str, reason: str) -> JobStatus:
+        request = admin_pb2.JobControlRequest(job=job, reason=reason)
+        return _job_status(self._call(method, request))

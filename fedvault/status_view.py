@@ -1,0 +1,199 @@
+"""``fedvault status``: readable tables of what the caller's role may see.
+
+One section per operator-API read (job, rounds, participants of the last round,
+privacy ledger, audit log). The server's access matrix decides what appears:
+:meth:`OperatorClient.access` says up front which sections the role may read,
+so a guest's ``status`` does not fill the audit trail with denials; a refusal
+that still happens (the matrix changed under us) is caught per section. Either
+way the section says which role it needs, e.g. ``(requires auditor)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+from fedvault.operator_client import (
+    Access,
+    AuditLog,
+    JobStatus,
+    OperatorClient,
+    OperatorPermissionError,
+    PrivacyLedger,
+    RoundParticipants,
+    RoundSummary,
+)
+
+__all__ = ["render_status"]
+
+_T = TypeVar("_T")
+_DETAIL_MAX = 160  # characters of an audit event's JSON detail shown in a row
+
+
+def _num(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _section(
+    console: Console, title: str, access: Access, method: str, read: Callable[[], _T]
+) -> _T | None:
+    """Run ``read`` if the role may; otherwise print the role it needs and return None."""
+    if not access.allows(method):
+        required = access.required(method)
+        console.print(f"[bold]{title}[/bold] [dim](requires {required or 'another role'})[/dim]")
+        return None
+    try:
+        return read()
+    except OperatorPermissionError as exc:
+        need = exc.required_role.value if exc.required_role else "another role"
+        console.print(f"[bold]{title}[/bold] [dim](requires {need})[/dim]")
+        return None
+
+
+def _job_table(s: JobStatus) -> Table:
+    t = Table(title=f"Job {s.job}", show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    status = f"{s.status} (paused)" if s.paused else s.status
+    planned = "?" if s.rounds_planned is None else str(s.rounds_planned)
+    budget = "" if s.epsilon_budget is None else f" of budget {s.epsilon_budget:g}"
+    delta = "" if s.delta is None else f" at δ={s.delta:g}"
+    t.add_row("status", status)
+    t.add_row("rounds", f"{s.rounds_committed} of {planned} committed")
+    t.add_row("final accuracy", _num(s.final_accuracy))
+    t.add_row("final loss", _num(s.final_loss))
+    t.add_row("max ε spent", f"{_num(s.epsilon_max, '.3f')}{budget}{delta}")
+    return t
+
+
+def _rounds_table(rounds: tuple[RoundSummary, ...]) -> Table:
+    t = Table(title="Rounds")
+    for col in ("round", "attempt", "status", "accuracy", "loss", "participants", "failures"):
+        t.add_column(col, justify="right")
+    t.add_column("reason / committed at")
+    for r in rounds:
+        t.add_row(
+            str(r.round),
+            str(r.attempt),
+            r.status,
+            _num(r.accuracy),
+            _num(r.loss),
+            str(r.participants),
+            str(r.failures),
+            r.reason or r.committed_at[:19],
+        )
+    return t
+
+
+def _participants_table(p: RoundParticipants) -> Table:
+    t = Table(title=f"Participants of round {p.round} (attempt {p.attempt}, {p.round_status})")
+    for col in ("hospital", "status", "samples", "train loss", "ε", "eval accuracy", "reason"):
+        t.add_column(col, justify="left" if col in ("hospital", "status", "reason") else "right")
+    for h in p.participants:
+        t.add_row(
+            h.hospital,
+            h.status,
+            str(h.samples),
+            _num(h.train_loss),
+            _num(h.epsilon, ".3f"),
+            _num(h.eval_accuracy),
+            h.reason,
+        )
+    return t
+
+
+def _ledger_table(ledger: PrivacyLedger) -> Table:
+    budget = "" if ledger.epsilon_budget is None else f", budget ε={ledger.epsilon_budget:g}"
+    t = Table(title=f"Privacy ledger (latest per hospital{budget})")
+    for col in ("hospital", "round", "ε", "δ", "noise σ", "sample rate", "DP steps", "accountant"):
+        t.add_column(col, justify="left" if col in ("hospital", "accountant") else "right")
+    latest = {e.hospital: e for e in ledger.entries}  # entries come by round, then hospital
+    for name in sorted(latest):
+        e = latest[name]
+        t.add_row(
+            name,
+            str(e.round),
+            f"{e.epsilon:.3f}",
+            "n/a" if e.delta is None else f"{e.delta:g}",
+            _num(e.noise_multiplier, ".3f"),
+            _num(e.sample_rate),
+            "n/a" if e.steps is None else str(e.steps),
+            e.accountant,
+        )
+    return t
+
+
+def _audit_table(log: AuditLog) -> Table:
+    chain = (
+        "hash chain intact"
+        if log.chain_intact
+        else f"[bold red]hash chain BROKEN at event {log.first_broken_id}[/bold red]"
+    )
+    t = Table(title=f"Audit log (newest {len(log.events)} of {log.total}; {chain})")
+    rows = [
+        (
+            str(e.id),
+            e.time[:19],
+            e.kind,
+            e.actor,
+            json.dumps(json.loads(e.detail_json), sort_keys=True, ensure_ascii=False),
+        )
+        for e in log.events
+    ]
+    for i, col in enumerate(("id", "time", "kind", "actor")):
+        width = max((len(r[i]) for r in rows), default=len(col))
+        t.add_column(col, justify="right" if col == "id" else "left", min_width=width)
+    t.add_column("detail")
+    for row in rows:
+        detail = row[4] if len(row[4]) <= _DETAIL_MAX else row[4][: _DETAIL_MAX - 1] + "…"
+        t.add_row(*row[:4], detail)
+    return t
+
+
+def render_status(
+    client: OperatorClient, console: Console, *, job: str = "", audit_events: int = 10
+) -> None:
+    """Print every section the caller's role may read; name the role the others need.
+
+    Raises the client's :class:`~fedvault.operator_client.OperatorApiError` when
+    the API is unreachable or the certificate carries no role at all.
+    """
+    access = client.access()
+    console.print(
+        f"operator [bold]{access.common_name}[/bold] (role {access.role.value}) at {client.address}"
+    )
+    status = client.job_status(job)
+    console.print(_job_table(status))
+    name = status.job
+    rounds = _section(console, "Rounds", access, "ListRounds", lambda: client.rounds(name))
+    if rounds:
+        console.print(_rounds_table(rounds))
+    if rounds and access.allows("ListParticipants"):
+        last = rounds[-1].round
+        people = _section(
+            console,
+            "Participants",
+            access,
+            "ListParticipants",
+            lambda: client.participants(last, name),
+        )
+        if people is not None:
+            console.print(_participants_table(people))
+    ledger = _section(
+        console, "Privacy ledger", access, "GetPrivacyLedger", lambda: client.privacy_ledger(name)
+    )
+    if ledger is not None:
+        console.print(_ledger_table(ledger))
+    log = _section(
+        console,
+        "Audit log",
+        access,
+        "GetAuditLog",
+        lambda: client.audit_log(limit=audit_events),  # store-wide: denials are too
+    )
+    if log is not None:
+        console.print(_audit_table(log))

@@ -13,8 +13,10 @@ Order of a train round (each step can refuse, with a reason sent back):
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
+from dataclasses import asdict
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -27,11 +29,11 @@ from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.messages import CEREMONY_KEY, EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
-from fedvault.privacy.dp import plan_dp
+from fedvault.privacy.dp import DpPlan, plan_dp
 from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.he import decrypt_average, encrypt_update
 
-__all__ = ["make_client_app"]
+__all__ = ["app", "make_client_app"]
 
 log = logging.getLogger("fedvault.client")
 
@@ -53,10 +55,20 @@ def _train_seed(job: JobConfig, hospital: str, server_round: int) -> int:
     return (job.seed * 1_000_003 + server_round * 7919 + zlib.crc32(hospital.encode())) % 2**31
 
 
-def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
-    job = instr.job
-    n = len(site.train_data)  # type: ignore[arg-type]
-    batch_size = min(job.training.batch_size, n)
+def _plan(site: HospitalSite, job: JobConfig, n: int, batch_size: int) -> DpPlan:
+    """The job's DP plan, cached in the hospital's state directory.
+
+    Deployed ClientApps run one process per message, and deriving the noise
+    multiplier with the PRV accountant takes seconds: compute it once per job.
+    """
+    path = site.state_dir / "dp-plans.json"
+    p = job.privacy
+    key = json.dumps(
+        [p.epsilon, p.delta, p.accountant, n, batch_size, job.training.local_epochs, job.rounds]
+    )
+    cache: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    if key in cache:
+        return DpPlan(**cache[key])
     plan = plan_dp(
         job.privacy,
         num_samples=n,
@@ -64,6 +76,19 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         local_epochs=job.training.local_epochs,
         rounds=job.rounds,
     )
+    cache[key] = asdict(plan)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache))
+    tmp.replace(path)
+    return plan
+
+
+def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
+    job = instr.job
+    n = len(site.train_data)  # type: ignore[arg-type]
+    batch_size = min(job.training.batch_size, n)
+    plan = _plan(site, job, n, batch_size)
     ledger = LocalLedger(site.ledger_path, hospital=site.name)
     try:
         ledger.check_round(
@@ -77,6 +102,11 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         )
         model = site.build_model()
         set_weights(model, _global_model(site, instr))
+        eval_loss, eval_accuracy, eval_samples = 0.0, 0.0, 0
+        if instr.server_round > 1:  # the previous round's aggregate, on held-out data
+            eval_loss, eval_accuracy, eval_samples = evaluate(
+                model, site.test_data, device=site.device
+            )
         result = train_private(
             model,
             site.train_data,
@@ -122,6 +152,9 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         round_steps=result.round_steps,
         accountant=result.state.accountant,
         accountant_state=result.state.to_json(),
+        eval_accuracy=eval_accuracy,
+        eval_loss=eval_loss,
+        eval_samples=eval_samples,
     )
 
 
@@ -210,3 +243,13 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
         return Message(RecordDict({CEREMONY_KEY: reply}), reply_to=msg)
 
     return app
+
+
+def _production_app() -> ClientApp:
+    from fedvault.client.kit_sites import KitSites
+
+    return make_client_app(KitSites())
+
+
+# What `flower-supernode` loads (the app's `clientapp` component).
+app = _production_app()

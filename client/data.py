@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import importlib
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,13 +41,52 @@ __all__ = [
 ]
 
 Format = Literal["csv", "parquet", "entrypoint"]
-_FORMATS = ("csv", "parquet", "entrypoint")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_TABLE_KEYS = {"train", "test", "holdout", "label", "features"}
-_KEYS = _TABLE_KEYS | {"format", "seed", "labels", "min_records", "dtype", "entry_point"}
-_KEYS.add("allow_missing_labels")
 # Cells that mean "no value"; reported as missing rather than as non-numeric.
 _MISSING = {"", "na", "n/a", "nan", "null", "none", "?"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+# key -> (valid?, what a valid value is): the whole schema of a data spec file.
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "format": (lambda v: v in ("csv", "parquet", "entrypoint"), "'csv', 'parquet' or 'entrypoint'"),
+    "train": (_is_name, "a file name, relative to the data spec's directory"),
+    "test": (_is_name, "a file name, relative to the data spec's directory"),
+    "holdout": (lambda v: isinstance(v, int | float) and 0 < v < 1, "a fraction in (0, 1)"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "label": (_is_name, "the label column's name"),
+    "features": (
+        lambda v: isinstance(v, list) and bool(v) and all(_is_name(f) for f in v),
+        "a non-empty list of column names, in the model's input order",
+    ),
+    "labels": (
+        lambda v: (
+            isinstance(v, list)
+            and all(_is_int(c) and c >= 0 for c in v)
+            and len(set(v)) == len(v) >= 2
+        ),
+        "a list of at least two distinct class indices (integers >= 0)",
+    ),
+    "min_records": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "dtype": (lambda v: v in _DTYPES, "'float32' or 'float64'"),
+    "entry_point": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"[\w.]+:\w+", v) is not None,
+        "'package.module:function'",
+    ),
+    "allow_missing_labels": (lambda v: isinstance(v, bool), "true or false"),
+}
+_REQUIRED = {
+    "table": ("format", "labels", "train", "label", "features"),
+    "entrypoint": ("format", "labels", "entry_point"),
+}
+_TABLE_ONLY = ("train", "test", "holdout", "label", "features")
 _README = "examples/hospital-data/README.md"
 _SHOW = 5  # rows named in a message before "..."
 
@@ -94,89 +134,50 @@ class DataSpec:
     ) -> DataSpec:
         """Build a spec from parsed TOML; ``source`` names it in error messages."""
 
-        def bad(key: str, want: str) -> DataError:
-            return DataError(f"{source}: {key} must be {want}, got {raw.get(key)!r}; see {_README}")
-
-        unknown = sorted(set(raw) - _KEYS)
+        unknown = sorted(set(raw) - set(_CHECKS))
         if unknown:
             raise DataError(
-                f"{source}: unknown keys {unknown}; the known keys are {sorted(_KEYS)} "
+                f"{source}: unknown keys {unknown}; the known keys are {sorted(_CHECKS)} "
                 f"(see {_README})"
             )
-        fmt = raw.get("format")
-        if fmt not in _FORMATS:
-            raise bad("format", f"one of {list(_FORMATS)}")
-        labels = raw.get("labels")
-        if (
-            not isinstance(labels, list)
-            or len(labels) < 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels)
-            or len(set(labels)) != len(labels)
-        ):
-            raise bad("labels", "a list of at least two distinct class indices (integers >= 0)")
-        holdout, seed = raw.get("holdout", 0.2), raw.get("seed", 0)
-        if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 < holdout < 1:
-            raise bad("holdout", "a fraction strictly between 0 and 1")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise bad("seed", "a non-negative integer")
-        min_records = raw.get("min_records", 20)
-        if isinstance(min_records, bool) or not isinstance(min_records, int) or min_records < 1:
-            raise bad("min_records", "a positive integer")
-        if raw.get("dtype", "float32") not in _DTYPES:
-            raise bad("dtype", f"one of {sorted(_DTYPES)}")
-        if not isinstance(raw.get("allow_missing_labels", False), bool):
-            raise bad("allow_missing_labels", "true or false")
-
-        common: dict[str, Any] = {
-            "format": fmt,
-            "base_dir": Path(base_dir),
-            "holdout": float(holdout),
-            "seed": seed,
-            "labels": tuple(labels),
-            "min_records": min_records,
-            "dtype": raw.get("dtype", "float32"),
-            "allow_missing_labels": raw.get("allow_missing_labels", False),
-        }
-        if fmt == "entrypoint":
-            stray = sorted(_TABLE_KEYS & set(raw))
-            if stray:
-                raise DataError(
-                    f"{source}: {stray} do not apply to format = 'entrypoint' (the function "
-                    f"returns its own train and test sets); remove them (see {_README})"
-                )
-            entry = raw.get("entry_point")
-            module, _, func = entry.partition(":") if isinstance(entry, str) else ("", "", "")
-            if not module or not func:
-                raise bad("entry_point", "'package.module:function'")
-            return cls(entry_point=entry, **common)
-
-        if "entry_point" in raw:
-            raise DataError(f"{source}: entry_point applies only to format = 'entrypoint'")
-        for key in ("train", "label"):
-            if not isinstance(raw.get(key), str) or not raw[key]:
-                raise bad(key, "a non-empty string")
-        if "test" in raw and (not isinstance(raw["test"], str) or not raw["test"]):
-            raise bad("test", "a file name")
-        features = raw.get("features")
-        if not isinstance(features, list) or not features:
-            raise bad("features", "a non-empty list of column names, in the model's input order")
-        if not all(isinstance(f, str) and f for f in features):
-            raise bad("features", "a list of column names (strings)")
+        kind = "entrypoint" if raw.get("format") == "entrypoint" else "table"
+        absent = [key for key in _REQUIRED[kind] if key not in raw]
+        for key in [*absent, *raw]:
+            valid, want = _CHECKS[key]
+            if key in absent or not valid(raw[key]):
+                got = f"got {raw[key]!r}" if key in raw else "it is missing"
+                raise DataError(f"{source}: {key} must be {want}; {got} (see {_README})")
+        wrong = _TABLE_ONLY if kind == "entrypoint" else ("entry_point",)
+        stray = [key for key in wrong if key in raw]
+        if stray:
+            raise DataError(
+                f"{source}: {stray} do not apply to format = {raw['format']!r}; remove them "
+                f"(see {_README})"
+            )
+        features = raw.get("features", [])
         dupes = sorted({f for f in features if features.count(f) > 1})
         if dupes:
             raise DataError(f"{source}: duplicate feature names {dupes}; list each column once")
-        if raw["label"] in features:
+        if raw.get("label") in features:
             raise DataError(
                 f"{source}: the label column {raw['label']!r} is also listed in features; "
                 "remove it from features (the model must not see the answer)"
             )
         base = Path(base_dir)
         return cls(
-            train=base / raw["train"],
+            format=raw["format"],
+            base_dir=base,
+            train=base / raw["train"] if "train" in raw else None,
             test=base / raw["test"] if "test" in raw else None,
-            label=raw["label"],
+            holdout=float(raw.get("holdout", 0.2)),
+            seed=raw.get("seed", 0),
+            label=raw.get("label"),
             features=tuple(features),
-            **common,
+            labels=tuple(raw["labels"]),
+            min_records=raw.get("min_records", 20),
+            entry_point=raw.get("entry_point"),
+            dtype=raw.get("dtype", "float32"),
+            allow_missing_labels=raw.get("allow_missing_labels", False),
         )
 
 
@@ -268,7 +269,11 @@ def validate_against_model(data: HospitalData, model: nn.Module) -> None:
             out = model(batch)
     except (RuntimeError, ValueError, TypeError) as exc:
         first = next((m for m in model.modules() if list(m.parameters(recurse=False))), None)
-        if isinstance(first, nn.Linear) and batch.dim() == 2:
+        if (
+            isinstance(first, nn.Linear)
+            and batch.dim() == 2
+            and first.in_features != batch.shape[1]
+        ):
             reason = f"model expects {first.in_features} features, data has {batch.shape[1]}"
         else:
             reason = f"data of shape {tuple(batch.shape[1:])} ({batch.dtype}) fails: {exc}"
@@ -391,8 +396,8 @@ def _read_table(spec: DataSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if fractional.size:
         i = int(fractional[0])
         raise DataError(
-            f"{path.name}: label column {label!r} has non-integer value {y[i]!r} at {where(i)}; "
-            "labels must be class indices from the declared label set"
+            f"{path.name}: label column {label!r} has non-integer value {float(y[i]):g} at "
+            f"{where(i)}; labels must be class indices from the declared label set"
         )
     y_int = y.astype(np.int64)
     outside = np.flatnonzero(~np.isin(y_int, spec.labels))

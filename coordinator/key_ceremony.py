@@ -199,8 +199,7 @@ class KeyCeremony:
                     f"{self.custodian!r} is not connected"
                 )
             public = self._from_custodian(grid, custodian[0], missing)
-        for node in need:
-            self._install(grid, node, public)
+        self._install(grid, need, public)
         self._checked = node_ids
         return public
 
@@ -229,24 +228,37 @@ class KeyCeremony:
         )
         return public
 
-    def _install(self, grid: Grid, node: _Node, public: CkksContext) -> None:
-        envelope = self.keys.envelope(self.epoch, node.hospital)
-        if envelope is None:
-            raise StoreError(f"no sealed key for {node.hospital} at epoch {self.epoch}")
-        replies = self._ask(
-            grid,
-            [node.node_id],
-            {
+    def _install(self, grid: Grid, nodes: list[_Node], public: CkksContext) -> None:
+        """Relay every pending envelope in one round trip."""
+        if not nodes:
+            return
+        messages = []
+        for node in nodes:
+            envelope = self.keys.envelope(self.epoch, node.hospital)
+            if envelope is None:
+                raise StoreError(f"no sealed key for {node.hospital} at epoch {self.epoch}")
+            body = {
                 "action": "install-key",
                 "epoch": self.epoch,
                 "envelope": envelope,
                 "custodian-cert": self.keys.custodian_cert(self.epoch),
                 "fingerprint": public.fingerprint,
-            },
-        )
-        if replies and replies[0].get("status") == "ok":
-            self._audit("key_installed", node.hospital)
-        else:
-            reason = replies[0].get("reason") if replies else "no reply"
-            self._audit("key_install_refused", node.hospital, reason=str(reason))
-            log.warning("%s did not install the epoch-%d key: %s", node.hospital, self.epoch, reason)
+            }
+            messages.append(
+                Message(RecordDict({CEREMONY_KEY: ConfigRecord(body)}), node.node_id, MessageType.QUERY)
+            )
+        answered: set[str] = set()
+        for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
+            if reply.has_error():
+                continue
+            rec = reply.content.config_records[CEREMONY_KEY]
+            hospital = str(rec.get("hospital", ""))
+            answered.add(hospital)
+            if rec.get("status") == "ok":
+                self._audit("key_installed", hospital)
+            else:
+                self._audit("key_install_refused", hospital, reason=str(rec.get("reason")))
+                log.warning("%s did not install the epoch-%d key: %s", hospital, self.epoch, rec.get("reason"))
+        for node in nodes:
+            if node.hospital not in answered:
+                self._audit("key_install_refused", node.hospital, reason="no reply")

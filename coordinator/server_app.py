@@ -35,7 +35,7 @@ from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import StoreError
 from fedvault.privacy.he import encrypt_update
 
-__all__ = ["CoordinatorSettings", "RoundObserver", "make_server_app", "run_job"]
+__all__ = ["CoordinatorSettings", "RoundObserver", "app", "make_server_app", "run_job", "settings_from_run_config"]
 
 log = logging.getLogger("fedvault.coordinator")
 
@@ -166,7 +166,7 @@ class _RoundRunner:
             {
                 "job-config": self.job.to_json(),
                 "server-round": server_round,
-                "key-epoch": self.settings.key_epoch,
+                "key-epoch": self.key_epoch,
             }
         )
 
@@ -230,9 +230,6 @@ def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver |
             if latest is not None
             else _initial_model(settings, runner.public, runner.key_epoch)
         )
-        views = store.rounds(job_row.id)
-        if done and views and views[-1].status == "committed" and views[-1].eval_accuracy is None:
-            runner.evaluate(done, model)  # crashed between commit and evaluation
         for number in range(done + 1, job.rounds + 1):
             if _wait_while_paused(store, job.job, settings.pause_poll_s) == "stop":
                 log.info("job %s stopped by an operator before round %d", job.job, number)
@@ -272,12 +269,22 @@ def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver |
             )
             assert outcome.model is not None
             model = outcome.model
-            runner.evaluate(number, model)
+            if number > 1 and outcome.evaluations:
+                store.record_evaluation(job_row.id, number - 1, evaluations=outcome.evaluations)
             _write_report(store, settings)
-            obs.on_round([v for v in store.rounds(job_row.id) if v.status == "committed"][-1])
+            obs.on_round(_committed(store, job_row.id)[-1])
+        final = _committed(store, job_row.id)
+        if final and final[-1].eval_accuracy is None:
+            # The last model has no next round to carry its evaluation.
+            runner.evaluate(final[-1].number, model)
+            obs.on_round(_committed(store, job_row.id)[-1])
         store.set_job_status(job_row.id, "finished")
         _write_report(store, settings)
         return "finished"
+
+
+def _committed(store: RoundStore, job_id: int) -> list[RoundView]:
+    return [v for v in store.rounds(job_id) if v.status == "committed"]
 
 
 def _wait_while_paused(store: RoundStore, job_name: str, poll_s: float) -> str:
@@ -306,3 +313,34 @@ def make_server_app(
             raise StoreError(f"job ended with status {status!r}; see the audit log and report")
 
     return app
+
+
+# --- deployment: the ServerApp `flwr run` starts on the SuperLink -------------
+
+RUN_CONFIG_KEYS = ("job-config", "store", "state-dir", "custodian")
+
+
+def settings_from_run_config(context: Context) -> CoordinatorSettings:
+    """Settings the coordinator daemon passes as Flower run config (see daemon.py)."""
+    from fedvault.examples import get_example
+
+    cfg = context.run_config
+    missing = [k for k in RUN_CONFIG_KEYS if not str(cfg.get(k, ""))]
+    if missing:
+        raise StoreError(
+            f"run config lacks {missing}; submit jobs with `fedvault coordinator start`, "
+            "not with a bare `flwr run`"
+        )
+    job = JobConfig.from_json(str(cfg["job-config"]))
+    state_dir = Path(str(cfg["state-dir"]))
+    return CoordinatorSettings(
+        job=job,
+        store_url=str(cfg["store"]),
+        build_model=get_example(job.example).build_model,
+        report_dir=state_dir,
+        key_directory=KeyDirectory(state_dir / "keys"),
+        custodian=str(cfg["custodian"]),
+    )
+
+
+app = make_server_app(settings_from_run_config)

@@ -50,6 +50,8 @@ class RoundOutcome:
     train_loss: float | None = None
     participations: list[Participation] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
+    # Hospitals' evaluation of the model they received (the previous round's).
+    evaluations: list[HospitalEval] = field(default_factory=list)
 
     @property
     def accepted(self) -> int:
@@ -194,6 +196,15 @@ class SecureFedAvg(Strategy):
                 self._reject(outcome, reply.hospital, node, str(exc), server_round)
                 continue
             loss_sum += reply.train_loss * reply.samples
+            if reply.eval_samples:
+                outcome.evaluations.append(
+                    HospitalEval(
+                        hospital=reply.hospital,
+                        accuracy=reply.eval_accuracy,
+                        loss=reply.eval_loss,
+                        samples=reply.eval_samples,
+                    )
+                )
             outcome.participations.append(
                 Participation(
                     hospital=reply.hospital,

@@ -152,6 +152,11 @@ class TrainReply:
     round_steps: int = 0
     accountant: str = ""
     accountant_state: str = ""
+    # The hospital also evaluates the global model it received (the previous
+    # round's aggregate) on its held-out data: one message per round, not two.
+    eval_accuracy: float = 0.0
+    eval_loss: float = 0.0
+    eval_samples: int = 0
 
     def to_content(self) -> RecordDict:
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
@@ -174,6 +179,9 @@ class TrainReply:
                     "sample-rate": self.sample_rate,
                     "steps": self.steps,
                     "round-steps": self.round_steps,
+                    "eval-accuracy": self.eval_accuracy,
+                    "eval-loss": self.eval_loss,
+                    "eval-num-examples": self.eval_samples,
                 }
             ),
         }
@@ -208,6 +216,9 @@ class TrainReply:
                 round_steps=_int(metrics["round-steps"], "round-steps"),
                 accountant=str(status.get("accountant", "")),
                 accountant_state=str(status.get("accountant-state", "")),
+                eval_accuracy=_finite(metrics.get("eval-accuracy", 0.0), "eval-accuracy"),
+                eval_loss=_finite(metrics.get("eval-loss", 0.0), "eval-loss"),
+                eval_samples=_int(metrics.get("eval-num-examples", 0), "eval-num-examples"),
             )
         except KeyError as exc:
             raise MalformedUpdateError(f"train reply lacks {exc}") from exc
@@ -215,6 +226,8 @@ class TrainReply:
             if isinstance(exc, MalformedUpdateError):
                 raise
             raise MalformedUpdateError(f"train reply is malformed: {exc}") from exc
+        if not 0.0 <= reply.eval_accuracy <= 1.0:
+            raise MalformedUpdateError(f"eval-accuracy must be in [0, 1] (got {reply.eval_accuracy})")
         if state is ReplyStatus.OK and reply.samples <= 0:
             raise MalformedUpdateError(
                 f"{hospital}: sample count must be > 0 (got {reply.samples})"

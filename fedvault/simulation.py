@@ -149,6 +149,7 @@ class RichObserver:
             console=console,
         )
         self.task = self.progress.add_task("rounds", total=total, status="starting Flower")
+        self.accuracy = "n/a"  # a round is evaluated by the hospitals at the next round
 
     def on_start(self, job: JobConfig, resumed_after: int) -> None:
         if resumed_after:
@@ -160,8 +161,9 @@ class RichObserver:
 
     def on_round(self, view: RoundView) -> None:
         eps = [p.epsilon for p in view.participations if p.epsilon is not None]
-        acc = "n/a" if view.eval_accuracy is None else f"{view.eval_accuracy:.3f}"
-        status = f"acc {acc}  eps max {max(eps, default=0.0):.2f}"
+        if view.eval_accuracy is not None:
+            self.accuracy = f"{view.eval_accuracy:.3f} (round {view.number})"
+        status = f"acc {self.accuracy}  eps max {max(eps, default=0.0):.2f}"
         for p in view.participations:
             if p.status != "ok":
                 self.console.print(f"  round {view.number}: {p.hospital} {p.status}: {p.reason}")

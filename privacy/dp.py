@@ -19,6 +19,8 @@ fedvault.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import math
 import warnings
@@ -28,13 +30,6 @@ from typing import Any, Literal, cast, get_args
 
 import torch
 from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
-from opacus import GradSampleModule, PrivacyEngine
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.utils.module_utils import trainable_modules
-from opacus.validators import ModuleValidator
-from opacus.validators.errors import UnsupportedError
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -59,6 +54,11 @@ HistoryEntry = tuple[float, float, int]
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+if TYPE_CHECKING:  # opacus costs ~2 s to import: only the training path loads it
+    from opacus import GradSampleModule, PrivacyEngine
+    from opacus.accountants import IAccountant
+    from opacus.optimizers import DPOptimizer
 
 
 def _require_positive(name: str, value: object, hint: str) -> None:
@@ -184,6 +184,8 @@ def _plan_cached(
     steps_per_round = local_epochs * int(1 / sample_rate)
     steps = rounds * steps_per_round
     try:
+        from opacus.accountants.utils import get_noise_multiplier
+
         noise_multiplier = get_noise_multiplier(
             target_epsilon=epsilon,
             target_delta=delta,
@@ -322,6 +324,8 @@ class AccountantState:
 
     def to_opacus(self) -> IAccountant:
         """A fresh Opacus accountant holding this history, ready to keep stepping."""
+        from opacus.accountants import create_accountant
+
         accountant = create_accountant(mechanism=self.accountant)
         accountant.load_state_dict(
             {"history": [tuple(e) for e in self.history], "mechanism": self.accountant}
@@ -348,6 +352,8 @@ def _canonical(history: tuple[HistoryEntry, ...]) -> tuple[HistoryEntry, ...]:
 
 @lru_cache(maxsize=1024)
 def _epsilon_cached(accountant: str, history: tuple[HistoryEntry, ...], delta: float) -> float:
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     with warnings.catch_warnings():
@@ -392,6 +398,9 @@ class PrivateTraining:
 def _check_module(module: nn.Module) -> None:
     """Refuse modules Opacus cannot train privately, naming each offending layer."""
     problems = [] if module.training else ["the model is in eval mode (call module.train())"]
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
     for name, sub in trainable_modules(module):
         validator = ModuleValidator.VALIDATORS.get(type(sub))
         if validator is not None and validator(sub):
@@ -434,6 +443,9 @@ def make_private(
         "max_grad_norm", max_grad_norm, "it is the per-sample clipping norm, e.g. 1.0"
     )
     _check_module(module)
+    from opacus import PrivacyEngine
+    from opacus.validators.errors import UnsupportedError
+
     try:
         engine = PrivacyEngine(accountant=state.accountant, secure_mode=secure_mode)
     except ImportError as exc:
@@ -458,7 +470,7 @@ def make_private(
             "Try opacus.validators.ModuleValidator.fix(model)"
         ) from exc
     return PrivateTraining(
-        module=cast(GradSampleModule, private_module),
+        module=cast("GradSampleModule", private_module),
         optimizer=dp_optimizer,
         data_loader=dp_loader,
         engine=engine,

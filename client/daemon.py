@@ -1,0 +1,62 @@
+"""``fedvault client start``: the hospital's daemon.
+
+It verifies the hospital's kit, loads and validates its data *before* the first
+round (a refusal names the file, column and fix), then supervises Flower's
+SuperNode: outbound TLS to the coordinator only, authenticated with the
+hospital's enrolled node key, restarted with backoff whenever it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedvault.client.data import DataSpec, load_hospital_data
+from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
+from fedvault.client.training import pick_device
+from fedvault.flower_env import free_port
+from fedvault.kit import Kit, KitKind
+
+__all__ = ["ClientOptions", "run_client"]
+
+log = logging.getLogger("fedvault.client")
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    kit_dir: Path
+    data: Path
+    state_dir: Path
+    runtime_port: int = 0  # 0: pick a free loopback port
+    epsilon_budget: float | None = None
+
+
+def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
+    """Run until ``stop`` is set."""
+    kit = Kit.load(opts.kit_dir, expected_kind=KitKind.HOSPITAL)
+    data = load_hospital_data(DataSpec.load(opts.data))
+    log.info("%s: data ok: %s; device %s", kit.party, data.summary, pick_device())
+    state = opts.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    node_config: dict[str, str | float] = {
+        "kit": str(Path(opts.kit_dir).resolve()),
+        "data": str(Path(opts.data).resolve()),
+        "state-dir": str(state),
+    }
+    if opts.epsilon_budget is not None:
+        node_config["epsilon-budget"] = float(opts.epsilon_budget)
+    supervisor = SuperNodeSupervisor(
+        SuperNodeConfig(
+            superlink=kit.coordinator_address,
+            root_certificates=kit.ca_path,
+            private_key=kit.node_key_path,
+            state_dir=state / "supernode",
+            runtime_port=opts.runtime_port or free_port(),
+            node_config=node_config,
+        )
+    )
+    with supervisor:
+        log.info("%s: SuperNode connecting to %s", kit.party, kit.coordinator_address)
+        stop.wait()

@@ -1,0 +1,233 @@
+"""``fedvault coordinator start``: the consortium operator's long-running process.
+
+It supervises, in order:
+
+1. the round store (opened first: a job that conflicts with the store is
+   refused before any port opens);
+2. Flower's SuperLink with TLS, SuperNode authentication and a persistent
+   ``--database``, behind the Fleet gateway that is the only public listener
+   (the Control API stays on loopback: see coordinator/superlink.py);
+3. enrolment: every hospital node key in the kit is registered, nothing else;
+4. the operator API (gRPC, mutual TLS, role from the client certificate);
+5. the job: submitted with ``flwr run``; if the run dies (SuperLink restart,
+   ServerApp crash) it is submitted again and resumes from the store's last
+   committed round.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedvault.config import JobConfig
+from fedvault.coordinator.records import AuditEvent
+from fedvault.coordinator.server_app import RUN_CONFIG_KEYS
+from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
+from fedvault.coordinator.superlink import ControlApiError, SuperLinkConfig, SuperLinkProcess
+from fedvault.flower_env import free_port
+from fedvault.kit import Kit, KitKind
+from fedvault.privacy.errors import FedvaultError, InvalidConfigError
+
+__all__ = ["CoordinatorOptions", "load_job_file", "run_coordinator", "write_app_dir"]
+
+log = logging.getLogger("fedvault.coordinator")
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedvault-job"
+version = "1.0.0"
+description = "fedvault consortium job (apps come from the installed fedvault package)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedvault"
+
+[tool.flwr.app.components]
+serverapp = "fedvault.coordinator.server_app:app"
+clientapp = "fedvault.client.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def write_app_dir(path: Path) -> Path:
+    """The Flower app `flwr run` submits; fedvault itself is installed on every party."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = "\n".join(f'{key} = ""' for key in RUN_CONFIG_KEYS)
+    (path / "pyproject.toml").write_text(APP_PYPROJECT.format(config=config))
+    return path
+
+
+def load_job_file(path: Path) -> JobConfig:
+    """A job TOML: ``[job]`` with name, example, hospitals, rounds, epsilon, ... ."""
+    from fedvault.examples import get_example
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidConfigError(f"job file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidConfigError(f"job file {path} is not valid TOML: {exc}") from None
+    fields: dict[str, Any] = dict(data.get("job", {}))
+    try:
+        example = get_example(str(fields.pop("example")))
+        hospitals = int(fields.pop("hospitals"))
+        rounds = int(fields.pop("rounds"))
+    except KeyError as exc:
+        raise InvalidConfigError(f"job file {path}: [job] needs {exc}") from None
+    name = fields.pop("name", None)
+    return JobConfig.for_example(example, hospitals=hospitals, rounds=rounds, job=name, **fields)
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    kit_dir: Path
+    job_file: Path
+    state_dir: Path
+    store_url: str | None = None
+    max_resubmits: int = 5
+    poll_s: float = 3.0
+
+
+def _register_nodes(link: SuperLinkProcess, kit: Kit, store: RoundStore) -> None:
+    for hospital, pub in sorted(kit.node_public_key_paths().items()):
+        try:
+            node_id = link.control.register_node(pub)
+        except ControlApiError as exc:
+            if "already in use" not in str(exc):
+                raise
+            continue  # enrolled on an earlier start (the SuperLink database persists)
+        store.append_audit(
+            AuditEvent(kind="node_enrolled", actor="coordinator", detail={"hospital": hospital, "node_id": node_id})
+        )
+        log.info("enrolled %s as node %d", hospital, node_id)
+
+
+def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = None) -> str:
+    """Run the coordinator until the job ends (or ``stop`` is set); returns the job status."""
+    from fedvault.coordinator.operator_api import serve
+
+    stop = stop or threading.Event()
+    kit = Kit.load(opts.kit_dir, expected_kind=KitKind.COORDINATOR)
+    job = load_job_file(opts.job_file)
+    if job.hospitals > len(kit.manifest.hospitals):
+        raise InvalidConfigError(
+            f"job wants {job.hospitals} hospitals but the consortium enrolls "
+            f"{len(kit.manifest.hospitals)}"
+        )
+    state = opts.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    store_url = opts.store_url or sqlite_url(state / DEFAULT_STORE_FILENAME)
+    with RoundStore(store_url) as store:
+        store.open_job(job.job, job.to_dict())  # refuses a conflicting job up front
+        store.append_audit(AuditEvent(kind="coordinator_started", actor="coordinator", detail={"job": job.job}))
+    host, _, port = kit.coordinator_address.rpartition(":")
+    link = SuperLinkProcess(
+        SuperLinkConfig(
+            state_dir=state / "superlink",
+            ca_certfile=kit.ca_path,
+            certfile=kit.cert_path,
+            keyfile=kit.key_path,
+            fleet_host=host,
+            fleet_port=int(port),
+            control_port=free_port(),
+        )
+    )
+    api = None
+    try:
+        link.start()
+        link.wait_healthy()
+        with RoundStore(store_url) as store:
+            _register_nodes(link, kit, store)
+        api = serve(store_url, kit)
+        log.info("operator API on %s", kit.operator_api_address)
+        app_dir = write_app_dir(state / "app")
+        run_config = {
+            "job-config": job.to_json(),
+            "store": store_url,
+            "state-dir": str(state),
+            "custodian": kit.custodian,
+        }
+        return _supervise_job(link, app_dir, run_config, store_url, job, opts, stop)
+    finally:
+        if api is not None:
+            api.stop(2).wait()
+        link.stop()
+
+
+def _job_status(store_url: str, name: str) -> str:
+    with RoundStore(store_url) as store:
+        row = store.get_job(name)
+        return row.status if row is not None else "running"
+
+
+def _supervise_job(
+    link: SuperLinkProcess,
+    app_dir: Path,
+    run_config: dict[str, Any],
+    store_url: str,
+    job: JobConfig,
+    opts: CoordinatorOptions,
+    stop: threading.Event,
+) -> str:
+    submits = 0
+    while not stop.is_set():
+        status = _job_status(store_url, job.job)
+        if status in ("finished", "stopped", "failed"):
+            return status
+        if submits > opts.max_resubmits:
+            raise FedvaultError(
+                f"job {job.job!r} did not finish after {submits} submissions; see "
+                f"{link.superlink_log} and the audit log"
+            )
+        if not link.is_running():
+            log.warning("SuperLink exited; restarting it (runs and enrolments persist)")
+            link.restart()
+        run_id = link.control.submit_run(app_dir, run_config)
+        submits += 1
+        log.info("job %s submitted as Flower run %d (submission %d)", job.job, run_id, submits)
+        while not stop.is_set():
+            try:
+                run = link.control.run_status(run_id)
+            except ControlApiError as exc:
+                if link.is_running():
+                    raise
+                log.warning("SuperLink unreachable (%s); restarting it", exc)
+                link.restart()
+                break
+            if run.finished:
+                if not run.succeeded:
+                    log.warning("run %d ended %s: %s; resubmitting to resume", run_id, run.sub_status, run.details)
+                break
+            stop.wait(opts.poll_s)
+        else:
+            try:
+                link.control.stop_run(run_id)
+            except ControlApiError:
+                pass
+    return _job_status(store_url, job.job)
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT end the daemon cleanly (children are stopped in ``finally``)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

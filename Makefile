@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/fedvault simulate --example breast-cancer --hospitals 3 --rounds 10 --epsilon 3 --out $(DEMO_OUT)
+	rm -rf $(DEMO_OUT)
+	$(BIN)/fedvault demo --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/pytest

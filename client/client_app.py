@@ -31,7 +31,7 @@ from fedvault.config import JobConfig, SecureAggregation
 from fedvault.messages import CEREMONY_KEY, EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
 from fedvault.privacy.dp import DpPlan, plan_dp
 from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
-from fedvault.privacy.he import decrypt_average, encrypt_update
+from fedvault.privacy.he import decrypt_average, encrypt_update, parse_envelope
 
 __all__ = ["app", "make_client_app"]
 
@@ -44,8 +44,9 @@ def _global_model(site: HospitalSite, instr: RoundInstruction) -> dict:
             raise KeyMismatchError(
                 "the coordinator sent a plaintext model for an encrypted job; refusing"
             )
-        ctx = site.keys.get(instr.key_epoch)
-        return decrypt_average(ctx, instr.model.envelope, key_epoch=instr.key_epoch)
+        site.keys.get(instr.key_epoch)  # this round's updates need the current key
+        fingerprint = parse_envelope(instr.model.envelope).context_fingerprint
+        return decrypt_average(site.keys.find(fingerprint), instr.model.envelope)
     if instr.model.arrays is None:
         raise KeyMismatchError("the coordinator sent ciphertext for a plaintext job")
     return dict(instr.model.arrays)

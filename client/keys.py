@@ -69,6 +69,21 @@ class KeyStore:
             self._cache[epoch] = ctx
         return self._cache[epoch]
 
+    def find(self, fingerprint: str) -> CkksContext:
+        """The held key whose public fingerprint is ``fingerprint`` (any epoch).
+
+        After a re-key the running job's global model is still encrypted under
+        the previous epoch's key; updates must use the current one.
+        """
+        for epoch in reversed(self.epochs()):
+            ctx = self.get(epoch)
+            if ctx.fingerprint == fingerprint:
+                return ctx
+        raise KeyMismatchError(
+            f"this hospital holds no CKKS key with fingerprint {fingerprint[:16]}…; "
+            "it was encrypted under a key epoch this hospital never received"
+        )
+
     def put(self, epoch: int, ctx: CkksContext) -> Path:
         """Store a secret context, readable by the hospital's account only."""
         path = self._path(epoch)

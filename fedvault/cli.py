@@ -184,6 +184,22 @@ def coordinator_start(
         raise typer.Exit(code=1)
 
 
+@coordinator_app.command("rekey")
+def coordinator_rekey(
+    state: Annotated[Path, typer.Option(help="the coordinator's state directory")] = Path(
+        "fedvault-coordinator"
+    ),
+) -> None:
+    """Start a new CKKS key epoch (e.g. after a hospital left); applies at the next start."""
+    from fedvault.coordinator.key_ceremony import KeyDirectory
+
+    epoch = KeyDirectory(state / "keys").bump_epoch()
+    Console().print(
+        f"key epoch is now {epoch}: restart the coordinator; the custodian will generate a new "
+        "CKKS key and updates under older epochs will be refused"
+    )
+
+
 @client_app.command("start")
 def client_start(
     kit: Annotated[Path, typer.Option(help="this hospital's kit directory")],

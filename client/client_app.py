@@ -19,19 +19,26 @@ import zlib
 from dataclasses import asdict
 
 from cryptography.hazmat.primitives.serialization import Encoding
-
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-
 from fedvault.client.keys import custodian_ceremony, install_sealed_key
 from fedvault.client.ledger import LocalLedger
+from fedvault.client.sent import SentUpdates
 from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
-from fedvault.config import JobConfig, SecureAggregation
-from fedvault.messages import CEREMONY_KEY, EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
 from fedvault.privacy.dp import DpPlan, plan_dp
 from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.he import decrypt_average, encrypt_update, parse_envelope
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedvault.config import JobConfig, SecureAggregation
+from fedvault.messages import (
+    CEREMONY_KEY,
+    EvalReply,
+    ModelPayload,
+    ReplyStatus,
+    RoundInstruction,
+    TrainReply,
+)
 
 __all__ = ["app", "make_client_app"]
 
@@ -199,8 +206,14 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         instr = RoundInstruction.from_message(msg)
         site = sites.site(context, instr.job)
+        sent = SentUpdates(site.state_dir)
         try:
-            reply = _train(site, instr)
+            reply = sent.get(instr)
+            if reply is not None:
+                log.info("%s: round %d was already answered; replaying it", site.name, instr.server_round)
+            else:
+                reply = _train(site, instr)
+                sent.put(instr, reply)
         except FedvaultError as exc:
             log.warning("%s refused round %d: %s", site.name, instr.server_round, exc)
             reply = TrainReply(

@@ -168,7 +168,11 @@ def coordinator_start(
     """Start the SuperLink (TLS, node auth), enrol hospitals, serve the operator API, run the job."""
     import threading
 
-    from fedvault.coordinator.daemon import CoordinatorOptions, install_signal_handlers, run_coordinator
+    from fedvault.coordinator.daemon import (
+        CoordinatorOptions,
+        install_signal_handlers,
+        run_coordinator,
+    )
 
     _daemon_logging()
     stop = threading.Event()

@@ -25,14 +25,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedvault.config import JobConfig, SecureAggregation
-from fedvault.coordinator.records import RoundView
-from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
-from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.client.client_app import make_client_app
 from fedvault.client.keys import KeyStore
 from fedvault.client.site import HospitalIdentity, HospitalSite
 from fedvault.client.training import pick_device
+from fedvault.config import JobConfig, SecureAggregation
+from fedvault.coordinator.records import RoundView
+from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
+from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.examples import Example, get_example
 from fedvault.partition import Partition, partition_indices
 from fedvault.privacy.ckks import CkksContext

@@ -19,17 +19,14 @@ import zlib
 from dataclasses import asdict
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
 from fedvault.client.keys import custodian_ceremony, install_sealed_key
 from fedvault.client.ledger import LocalLedger
 from fedvault.client.sent import SentUpdates
 from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
-from fedvault.privacy.dp import DpPlan, plan_dp
-from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
-from fedvault.privacy.he import decrypt_average, encrypt_update, parse_envelope
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.messages import (
     CEREMONY_KEY,
@@ -39,6 +36,9 @@ from fedvault.messages import (
     RoundInstruction,
     TrainReply,
 )
+from fedvault.privacy.dp import DpPlan, plan_dp
+from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
+from fedvault.privacy.he import decrypt_average, encrypt_update, parse_envelope
 
 __all__ = ["app", "make_client_app"]
 

@@ -26,7 +26,13 @@ from fedvault.config import JobConfig, SecureAggregation
 from fedvault.coordinator.aggregation import arrays_from_bytes, arrays_to_bytes
 from fedvault.coordinator.key_ceremony import KeyCeremony, KeyDirectory
 from fedvault.coordinator.operator_api import requested_control
-from fedvault.coordinator.records import AuditEvent, ModelBlob, Participation, RoundCommit, RoundView
+from fedvault.coordinator.records import (
+    AuditEvent,
+    ModelBlob,
+    Participation,
+    RoundCommit,
+    RoundView,
+)
 from fedvault.coordinator.report import write_report
 from fedvault.coordinator.store import RoundStore
 from fedvault.coordinator.strategy import RoundOutcome, SecureFedAvg

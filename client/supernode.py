@@ -235,6 +235,11 @@ def _exit_reason(log_path: Path, offset: int) -> str:
             "[code: 2004] the SuperLink refused this node's key: it is not registered; "
             "ask the consortium operator to register this node's public key"
         )
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            "the coordinator's TLS certificate does not verify against this kit's CA: "
+            "this is another consortium's kit, or the wrong coordinator address"
+        )
     found = list(_FLOWER_CODE.finditer(text)) or list(_EXIT_CODE.finditer(text))
     if found:
         return found[-1].group(0).strip()

@@ -81,12 +81,15 @@ def _follow(store_url: str, rounds: int, procs: dict[str, subprocess.Popen[bytes
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
     )
     task = progress.add_task("rounds", total=rounds, status="starting SuperLink, SuperNodes, key ceremony")
+    deadline = time.monotonic() + 120 + 120 * rounds  # generous: 2 shared cores
     with progress:
         while True:
             for name, proc in procs.items():
-                if proc.poll() is not None and name == "coordinator":
-                    tail = (logs / "coordinator.log").read_text()[-3000:]
-                    raise FedvaultError(f"the coordinator exited early (code {proc.returncode}):\n{tail}")
+                if proc.poll() is not None:
+                    tail = (logs / f"{name}.log").read_text()[-3000:]
+                    raise FedvaultError(f"{name} exited early (code {proc.returncode}):\n{tail}")
+            if time.monotonic() > deadline:
+                raise FedvaultError(f"the job did not finish in time; see the logs in {logs}")
             try:
                 with RoundStore(store_url) as store:
                     job = store.get_job(JOB_NAME)

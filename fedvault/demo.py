@@ -84,10 +84,7 @@ def _follow(store_url: str, rounds: int, procs: dict[str, subprocess.Popen[bytes
     deadline = time.monotonic() + 120 + 120 * rounds  # generous: 2 shared cores
     with progress:
         while True:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    tail = (logs / f"{name}.log").read_text()[-3000:]
-                    raise FedvaultError(f"{name} exited early (code {proc.returncode}):\n{tail}")
+            exited = [name for name, proc in procs.items() if proc.poll() is not None]
             if time.monotonic() > deadline:
                 raise FedvaultError(f"the job did not finish in time; see the logs in {logs}")
             try:
@@ -104,6 +101,10 @@ def _follow(store_url: str, rounds: int, procs: dict[str, subprocess.Popen[bytes
                 progress.update(task, completed=last.number, status=f"acc {acc}  eps max {eps:.2f}")
             if job is not None and job.status in ("finished", "failed", "stopped"):
                 return job.status
+            if exited:  # a daemon died while the job still runs
+                name = exited[0]
+                tail = (logs / f"{name}.log").read_text()[-3000:]
+                raise FedvaultError(f"{name} exited early (code {procs[name].returncode}):\n{tail}")
             time.sleep(2.0)
 
 

@@ -132,7 +132,8 @@ def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = 
     state = opts.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     store_url = opts.store_url or sqlite_url(state / DEFAULT_STORE_FILENAME)
-    with RoundStore(store_url) as store:
+    at_rest_key = kit.at_rest_key()
+    with RoundStore(store_url, at_rest_key=at_rest_key) as store:
         store.open_job(job.job, job.to_dict())  # refuses a conflicting job up front
         store.append_audit(AuditEvent(kind="coordinator_started", actor="coordinator", detail={"job": job.job}))
     host, _, port = kit.coordinator_address.rpartition(":")
@@ -151,7 +152,7 @@ def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = 
     try:
         link.start()
         link.wait_healthy()
-        with RoundStore(store_url) as store:
+        with RoundStore(store_url, at_rest_key=at_rest_key) as store:
             _register_nodes(link, kit, store)
         api = serve(store_url, kit)
         log.info("operator API on %s", kit.operator_api_address)
@@ -161,6 +162,8 @@ def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = 
             "store": store_url,
             "state-dir": str(state),
             "custodian": kit.custodian,
+            # The kit's path, never the key: Flower keeps run config in its database.
+            "kit": str(kit.root.resolve()),
         }
         return _supervise_job(link, app_dir, run_config, store_url, job, opts, stop)
     finally:

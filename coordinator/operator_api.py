@@ -515,7 +515,7 @@ def serve(
         root_certificates=read(kit.ca_path),
         require_client_auth=True,
     )
-    store = RoundStore(store_url)
+    store = RoundStore(store_url, at_rest_key=kit.at_rest_key())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="operator-api"),
         interceptors=[AccessControl(store, kit.ca_cert)],

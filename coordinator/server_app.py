@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -63,6 +63,8 @@ class CoordinatorSettings:
     key_directory: KeyDirectory | None = None
     custodian: str = ""
     pause_poll_s: float = 5.0
+    # AES-256-GCM key for blobs that are not already ciphertext (from the coordinator kit).
+    at_rest_key: bytes | None = field(default=None, repr=False)
 
 
 class RoundObserver(Protocol):
@@ -213,7 +215,7 @@ def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver |
     """Run or resume ``settings.job`` to completion; returns the final job status."""
     obs: RoundObserver = observer or _LogObserver()
     job = settings.job
-    with RoundStore(settings.store_url) as store:
+    with RoundStore(settings.store_url, at_rest_key=settings.at_rest_key) as store:
         job_row = store.open_job(job.job, job.to_dict())
         if job_row.status in ("finished", "stopped"):
             log.info("job %s is already %s", job.job, job_row.status)
@@ -323,7 +325,7 @@ def make_server_app(
 
 # --- deployment: the ServerApp `flwr run` starts on the SuperLink -------------
 
-RUN_CONFIG_KEYS = ("job-config", "store", "state-dir", "custodian")
+RUN_CONFIG_KEYS = ("job-config", "store", "state-dir", "custodian", "kit")
 
 
 def settings_from_run_config(context: Context) -> CoordinatorSettings:
@@ -337,8 +339,11 @@ def settings_from_run_config(context: Context) -> CoordinatorSettings:
             f"run config lacks {missing}; submit jobs with `fedvault coordinator start`, "
             "not with a bare `flwr run`"
         )
+    from fedvault.kit import Kit, KitKind
+
     job = JobConfig.from_json(str(cfg["job-config"]))
     state_dir = Path(str(cfg["state-dir"]))
+    kit = Kit.load(str(cfg["kit"]), expected_kind=KitKind.COORDINATOR)
     return CoordinatorSettings(
         job=job,
         store_url=str(cfg["store"]),
@@ -346,6 +351,7 @@ def settings_from_run_config(context: Context) -> CoordinatorSettings:
         report_dir=state_dir,
         key_directory=KeyDirectory(state_dir / "keys"),
         custodian=str(cfg["custodian"]),
+        at_rest_key=kit.at_rest_key(),
     )
 
 

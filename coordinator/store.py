@@ -6,13 +6,18 @@ refuses any round but ``last committed + 1``, so a crash or a retry can neither
 lose a round nor apply one twice. A restarted coordinator finds its job by name
 (:meth:`RoundStore.open_job`) and resumes from :meth:`RoundStore.latest_model`.
 
-Writers serialise: SQLite write transactions start with ``BEGIN IMMEDIATE``
-(SQLAlchemy emits BEGIN itself, since Python's sqlite3 skips it before SELECTs,
-which would let a read-then-write race), PostgreSQL ones take a transaction
-advisory lock. File databases run in WAL mode with ``synchronous=FULL``: a
-second process may read while the coordinator writes, and a committed round
-survives power loss. The unique constraints in :mod:`.store_models` back all of
-this up at the database level.
+Writers serialise (see :mod:`.store_engine`): SQLite write transactions start
+with ``BEGIN IMMEDIATE``, PostgreSQL ones take a transaction advisory lock; file
+databases run in WAL mode with ``synchronous=FULL``. The unique constraints in
+:mod:`.store_models` back all of this up at the database level.
+
+Opening a store brings its schema to the newest revision (Alembic, see
+:mod:`.migrations`) and refuses a store written by a newer fedvault. With an
+``at_rest_key`` the store encrypts what the coordinator could otherwise read
+(plaintext models, accountant states) with AES-256-GCM (:mod:`.at_rest`),
+records the key's id, and refuses another key; CKKS ciphertexts are stored as
+they are. Each such row says how it is stored (``at_rest``), so rows written
+without a key stay readable after a key is configured.
 """
 
 from __future__ import annotations
@@ -21,17 +26,18 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fedvault.privacy.errors import InvalidConfigError, StoreError
-from sqlalchemy import Engine, LargeBinary, String, create_engine, event, func, select, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy import Engine, LargeBinary, String, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
-from sqlalchemy.pool import StaticPool
 
+from fedvault.privacy.errors import FedvaultError, InvalidConfigError, StoreError
+
+from .at_rest import AT_REST_NONE, AtRestCipher, RowSealer, model_context, state_context
+from .migrations import current_revision
 from .records import (
     AuditEvent,
     AuditRow,
@@ -43,7 +49,16 @@ from .records import (
     RoundCommit,
     RoundView,
 )
+from .store_engine import (
+    PG_WRITER_LOCK,
+    WRITE_OPTION,
+    create_store_engine,
+    db_reason,
+    open_schema,
+    sqlite_url,
+)
 from .store_models import (
+    JOB_STATUSES,
     Base,
     JobTable,
     LedgerTable,
@@ -66,54 +81,8 @@ from .store_models import (
 __all__ = ["DEFAULT_STORE_FILENAME", "JOB_STATUSES", "RoundStore", "sqlite_url"]
 
 DEFAULT_STORE_FILENAME = "fedvault.sqlite"
-JOB_STATUSES = ("running", "finished", "failed", "stopped")
 ACTOR = "coordinator"
-_WRITE_OPTION = "fedvault_write"
-_PG_WRITER_LOCK = 0x66656476  # "fedv": one writer at a time per PostgreSQL database
 _UNSET = object()
-
-
-def sqlite_url(path: Path) -> str:
-    """Return the SQLAlchemy URL of a SQLite file (absolute, so ``cd`` cannot move it)."""
-    return URL.create("sqlite", database=str(Path(path).expanduser().resolve())).render_as_string()
-
-
-def _reason(exc: BaseException) -> str:
-    """The driver's own message (first line): it says what the database refused."""
-    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-
-
-def _create_engine(url: URL, engine_kwargs: Mapping[str, Any] | None) -> Engine:
-    kwargs = dict(engine_kwargs or {})
-    if url.get_backend_name() != "sqlite":
-        kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kwargs)
-    in_memory = url.database in (None, "", ":memory:")
-    if in_memory:
-        # One shared connection, or every new connection would see an empty database.
-        kwargs.setdefault("poolclass", StaticPool)
-        kwargs["connect_args"] = {"check_same_thread": False, **kwargs.get("connect_args", {})}
-    engine = create_engine(url, **kwargs)
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # BEGIN is ours (see _on_begin)
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA foreign_keys=ON")
-            if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=FULL")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        write = connection.get_execution_options().get(_WRITE_OPTION, False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-    return engine
 
 
 def _conflict(name: str, stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> StoreError:
@@ -138,12 +107,33 @@ class RoundStore:
     url
         SQLAlchemy URL: ``sqlite:///PATH`` (see :func:`sqlite_url`), ``sqlite://``
         for an in-memory store, or ``postgresql+psycopg://USER@HOST/DB``.
+    at_rest_key
+        The coordinator kit's 32-byte at-rest key (:meth:`fedvault.kit.Kit.at_rest_key`),
+        or ``None`` (simulation; read-only tooling). A store once opened with a
+        key refuses any other key, and refuses to store plaintext models or
+        accountant states for an opener without one.
     engine_kwargs
         Extra :func:`sqlalchemy.create_engine` arguments, e.g.
-        ``{"connect_args": {"options": "-csearch_path=myschema"}}``.
+        ``{"connect_args": {"options": "-csearch_path=myschema"}}`` (the tables
+        and Alembic's version table live in the first schema of the search path).
+
+    Raises
+    ------
+    StoreError
+        The store is unreachable, was written by a newer fedvault, or is not a
+        fedvault store.
+    KeyMismatchError
+        The store is encrypted at rest under another key.
     """
 
-    def __init__(self, url: str, *, engine_kwargs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        at_rest_key: bytes | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        cipher = None if at_rest_key is None else AtRestCipher(at_rest_key)
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
@@ -154,19 +144,18 @@ class RoundStore:
         self._url = parsed.render_as_string(hide_password=True)
         self._postgres = parsed.get_backend_name() == "postgresql"
         try:
-            self._engine = _create_engine(parsed, engine_kwargs)
+            self._engine = create_store_engine(parsed, engine_kwargs)
         except ImportError as exc:
             raise StoreError(
                 f"no database driver for {self._url} ({exc}); install it, e.g. "
                 "`pip install 'fedvault[postgres]'` for PostgreSQL"
             ) from exc
         try:
-            options = {_WRITE_OPTION: True}
-            with self._engine.connect().execution_options(**options) as conn, conn.begin():
-                Base.metadata.create_all(conn)
+            key_id = None if cipher is None else cipher.key_id
+            self._key_id = open_schema(self._engine, where=self._url, key_id=key_id)
         except SQLAlchemyError as exc:
             self._engine.dispose()
-            reason = _reason(exc)
+            reason = db_reason(exc)
             if parsed.password:
                 reason = reason.replace(parsed.password, "***")
             raise StoreError(
@@ -174,6 +163,25 @@ class RoundStore:
                 "server is running and reachable, that the credentials are right, or that the "
                 "file's directory exists and is writable; or pass another --store URL"
             ) from exc
+        except FedvaultError:
+            self._engine.dispose()
+            raise
+        self._sealer = RowSealer(cipher, self._key_id, self._url)
+
+    @property
+    def encrypts_at_rest(self) -> bool:
+        """Whether this store seals plaintext models and accountant states."""
+        return self._sealer.encrypts
+
+    @property
+    def at_rest_key_id(self) -> str | None:
+        """Id of the key the store is encrypted under (``None``: never was)."""
+        return self._key_id
+
+    def schema_revision(self) -> str | None:
+        """The store's schema revision (the head revision once opened)."""
+        with self._engine.connect() as conn:
+            return current_revision(conn)
 
     @property
     def engine(self) -> Engine:
@@ -201,9 +209,9 @@ class RoundStore:
         try:
             with Session(self._engine) as s, s.begin():
                 if write:
-                    s.connection(execution_options={_WRITE_OPTION: True})
+                    s.connection(execution_options={WRITE_OPTION: True})
                     if self._postgres:
-                        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_WRITER_LOCK})
+                        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_WRITER_LOCK})
                 elif self._postgres:
                     # One snapshot for all of a read's queries, as SQLite's BEGIN gives.
                     s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
@@ -211,7 +219,7 @@ class RoundStore:
         except SQLAlchemyError as exc:
             done = " The transaction was rolled back: nothing was written." if write else ""
             raise StoreError(
-                f"could not {what} in the round store at {self._url}: {_reason(exc)}.{done} "
+                f"could not {what} in the round store at {self._url}: {db_reason(exc)}.{done} "
                 "Check that the store is reachable, that no other coordinator writes this job, "
                 "and that the data obeys the rule the database names."
             ) from exc
@@ -319,15 +327,17 @@ class RoundStore:
         """Commit a whole round in one transaction, or nothing.
 
         Writes the round row, its participations, the new model (with its
-        SHA-256), a privacy-ledger row for every ``ok`` participation that
+        SHA-256; a plaintext model and the accountant states are encrypted at
+        rest when the store has a key), a privacy-ledger row for every ``ok`` participation that
         reported ε, a ``round.committed`` audit event binding the model hash,
         then ``commit.audit``.
 
         Raises
         ------
         StoreError
-            ``commit.number`` is not the last committed round + 1, or the
-            database refused a row; nothing was written.
+            ``commit.number`` is not the last committed round + 1, the
+            database refused a row, or the store is encrypted at rest and was
+            opened without its key; nothing was written.
         """
         what = f"commit round {commit.number} of job {job_id}"
         with self._session(what, write=True) as s:
@@ -351,18 +361,31 @@ class RoundStore:
             rnd.participations = [participation_row(p) for p in commit.participations]
             s.add(rnd)
             sha256 = hashlib.sha256(model.blob).hexdigest()
+            blob, at_rest = model.blob, AT_REST_NONE  # CKKS: already ciphertext
+            if model.kind == "plain":
+                blob, at_rest = self._sealer.seal(model.blob, model_context(job.id, commit.number))
             s.add(
                 ModelTable(
                     job_id=job.id,
                     round=commit.number,
                     kind=model.kind,
-                    blob=model.blob,
+                    blob=blob,
                     sha256=sha256,
                     total_weight=model.total_weight,
                     created_at=now,
+                    at_rest=at_rest,
                 )
             )
-            s.add_all(ledger_row(job.id, commit.number, p) for p in ok if p.epsilon is not None)
+            for p in ok:
+                if p.epsilon is None:
+                    continue
+                row = ledger_row(job.id, commit.number, p)
+                if p.accountant_state is not None:
+                    context = state_context(job.id, p.hospital, commit.number)
+                    row.accountant_state, row.at_rest = self._sealer.seal_text(
+                        p.accountant_state, context
+                    )
+                s.add(row)
             job.updated_at = now
             detail = {
                 "round": commit.number,
@@ -476,7 +499,16 @@ class RoundStore:
             )
 
     def latest_model(self, job_id: int) -> ModelBlob | None:
-        """The model of the last committed round (integrity-checked), or ``None``."""
+        """The model of the last committed round (integrity-checked), or ``None``.
+
+        Raises
+        ------
+        StoreError
+            The model was corrupted or tampered with, or it is encrypted at rest
+            and this store has no key.
+        KeyMismatchError
+            It was encrypted under another key.
+        """
         with self._session(f"read the latest model of job {job_id}") as s:
             self._job_row(s, job_id)
             row = s.scalars(
@@ -487,15 +519,20 @@ class RoundStore:
             ).one_or_none()
             if row is None:
                 return None
-            if hashlib.sha256(row.blob).hexdigest() != row.sha256:
+            blob = self._sealer.open(row.blob, row.at_rest, model_context(job_id, row.round))
+            if hashlib.sha256(blob).hexdigest() != row.sha256:
                 raise StoreError(
                     f"the stored model of round {row.round} (job {job_id}) does not match its "
                     "SHA-256: the store was corrupted or tampered with; restore it from a backup"
                 )
-            return ModelBlob(row.round, row.kind, row.blob, row.total_weight)  # type: ignore[arg-type]
+            return ModelBlob(row.round, row.kind, blob, row.total_weight)  # type: ignore[arg-type]
 
     def rounds(self, job_id: int) -> list[RoundView]:
-        """Every committed round and failed attempt, by (number, attempt); 3 queries."""
+        """Every committed round and failed attempt, by (number, attempt); 3 queries.
+
+        A participation's ``accountant_state`` is ``None`` when it is encrypted
+        at rest and this store was opened without the key (read-only tooling).
+        """
         with self._session(f"read the rounds of job {job_id}") as s:
             self._job_row(s, job_id)
             rows = s.scalars(
@@ -505,10 +542,15 @@ class RoundStore:
                 .options(selectinload(RoundTable.participations))
             ).all()
             states = {
-                (hospital, number): state
-                for hospital, number, state in s.execute(
+                (hospital, number): None
+                if state is None
+                else self._sealer.open_text(state, at_rest, state_context(job_id, hospital, number))
+                for hospital, number, state, at_rest in s.execute(
                     select(
-                        LedgerTable.hospital, LedgerTable.round, LedgerTable.accountant_state
+                        LedgerTable.hospital,
+                        LedgerTable.round,
+                        LedgerTable.accountant_state,
+                        LedgerTable.at_rest,
                     ).where(LedgerTable.job_id == job_id)
                 )
             }

@@ -23,7 +23,6 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from fedvault.privacy.errors import StoreError
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -45,10 +44,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from fedvault.privacy.errors import StoreError
+
+from .at_rest import AT_REST_NONE, AT_REST_SCHEMES
 from .records import AuditEvent, AuditRow, HospitalEval, Job, LedgerRow, Participation, RoundView
 
 __all__ = [
     "GENESIS_HASH",
+    "JOB_STATUSES",
     "AuditTable",
     "Base",
     "JobTable",
@@ -56,6 +59,7 @@ __all__ = [
     "ModelTable",
     "ParticipationTable",
     "RoundTable",
+    "StoreMetaTable",
     "append_audit_events",
     "audit_hash",
     "audit_query",
@@ -72,6 +76,7 @@ __all__ = [
 ]
 
 GENESIS_HASH = "0" * 64
+JOB_STATUSES = ("running", "paused", "finished", "failed", "stopped")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -80,6 +85,11 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def _one_of(column: str, values: Sequence[str]) -> str:
+    """SQL for a CHECK that ``column`` is one of ``values``."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
 def utcnow() -> datetime:
@@ -173,9 +183,7 @@ class JobTable(Base):
     """A training job, found by its unique name when a coordinator restarts."""
 
     __tablename__ = "jobs"
-    __table_args__ = (
-        CheckConstraint("status IN ('running', 'finished', 'failed', 'stopped')", name="status"),
-    )
+    __table_args__ = (CheckConstraint(_one_of("status", JOB_STATUSES), name="status"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -263,12 +271,18 @@ class ParticipationTable(Base):
 
 class ModelTable(Base):
     """The global model after each committed round: ciphertext (CKKS) or plaintext,
-    with its SHA-256 so a corrupted blob is caught before a hospital decrypts it."""
+    with its SHA-256 so a corrupted blob is caught before a hospital decrypts it.
+
+    ``at_rest`` says how ``blob`` is stored (see :mod:`.at_rest`); ``sha256`` is
+    always that of the model itself, so the audit trail binds the same hash
+    whether or not the store encrypts at rest.
+    """
 
     __tablename__ = "models"
     __table_args__ = (
         UniqueConstraint("job_id", "round"),
         CheckConstraint("kind IN ('ckks', 'plain')", name="kind"),
+        CheckConstraint(_one_of("at_rest", AT_REST_SCHEMES), name="at_rest"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -279,16 +293,24 @@ class ModelTable(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     total_weight: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime]
+    at_rest: Mapped[str] = mapped_column(
+        String(16), default=AT_REST_NONE, server_default=AT_REST_NONE
+    )
 
 
 class LedgerTable(Base):
-    """Each hospital's cumulative (ε, δ) and DP parameters after a committed round."""
+    """Each hospital's cumulative (ε, δ) and DP parameters after a committed round.
+
+    ``accountant_state`` is the accountant's JSON text, or (``at_rest`` =
+    ``aes-256-gcm``) the base64 text of the sealed JSON.
+    """
 
     __tablename__ = "privacy_ledger"
     __table_args__ = (
         UniqueConstraint("job_id", "hospital", "round"),
         CheckConstraint("epsilon >= 0", name="epsilon"),
         CheckConstraint("delta IS NULL OR (delta >= 0 AND delta < 1)", name="delta"),
+        CheckConstraint(_one_of("at_rest", AT_REST_SCHEMES), name="at_rest"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -302,6 +324,19 @@ class LedgerTable(Base):
     steps: Mapped[int | None] = mapped_column(BigInteger)
     accountant: Mapped[str | None] = mapped_column(String(32))
     accountant_state: Mapped[str | None] = mapped_column(Text)
+    at_rest: Mapped[str] = mapped_column(
+        String(16), default=AT_REST_NONE, server_default=AT_REST_NONE
+    )
+
+
+class StoreMetaTable(Base):
+    """Store-wide facts by name, e.g. the id of the key that encrypts it at rest."""
+
+    __tablename__ = "store_meta"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 class AuditTable(Base):

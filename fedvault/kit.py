@@ -44,6 +44,8 @@ from fedvault.privacy.pki import (
 )
 
 __all__ = [
+    "AT_REST_KEY_BYTES",
+    "AT_REST_KEY_NAME",
     "MANIFEST_NAME",
     "SIGNATURE_NAME",
     "FileEntry",
@@ -60,6 +62,8 @@ _FORMAT = "fedvault-kit"
 _VERSION = 1
 _CA = "ca.pem"
 _RESTORE = "re-provision or restore the kit"
+AT_REST_KEY_NAME = "at-rest.key"
+AT_REST_KEY_BYTES = 32
 
 
 class KitError(FedvaultError):
@@ -408,3 +412,23 @@ class Kit:
             name = pattern.format(hospital)
             out[hospital] = load_x25519_public_pem(self.read(name), what=name)
         return out
+
+    def at_rest_key(self) -> bytes:
+        """Coordinator: the 32-byte AES-256-GCM key that encrypts the round store at rest.
+
+        Pass it as ``RoundStore(url, at_rest_key=...)``; only the coordinator kit
+        holds it (mode 0600), so a copy of the database alone reveals no
+        plaintext model or accountant state.
+        """
+        if self.kind is not KitKind.COORDINATOR or AT_REST_KEY_NAME not in self.manifest.files:
+            raise KitError(
+                f"kit {self.root} ({self.kind.value} {self.party!r}) has no {AT_REST_KEY_NAME}: "
+                "only a coordinator kit provisioned by this fedvault has one; pass the "
+                "coordinator kit, or re-provision an older one"
+            )
+        key = self.read(AT_REST_KEY_NAME)
+        if len(key) != AT_REST_KEY_BYTES:
+            raise _failure(
+                self.root, f"{AT_REST_KEY_NAME} holds {len(key)} bytes, not {AT_REST_KEY_BYTES}"
+            )
+        return key

@@ -4,6 +4,8 @@ Reads a small TOML file (see ``examples/consortium.toml``) and writes::
 
     OUT/ca/                 ca.pem, ca.key (0600)  — stays with the provisioner
     OUT/coordinator/        ca.pem, coordinator.pem, coordinator.key (0600),
+                            at-rest.key (0600: 32 random bytes, AES-256-GCM key of the
+                            round store's plaintext blobs, see coordinator/at_rest.py),
                             nodes/<hospital>.pub (register with `flwr supernode register`),
                             seal/<hospital>.pub (X25519, enrolled for the key ceremony),
                             manifest.json, manifest.sig
@@ -27,6 +29,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import tomllib
@@ -39,7 +42,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedvault.kit import KitKind, Manifest, sign_kit
+from fedvault.kit import AT_REST_KEY_BYTES, AT_REST_KEY_NAME, KitKind, Manifest, sign_kit
 from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.pki import (
     Role,
@@ -364,7 +367,9 @@ def _write_all(root: Path, config: ConsortiumConfig) -> str:
         for peer, pem in seal_pubs.items():
             write_public(kit / "peers" / f"{peer}.seal.pub", pem)
         w.sign(kit, KitKind.HOSPITAL, h, None, ["hospital.key", "node.key", "seal.key"])
-    w.sign(coord, KitKind.COORDINATOR, "coordinator", None, ["coordinator.key"])
+    # Encrypts the store's plaintext blobs at rest; it never leaves the coordinator kit.
+    write_secret(coord / AT_REST_KEY_NAME, secrets.token_bytes(AT_REST_KEY_BYTES))
+    w.sign(coord, KitKind.COORDINATOR, "coordinator", None, ["coordinator.key", AT_REST_KEY_NAME])
 
     for o in config.operators:
         kit = root / "operators" / o.name

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+
+from fedvault.kit import Kit, KitError, KitKind
 from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.pki import Role, role_from_certificate
 from fedvault.privacy.sealing import seal_context_for
-
-from fedvault.kit import Kit, KitError, KitKind
 from fedvault.provision import ProvisionResult, load_consortium, parse_consortium, provision
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "consortium.toml"
@@ -55,6 +55,7 @@ def test_layout(result: ProvisionResult) -> None:
         "ca.pem",
         "coordinator.pem",
         "coordinator.key",
+        "at-rest.key",
         "manifest.json",
         "manifest.sig",
         *(f"nodes/{h}.pub" for h in HOSPITALS),
@@ -91,9 +92,13 @@ def test_layout(result: ProvisionResult) -> None:
 def test_private_keys_are_0600_and_each_in_exactly_one_place(result: ProvisionResult) -> None:
     files = _files(result.out_dir)
     contents = {p: p.read_bytes() for p in files}
-    private = [p for p, data in contents.items() if any(m in data for m in PRIVATE_MARKERS)]
-    # ca + coordinator + 3 x (node, seal, hospital) + 4 operators
-    assert len(private) == 1 + 1 + 3 * 3 + 4
+    private = [
+        p
+        for p, data in contents.items()
+        if any(m in data for m in PRIVATE_MARKERS) or p.name == "at-rest.key"  # raw bytes
+    ]
+    # ca + coordinator (TLS, at rest) + 3 x (node, seal, hospital) + 4 operators
+    assert len(private) == 1 + 2 + 3 * 3 + 4
     for p in private:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
         assert p.suffix == ".key", p
@@ -105,11 +110,27 @@ def test_private_keys_are_0600_and_each_in_exactly_one_place(result: ProvisionRe
     for p in private:
         holders = [q for q, data in contents.items() if contents[p] in data]
         assert holders == [p], f"{p} also appears in {holders}"
-    # All 15 keys are distinct.
+    # All 16 keys are distinct.
     assert len({contents[p] for p in private}) == len(private)
-    # The coordinator holds exactly one private key: its own TLS key.
+    # The coordinator holds exactly two secrets: its TLS key and the store's at-rest key.
     coord_private = [p for p in private if result.coordinator_kit in p.parents]
-    assert coord_private == [result.coordinator_kit / "coordinator.key"]
+    assert coord_private == [
+        result.coordinator_kit / "at-rest.key",
+        result.coordinator_kit / "coordinator.key",
+    ]
+
+
+def test_at_rest_key_is_the_coordinators_secret(result: ProvisionResult, tmp_path: Path) -> None:
+    coord = Kit.load(result.coordinator_kit, expected_kind=KitKind.COORDINATOR)
+    key = coord.at_rest_key()
+    assert len(key) == 32 and key == (result.coordinator_kit / "at-rest.key").read_bytes()
+    assert coord.manifest.files["at-rest.key"].secret is True
+    # 32 random bytes: a fresh consortium gets another key (2**-256 to collide).
+    other = Kit.load(provision(EXAMPLE, tmp_path / "other").coordinator_kit)
+    assert other.at_rest_key() != key
+    for kit in (result.hospital_kits["hospital-a"], result.operator_kits["alice"]):
+        with pytest.raises(KitError, match=r"has no at-rest.key: only a coordinator kit"):
+            Kit.load(kit).at_rest_key()
 
 
 def test_hospital_and_coordinator_public_keys_match(result: ProvisionResult) -> None:
@@ -189,6 +210,7 @@ def test_tls_handshake_with_provisioned_certificates(result: ProvisionResult) ->
         ("hospitals/hospital-b", "peers/hospital-a.seal.pub"),
         ("hospitals/hospital-b", "seal.key"),
         ("coordinator", "nodes/hospital-c.pub"),
+        ("coordinator", "at-rest.key"),
         ("operators/bob", "operator.pem"),
     ],
 )
@@ -239,8 +261,9 @@ def test_kit_from_another_consortium_swapped_in_refused(copy: Path, tmp_path: Pa
         Kit.load(other.hospital_kits["hospital-a"], expected_ca_sha256=good)
 
 
-def test_loose_private_key_mode_refused(copy: Path) -> None:
-    key = copy / "hospitals" / "hospital-c" / "seal.key"
+@pytest.mark.parametrize("name", ["hospitals/hospital-c/seal.key", "coordinator/at-rest.key"])
+def test_loose_private_key_mode_refused(copy: Path, name: str) -> None:
+    key = copy / name
     key.chmod(0o640)
     with pytest.raises(KitError, match=r"readable by group/others \(mode 0640\); run `chmod 600 "):
         Kit.load(key.parent)

@@ -1,7 +1,8 @@
 """Fixtures of the round-store contract suite: one suite, three backends.
 
 Like Flower's ``linkstate_test.py``, every contract test runs against SQLite in
-memory, a SQLite file and PostgreSQL. Each PostgreSQL test gets a fresh schema
+memory, a SQLite file and PostgreSQL, each once without and once with an
+at-rest key (``+at-rest``). Each PostgreSQL test gets a fresh schema
 (selected through ``search_path``) that is dropped afterwards, so tests never
 see each other's rows. When PostgreSQL is unreachable its tests are skipped,
 except under CI (``CI=true``), where they fail: CI must prove all backends.
@@ -18,17 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedvault.coordinator.records import AuditEvent, ModelBlob, Participation, RoundCommit
-from fedvault.coordinator.store import RoundStore, sqlite_url
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
+
+from fedvault.coordinator.records import AuditEvent, ModelBlob, Participation, RoundCommit
+from fedvault.coordinator.store import RoundStore, sqlite_url
 
 POSTGRES_URL = os.environ.get(
     "FEDVAULT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 BACKENDS = ("sqlite-memory", "sqlite-file", "postgresql")
 DURABLE_BACKENDS = ("sqlite-file", "postgresql")
+# A fixed test key (a real one is 32 random bytes from the coordinator kit).
+AT_REST_KEY = bytes.fromhex("6a" * 16 + "3c" * 16)
+AT_REST_PARAMS = ("", "+at-rest")
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,16 @@ class StoreTarget:
     backend: str
     url: str
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    at_rest_key: bytes | None = None
 
-    def open(self) -> RoundStore:
-        return RoundStore(self.url, engine_kwargs=self.engine_kwargs)
+    def open(self, *, at_rest_key: bytes | str | None = "default") -> RoundStore:
+        """Open the store (with this target's key, unless another key or None is given)."""
+        key = self.at_rest_key if isinstance(at_rest_key, str) else at_rest_key
+        return RoundStore(self.url, at_rest_key=key, engine_kwargs=self.engine_kwargs)
+
+    def raw_engine(self) -> Engine:
+        """A plain engine on the same database (no store: no pragmas, no migrations)."""
+        return create_engine(self.url, poolclass=NullPool, **self.engine_kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +75,13 @@ def postgres_admin() -> Iterator[Engine]:
     engine.dispose()
 
 
-def _target(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
+def _target(param: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
+    backend, _, at_rest = param.partition("+")
+    key = AT_REST_KEY if at_rest else None
     if backend == "sqlite-memory":
-        yield StoreTarget(backend, "sqlite://")
+        yield StoreTarget(backend, "sqlite://", at_rest_key=key)
     elif backend == "sqlite-file":
-        yield StoreTarget(backend, sqlite_url(tmp_path / "fedvault.sqlite"))
+        yield StoreTarget(backend, sqlite_url(tmp_path / "fedvault.sqlite"), at_rest_key=key)
     else:
         admin: Engine = request.getfixturevalue("postgres_admin")
         schema = f"fedvault_test_{uuid.uuid4().hex[:12]}"
@@ -75,19 +89,31 @@ def _target(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Ite
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         try:
             options = {"connect_args": {"options": f"-csearch_path={schema}"}}
-            yield StoreTarget(backend, POSTGRES_URL, options)
+            yield StoreTarget(backend, POSTGRES_URL, options, at_rest_key=key)
         finally:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[b + a for b in BACKENDS for a in AT_REST_PARAMS])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
-    """Every backend."""
+    """Every backend, without and with an at-rest key."""
+    yield from _target(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
+    """Every backend, no key (tests that choose their keys themselves)."""
     yield from _target(request.param, request, tmp_path)
 
 
 @pytest.fixture(params=DURABLE_BACKENDS)
+def durable_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
+    """SQLite file and PostgreSQL, no key (migration tests build the database themselves)."""
+    yield from _target(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=[b + a for b in DURABLE_BACKENDS for a in AT_REST_PARAMS])
 def durable_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
     """Backends that outlive the store object (a reopened in-memory store is empty)."""
     yield from _target(request.param, request, tmp_path)
@@ -139,6 +165,7 @@ class Rounds:
         rejected: Sequence[str] = (),
         audit: Sequence[AuditEvent] = (),
         extra: Sequence[Participation] = (),
+        kind: str = "ckks",
     ) -> RoundCommit:
         ok = [self.participation(h, number) for h in hospitals]
         others = [
@@ -154,7 +181,7 @@ class Rounds:
         weight = float(sum(p.samples for p in ok))
         return RoundCommit(
             number=number,
-            model=ModelBlob(number, "ckks", self.blob(number), weight),
+            model=ModelBlob(number, kind, self.blob(number), weight),  # type: ignore[arg-type]
             participations=(*ok, *others, *extra),
             train_loss=sum(p.samples * (p.train_loss or 0.0) for p in ok) / weight,
             audit=tuple(audit),

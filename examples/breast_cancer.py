@@ -69,7 +69,7 @@ EXAMPLE = Example(
     load_data=load_data,
     num_classes=NUM_CLASSES,
     defaults=TrainingDefaults(
-        batch_size=32, learning_rate=0.5, local_epochs=1, max_grad_norm=1.0, momentum=0.0
+        batch_size=256, learning_rate=4.0, local_epochs=2, max_grad_norm=1.0, momentum=0.0
     ),
     description="logistic regression on the Wisconsin breast-cancer data (569 records)",
 )

@@ -128,7 +128,10 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         )
         # The spend is on the books before the update can leave the hospital.
         entry = ledger.record_round(
-            job=job.job, server_round=instr.server_round, state=result.state, delta=job.privacy.delta
+            job=job.job,
+            server_round=instr.server_round,
+            state=result.state,
+            delta=job.privacy.delta,
         )
     finally:
         ledger.close()
@@ -179,7 +182,9 @@ def _ceremony(who: HospitalIdentity, request: ConfigRecord) -> ConfigRecord:
     epoch = int(request["epoch"])  # type: ignore[arg-type]
     if action == "key-ceremony":
         recipients = [str(r) for r in request.get("recipients", [])]  # type: ignore[union-attr]
-        public, envelopes = custodian_ceremony(who.kit, who.keys, epoch=epoch, recipients=recipients)
+        public, envelopes = custodian_ceremony(
+            who.kit, who.keys, epoch=epoch, recipients=recipients
+        )
         reply["public-context"] = public
         reply["custodian-cert"] = who.kit.certificate().public_bytes(Encoding.PEM)
         reply["recipients"] = list(envelopes)
@@ -210,7 +215,9 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
         try:
             reply = sent.get(instr)
             if reply is not None:
-                log.info("%s: round %d was already answered; replaying it", site.name, instr.server_round)
+                log.info(
+                    "%s: round %d was already answered; replaying it", site.name, instr.server_round
+                )
             else:
                 reply = _train(site, instr)
                 sent.put(instr, reply)
@@ -252,7 +259,11 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
         except (FedvaultError, KeyError, TypeError, ValueError) as exc:
             log.warning("%s refused a key-ceremony request: %s", who.name, exc)
             reply = ConfigRecord(
-                {"hospital": who.name, "status": "refused", "reason": f"{type(exc).__name__}: {exc}"}
+                {
+                    "hospital": who.name,
+                    "status": "refused",
+                    "reason": f"{type(exc).__name__}: {exc}",
+                }
             )
         return Message(RecordDict({CEREMONY_KEY: reply}), reply_to=msg)
 

@@ -27,9 +27,10 @@ from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from fedvault.privacy.errors import DataError
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
+
+from fedvault.privacy.errors import DataError
 
 __all__ = [
     "DataSpec",

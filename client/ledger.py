@@ -23,13 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fedvault.privacy.dp import AccountantName, AccountantState
-from fedvault.privacy.errors import (
-    BudgetExhaustedError,
-    InvalidConfigError,
-    MalformedUpdateError,
-    StoreError,
-)
 from sqlalchemy import (
     Column,
     DateTime,
@@ -47,6 +40,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
+
+from fedvault.privacy.dp import AccountantName, AccountantState
+from fedvault.privacy.errors import (
+    BudgetExhaustedError,
+    InvalidConfigError,
+    MalformedUpdateError,
+    StoreError,
+)
 
 __all__ = ["LedgerEntry", "LocalLedger"]
 

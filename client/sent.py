@@ -66,7 +66,9 @@ class SentUpdates:
             blob, kind = reply.update.envelope, "envelope"
         else:
             blob, kind = arrays_to_bytes(reply.update.arrays or {}), "arrays"
-        meta = {f.name: getattr(reply, f.name) for f in dataclasses.fields(reply) if f.name != "update"}
+        meta = {
+            f.name: getattr(reply, f.name) for f in dataclasses.fields(reply) if f.name != "update"
+        }
         meta["status"] = reply.status.value
         meta["payload"] = kind
         # The update first, the metadata last: a torn write leaves no usable entry.

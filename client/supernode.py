@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from fedvault.privacy.errors import InvalidConfigError
-
 from fedvault.flower_env import (
     ConfigValue,
     FlowerProcessError,
@@ -37,6 +35,7 @@ from fedvault.flower_env import (
     terminate_tree,
     toml_table,
 )
+from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = ["SuperNodeConfig", "SuperNodeSupervisor"]
 

@@ -16,6 +16,7 @@ It supervises, in order:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -112,7 +113,11 @@ def _register_nodes(link: SuperLinkProcess, kit: Kit, store: RoundStore) -> None
                 raise
             continue  # enrolled on an earlier start (the SuperLink database persists)
         store.append_audit(
-            AuditEvent(kind="node_enrolled", actor="coordinator", detail={"hospital": hospital, "node_id": node_id})
+            AuditEvent(
+                kind="node_enrolled",
+                actor="coordinator",
+                detail={"hospital": hospital, "node_id": node_id},
+            )
         )
         log.info("enrolled %s as node %d", hospital, node_id)
 
@@ -135,7 +140,9 @@ def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = 
     at_rest_key = kit.at_rest_key()
     with RoundStore(store_url, at_rest_key=at_rest_key) as store:
         store.open_job(job.job, job.to_dict())  # refuses a conflicting job up front
-        store.append_audit(AuditEvent(kind="coordinator_started", actor="coordinator", detail={"job": job.job}))
+        store.append_audit(
+            AuditEvent(kind="coordinator_started", actor="coordinator", detail={"job": job.job})
+        )
     host, _, port = kit.coordinator_address.rpartition(":")
     link = SuperLinkProcess(
         SuperLinkConfig(
@@ -214,14 +221,17 @@ def _supervise_job(
                 break
             if run.finished:
                 if not run.succeeded:
-                    log.warning("run %d ended %s: %s; resubmitting to resume", run_id, run.sub_status, run.details)
+                    log.warning(
+                        "run %d ended %s: %s; resubmitting to resume",
+                        run_id,
+                        run.sub_status,
+                        run.details,
+                    )
                 break
             stop.wait(opts.poll_s)
         else:
-            try:
+            with contextlib.suppress(ControlApiError):
                 link.control.stop_run(run_id)
-            except ControlApiError:
-                pass
     return _job_status(store_url, job.job)
 
 

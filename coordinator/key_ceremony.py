@@ -145,14 +145,20 @@ class KeyCeremony:
         replies = []
         for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
             if reply.has_error():
-                log.warning("key ceremony: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                log.warning(
+                    "key ceremony: node %d failed: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
             replies.append(reply.content.config_records[CEREMONY_KEY])
         return replies
 
     def _hello(self, grid: Grid, node_ids: Sequence[int]) -> list[_Node]:
         messages = [
-            Message(RecordDict({CEREMONY_KEY: ConfigRecord({"action": "hello"})}), n, MessageType.QUERY)
+            Message(
+                RecordDict({CEREMONY_KEY: ConfigRecord({"action": "hello"})}), n, MessageType.QUERY
+            )
             for n in node_ids
         ]
         nodes = []
@@ -211,7 +217,9 @@ class KeyCeremony:
         )
         if not replies or replies[0].get("status") != "ok":
             reason = replies[0].get("reason") if replies else "no reply"
-            raise KeyMismatchError(f"key custodian {self.custodian!r} refused the ceremony: {reason}")
+            raise KeyMismatchError(
+                f"key custodian {self.custodian!r} refused the ceremony: {reason}"
+            )
         rec = replies[0]
         try:
             public = self.keys.save_public(self.epoch, bytes(rec["public-context"]))  # type: ignore[arg-type]
@@ -245,7 +253,9 @@ class KeyCeremony:
                 "fingerprint": public.fingerprint,
             }
             messages.append(
-                Message(RecordDict({CEREMONY_KEY: ConfigRecord(body)}), node.node_id, MessageType.QUERY)
+                Message(
+                    RecordDict({CEREMONY_KEY: ConfigRecord(body)}), node.node_id, MessageType.QUERY
+                )
             )
         answered: set[str] = set()
         for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
@@ -258,7 +268,12 @@ class KeyCeremony:
                 self._audit("key_installed", hospital)
             else:
                 self._audit("key_install_refused", hospital, reason=str(rec.get("reason")))
-                log.warning("%s did not install the epoch-%d key: %s", hospital, self.epoch, rec.get("reason"))
+                log.warning(
+                    "%s did not install the epoch-%d key: %s",
+                    hospital,
+                    self.epoch,
+                    rec.get("reason"),
+                )
         for node in nodes:
             if node.hospital not in answered:
                 self._audit("key_install_refused", node.hospital, reason="no reply")

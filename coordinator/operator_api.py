@@ -54,14 +54,14 @@ from typing import Any, Literal, NoReturn
 
 import grpc
 from cryptography import x509
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError, StoreError
-from fedvault.privacy.pki import Role, common_name, role_from_certificate, verify_issued_by
-from fedvault.proto import admin_pb2, admin_pb2_grpc
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fedvault.kit import Kit, KitKind
+from fedvault.privacy.errors import FedvaultError, InvalidConfigError, StoreError
+from fedvault.privacy.pki import Role, common_name, role_from_certificate, verify_issued_by
+from fedvault.proto import admin_pb2, admin_pb2_grpc
 
 from .records import AuditEvent, AuditRow, Job, LedgerRow, RoundView
 from .store import RoundStore

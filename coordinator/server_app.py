@@ -41,7 +41,14 @@ from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import StoreError
 from fedvault.privacy.he import encrypt_update
 
-__all__ = ["CoordinatorSettings", "RoundObserver", "app", "make_server_app", "run_job", "settings_from_run_config"]
+__all__ = [
+    "CoordinatorSettings",
+    "RoundObserver",
+    "app",
+    "make_server_app",
+    "run_job",
+    "settings_from_run_config",
+]
 
 log = logging.getLogger("fedvault.coordinator")
 
@@ -115,10 +122,18 @@ def _initial_model(
 def _to_blob(number: int, outcome: RoundOutcome) -> ModelBlob:
     assert outcome.model is not None
     if outcome.model.envelope is not None:
-        return ModelBlob(round=number, kind="ckks", blob=outcome.model.envelope, total_weight=outcome.total_weight)
+        return ModelBlob(
+            round=number,
+            kind="ckks",
+            blob=outcome.model.envelope,
+            total_weight=outcome.total_weight,
+        )
     assert outcome.model.arrays is not None
     return ModelBlob(
-        round=number, kind="plain", blob=arrays_to_bytes(outcome.model.arrays), total_weight=outcome.total_weight
+        round=number,
+        kind="plain",
+        blob=arrays_to_bytes(outcome.model.arrays),
+        total_weight=outcome.total_weight,
     )
 
 
@@ -140,7 +155,9 @@ def _wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
 
 
 class _RoundRunner:
-    def __init__(self, grid: Grid, settings: CoordinatorSettings, store: RoundStore, job_id: int) -> None:
+    def __init__(
+        self, grid: Grid, settings: CoordinatorSettings, store: RoundStore, job_id: int
+    ) -> None:
         self.grid, self.settings, self.store, self.job_id = grid, settings, store, job_id
         self.job = settings.job
         self.key_epoch = settings.key_epoch
@@ -185,7 +202,11 @@ class _RoundRunner:
     def train(self, number: int, model: ModelPayload) -> RoundOutcome:
         self.ensure_keys()
         assert self.strategy is not None
-        messages = list(self.strategy.configure_train(number, payload_to_record(model), self._config(number), self.grid))
+        messages = list(
+            self.strategy.configure_train(
+                number, payload_to_record(model), self._config(number), self.grid
+            )
+        )
         replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s))
         outcome = self.strategy.collect_train(number, replies)
         answered = {r.metadata.src_node_id for r in replies}
@@ -204,14 +225,18 @@ class _RoundRunner:
     def evaluate(self, number: int, model: ModelPayload) -> None:
         assert self.strategy is not None
         messages = list(
-            self.strategy.configure_evaluate(number, payload_to_record(model), self._config(number), self.grid)
+            self.strategy.configure_evaluate(
+                number, payload_to_record(model), self._config(number), self.grid
+            )
         )
         replies = self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s)
         evals = self.strategy.collect_evaluate(number, replies)
         self.store.record_evaluation(self.job_id, number, evaluations=evals)
 
 
-def run_job(grid: Grid, settings: CoordinatorSettings, observer: RoundObserver | None = None) -> str:
+def run_job(
+    grid: Grid, settings: CoordinatorSettings, observer: RoundObserver | None = None
+) -> str:
     """Run or resume ``settings.job`` to completion; returns the final job status."""
     obs: RoundObserver = observer or _LogObserver()
     job = settings.job

@@ -144,7 +144,9 @@ class SecureFedAvg(Strategy):
         if he:
             assert self.public_context is not None  # enforced in __init__
             aggregator = Aggregator(
-                self.public_context, key_epoch=self.key_epoch, job=self.job.job,
+                self.public_context,
+                key_epoch=self.key_epoch,
+                job=self.job.job,
                 server_round=server_round,
             )
         else:
@@ -156,7 +158,9 @@ class SecureFedAvg(Strategy):
             if msg.has_error():
                 reason = f"client error {msg.error.code}: {msg.error.reason}"
                 outcome.participations.append(
-                    Participation(hospital=f"node-{node}", node_id=node, status="failed", reason=reason)
+                    Participation(
+                        hospital=f"node-{node}", node_id=node, status="failed", reason=reason
+                    )
                 )
                 continue
             try:
@@ -165,7 +169,9 @@ class SecureFedAvg(Strategy):
                 self._reject(outcome, f"node-{node}", node, str(exc), server_round)
                 continue
             if reply.hospital in seen:
-                self._reject(outcome, reply.hospital, node, "duplicate reply for this round", server_round)
+                self._reject(
+                    outcome, reply.hospital, node, "duplicate reply for this round", server_round
+                )
                 continue
             seen.add(reply.hospital)
             if reply.status is ReplyStatus.REFUSED:
@@ -235,7 +241,9 @@ class SecureFedAvg(Strategy):
         evals: dict[str, HospitalEval] = {}
         for msg in replies:
             if msg.has_error():
-                log.warning("round %d: evaluation failed on node %d", server_round, msg.metadata.src_node_id)
+                log.warning(
+                    "round %d: evaluation failed on node %d", server_round, msg.metadata.src_node_id
+                )
                 continue
             try:
                 reply = EvalReply.from_message(msg)
@@ -263,7 +271,9 @@ class SecureFedAvg(Strategy):
         ]
 
     @staticmethod
-    def _reject(outcome: RoundOutcome, hospital: str, node: int, reason: str, server_round: int) -> None:
+    def _reject(
+        outcome: RoundOutcome, hospital: str, node: int, reason: str, server_round: int
+    ) -> None:
         log.warning("round %d: rejected update from %s: %s", server_round, hospital, reason)
         outcome.participations.append(
             Participation(hospital=hospital, node_id=node, status="rejected", reason=reason)

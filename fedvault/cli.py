@@ -45,7 +45,11 @@ def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> No
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
         rounds.add_row(
-            str(r["round"]), acc, loss, f"{eps:.3f}", str(len(r["participants"])),
+            str(r["round"]),
+            acc,
+            loss,
+            f"{eps:.3f}",
+            str(len(r["participants"])),
             f"{r.get('bytes_received', 0):,}",
         )
     hospitals = Table(title="Hospitals (privacy spent in this job)")
@@ -53,8 +57,13 @@ def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> No
         hospitals.add_column(col, justify="right")
     for name, h in sorted(report["hospitals"].items()):
         hospitals.add_row(
-            name, str(h["samples"]), f"{h['epsilon']:.3f}", f"{h['noise_multiplier']:.3f}",
-            f"{h['sample_rate']:.4f}", str(h["steps"]), h["accountant"],
+            name,
+            str(h["samples"]),
+            f"{h['epsilon']:.3f}",
+            f"{h['noise_multiplier']:.3f}",
+            f"{h['sample_rate']:.4f}",
+            str(h["steps"]),
+            h["accountant"],
         )
     console.print(rounds)
     console.print(hospitals)
@@ -82,9 +91,12 @@ def simulate(
         "fedvault-out"
     ),
     store: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL of the round store (default: SQLite in --out)")
+        str | None,
+        typer.Option(help="SQLAlchemy URL of the round store (default: SQLite in --out)"),
     ] = None,
-    job: Annotated[str | None, typer.Option(help="job name (default: derived from settings)")] = None,
+    job: Annotated[
+        str | None, typer.Option(help="job name (default: derived from settings)")
+    ] = None,
 ) -> None:
     """Simulate a consortium of virtual hospitals with the production apps."""
     try:
@@ -135,7 +147,9 @@ def _daemon_logging() -> None:
 
 @app.command()
 def provision(
-    consortium: Annotated[Path, typer.Argument(help="consortium TOML (see examples/consortium.toml)")],
+    consortium: Annotated[
+        Path, typer.Argument(help="consortium TOML (see examples/consortium.toml)")
+    ],
     out: Annotated[Path, typer.Option(help="new, empty directory for the CA and every kit")],
 ) -> None:
     """Create the consortium CA, the coordinator's, hospitals' and operators' kits."""
@@ -153,19 +167,25 @@ def provision(
         console.print(f"  hospital kit {name}: {path}")
     for name, path in sorted(result.operator_kits.items()):
         console.print(f"  operator kit {name}: {path}")
-    console.print("[yellow]ca/ca.key stays with the provisioner; give each party only its own kit.[/yellow]")
+    console.print(
+        "[yellow]ca/ca.key stays with the provisioner; give each party only its own kit.[/yellow]"
+    )
 
 
 @coordinator_app.command("start")
 def coordinator_start(
     kit: Annotated[Path, typer.Option(help="the coordinator's kit directory")],
-    job: Annotated[Path, typer.Option(help="job TOML ([job] name, example, hospitals, rounds, epsilon, ...)")],
-    state: Annotated[Path, typer.Option(help="state directory (SuperLink db, keys, report)")] = Path(
-        "fedvault-coordinator"
-    ),
-    store: Annotated[str | None, typer.Option(help="round store URL (default: SQLite in --state)")] = None,
+    job: Annotated[
+        Path, typer.Option(help="job TOML ([job] name, example, hospitals, rounds, epsilon, ...)")
+    ],
+    state: Annotated[
+        Path, typer.Option(help="state directory (SuperLink db, keys, report)")
+    ] = Path("fedvault-coordinator"),
+    store: Annotated[
+        str | None, typer.Option(help="round store URL (default: SQLite in --state)")
+    ] = None,
 ) -> None:
-    """Start the SuperLink (TLS, node auth), enrol hospitals, serve the operator API, run the job."""
+    """Start the SuperLink (TLS, node auth), enrol hospitals, serve the operator API, run."""
     import threading
 
     from fedvault.coordinator.daemon import (
@@ -179,7 +199,8 @@ def coordinator_start(
     install_signal_handlers(stop)
     try:
         status = run_coordinator(
-            CoordinatorOptions(kit_dir=kit, job_file=job, state_dir=state, store_url=store), stop=stop
+            CoordinatorOptions(kit_dir=kit, job_file=job, state_dir=state, store_url=store),
+            stop=stop,
         )
     except FedvaultError as exc:
         _fail(exc)
@@ -207,7 +228,9 @@ def coordinator_rekey(
 @client_app.command("start")
 def client_start(
     kit: Annotated[Path, typer.Option(help="this hospital's kit directory")],
-    data: Annotated[Path, typer.Option(help="data spec TOML (see examples/hospital-data/README.md)")],
+    data: Annotated[
+        Path, typer.Option(help="data spec TOML (see examples/hospital-data/README.md)")
+    ],
     state: Annotated[Path, typer.Option(help="state directory (ledger, CKKS keys)")] = Path(
         "fedvault-hospital"
     ),
@@ -270,7 +293,9 @@ def demo(
 
 @audit_app.command("verify")
 def audit_verify(
-    store: Annotated[str, typer.Option(help="round store URL")] = "sqlite:///fedvault-out/fedvault.sqlite",
+    store: Annotated[
+        str, typer.Option(help="round store URL")
+    ] = "sqlite:///fedvault-out/fedvault.sqlite",
 ) -> None:
     """Re-walk the audit hash chain; name the first broken link."""
     try:
@@ -284,7 +309,10 @@ def audit_verify(
     if broken is None:
         Console().print(f"audit chain intact: {count} events")
         return
-    err.print(f"[bold red]audit chain broken at event id {broken}[/bold red]: it or its predecessor was altered")
+    err.print(
+        f"[bold red]audit chain broken at event id {broken}[/bold red]: "
+        "it or its predecessor was altered"
+    )
     raise typer.Exit(code=1)
 
 

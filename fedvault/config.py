@@ -60,11 +60,7 @@ def _is_int(value: object) -> bool:
 
 
 def _is_finite_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +115,7 @@ class JobConfig:
     rounds: int
     privacy: PrivacyConfig
     training: TrainingConfig
-    partition: Partition = Partition(kind="iid")
+    partition: Partition = Partition(kind="iid")  # noqa: RUF009 - frozen, immutable
     secure_aggregation: SecureAggregation = SecureAggregation.HE
     seed: int = 0
     min_hospitals: int = 0  # 0 means "all hospitals"
@@ -204,9 +200,7 @@ class JobConfig:
                 top[key] = value
             else:
                 raise InvalidConfigError(f"unknown job setting {key!r}")
-        parts = (
-            partition if isinstance(partition, Partition) else Partition.parse(partition)
-        )
+        parts = partition if isinstance(partition, Partition) else Partition.parse(partition)
         mode = (
             secure_aggregation
             if isinstance(secure_aggregation, SecureAggregation)

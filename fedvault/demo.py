@@ -31,7 +31,9 @@ __all__ = ["prepare_consortium", "run_demo"]
 JOB_NAME = "demo-breast-cancer"
 
 
-def prepare_consortium(work: Path, *, hospitals: int, rounds: int, epsilon: float, seed: int = 0) -> dict[str, Path]:
+def prepare_consortium(
+    work: Path, *, hospitals: int, rounds: int, epsilon: float, seed: int = 0
+) -> dict[str, Path]:
     """Kits, per-hospital data and the job file under ``work``; returns their paths."""
     from fedvault.client.data import write_csv_partition, write_spec
     from fedvault.examples import get_example
@@ -64,8 +66,14 @@ def prepare_consortium(work: Path, *, hospitals: int, rounds: int, epsilon: floa
         write_csv_partition(d / "train.csv", x_train[tr], y_train[tr], feature_names=features)
         write_csv_partition(d / "test.csv", x_test[te], y_test[te], feature_names=features)
         write_spec(
-            d / "data.toml", format="csv", train="train.csv", test="test.csv", label="label",
-            features=features, labels=[0, 1], min_records=20,
+            d / "data.toml",
+            format="csv",
+            train="train.csv",
+            test="test.csv",
+            label="label",
+            features=features,
+            labels=[0, 1],
+            min_records=20,
         )
     job = work / "job.toml"
     job.write_text(
@@ -75,12 +83,24 @@ def prepare_consortium(work: Path, *, hospitals: int, rounds: int, epsilon: floa
     return {"kits": work / "kits", "data": work / "data", "job": job, "state": work / "coordinator"}
 
 
-def _follow(store_url: str, rounds: int, procs: dict[str, subprocess.Popen[bytes]], console: Console, logs: Path) -> str:
+def _follow(
+    store_url: str,
+    rounds: int,
+    procs: dict[str, subprocess.Popen[bytes]],
+    console: Console,
+    logs: Path,
+) -> str:
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
     )
-    task = progress.add_task("rounds", total=rounds, status="starting SuperLink, SuperNodes, key ceremony")
+    task = progress.add_task(
+        "rounds", total=rounds, status="starting SuperLink, SuperNodes, key ceremony"
+    )
     deadline = time.monotonic() + 120 + 120 * rounds  # generous: 2 shared cores
     with progress:
         while True:
@@ -90,7 +110,9 @@ def _follow(store_url: str, rounds: int, procs: dict[str, subprocess.Popen[bytes
             try:
                 with RoundStore(store_url) as store:
                     job = store.get_job(JOB_NAME)
-                    views = [v for v in store.rounds(job.id) if v.status == "committed"] if job else []
+                    views = (
+                        [v for v in store.rounds(job.id) if v.status == "committed"] if job else []
+                    )
             except FedvaultError:
                 job, views = None, []
             if views:
@@ -116,7 +138,9 @@ def _wait_for_enrolment(
     while time.monotonic() < deadline:
         if coordinator.poll() is not None:
             tail = (logs / "coordinator.log").read_text()[-3000:]
-            raise FedvaultError(f"the coordinator exited early (code {coordinator.returncode}):\n{tail}")
+            raise FedvaultError(
+                f"the coordinator exited early (code {coordinator.returncode}):\n{tail}"
+            )
         try:
             with RoundStore(store_url) as store:
                 enrolled = sum(e.kind == "node_enrolled" for e in store.audit_events())
@@ -125,15 +149,26 @@ def _wait_for_enrolment(
         if enrolled >= hospitals:
             return
         time.sleep(1.0)
-    raise FedvaultError("the coordinator did not enrol the hospitals within 120 s; see logs/coordinator.log")
+    raise FedvaultError(
+        "the coordinator did not enrol the hospitals within 120 s; see logs/coordinator.log"
+    )
 
 
-def run_demo(out_dir: Path | None, console: Console, *, hospitals: int = 3, rounds: int = 10, epsilon: float = 3.0) -> dict[str, Any]:
+def run_demo(
+    out_dir: Path | None,
+    console: Console,
+    *,
+    hospitals: int = 3,
+    rounds: int = 10,
+    epsilon: float = 3.0,
+) -> dict[str, Any]:
     work = Path(out_dir).resolve() if out_dir else Path(tempfile.mkdtemp(prefix="fedvault-demo-"))
     if work.exists() and any(work.iterdir()):
         raise FedvaultError(f"--out {work} is not empty; choose a new directory")
     work.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]fedvault demo[/bold]: {hospitals} hospitals on 127.0.0.1, working in {work}")
+    console.print(
+        f"[bold]fedvault demo[/bold]: {hospitals} hospitals on 127.0.0.1, working in {work}"
+    )
     paths = prepare_consortium(work, hospitals=hospitals, rounds=rounds, epsilon=epsilon)
     logs = work / "logs"
     logs.mkdir()
@@ -141,19 +176,38 @@ def run_demo(out_dir: Path | None, console: Console, *, hospitals: int = 3, roun
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         procs["coordinator"] = spawn(
-            [*py, "coordinator", "start", "--kit", str(paths["kits"] / "coordinator"),
-             "--job", str(paths["job"]), "--state", str(paths["state"])],
-            env=dict(os.environ), log_path=logs / "coordinator.log",
+            [
+                *py,
+                "coordinator",
+                "start",
+                "--kit",
+                str(paths["kits"] / "coordinator"),
+                "--job",
+                str(paths["job"]),
+                "--state",
+                str(paths["state"]),
+            ],
+            env=dict(os.environ),
+            log_path=logs / "coordinator.log",
         )
         store_url = sqlite_url(paths["state"] / DEFAULT_STORE_FILENAME)
         _wait_for_enrolment(store_url, hospitals, procs["coordinator"], logs)
         for i in range(hospitals):
             name = f"hospital-{i + 1}"
             procs[name] = spawn(
-                [*py, "client", "start", "--kit", str(paths["kits"] / "hospitals" / name),
-                 "--data", str(paths["data"] / name / "data.toml"),
-                 "--state", str(work / "hospital-state" / name)],
-                env=dict(os.environ), log_path=logs / f"{name}.log",
+                [
+                    *py,
+                    "client",
+                    "start",
+                    "--kit",
+                    str(paths["kits"] / "hospitals" / name),
+                    "--data",
+                    str(paths["data"] / name / "data.toml"),
+                    "--state",
+                    str(work / "hospital-state" / name),
+                ],
+                env=dict(os.environ),
+                log_path=logs / f"{name}.log",
             )
         status = _follow(store_url, rounds, procs, console, logs)
         report: dict[str, Any] = json.loads((paths["state"] / "report.json").read_text())
@@ -163,6 +217,6 @@ def run_demo(out_dir: Path | None, console: Console, *, hospitals: int = 3, roun
         report["out_dir"] = str(work)
         return report
     finally:
-        for name, proc in reversed(list(procs.items())):
+        for proc in reversed(list(procs.values())):
             terminate_tree(proc, grace=15.0)
         console.print(f"all {len(procs)} daemons stopped; logs in {logs}")

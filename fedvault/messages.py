@@ -227,7 +227,9 @@ class TrainReply:
                 raise
             raise MalformedUpdateError(f"train reply is malformed: {exc}") from exc
         if not 0.0 <= reply.eval_accuracy <= 1.0:
-            raise MalformedUpdateError(f"eval-accuracy must be in [0, 1] (got {reply.eval_accuracy})")
+            raise MalformedUpdateError(
+                f"eval-accuracy must be in [0, 1] (got {reply.eval_accuracy})"
+            )
         if state is ReplyStatus.OK and reply.samples <= 0:
             raise MalformedUpdateError(
                 f"{hospital}: sample count must be > 0 (got {reply.samples})"

@@ -86,7 +86,11 @@ class SimulatedSites:
         # Test data is split evenly, so the sample-weighted federated accuracy is
         # exactly the accuracy on the whole held-out set.
         tests = partition_indices(
-            self.example.labels(test), self.hospitals, Partition(kind="iid"), seed=self.seed, min_size=1
+            self.example.labels(test),
+            self.hospitals,
+            Partition(kind="iid"),
+            seed=self.seed,
+            min_size=1,
         )
         name = hospital_name(index)
         state_dir = self.root / "hospitals" / name
@@ -206,7 +210,11 @@ def simulate(
         existing = store.get_job(config.job)
         if existing is not None:
             store.open_job(config.job, config.to_dict())
-    public = _provision_keys(config, out_dir) if config.secure_aggregation is SecureAggregation.HE else None
+    public = (
+        _provision_keys(config, out_dir)
+        if config.secure_aggregation is SecureAggregation.HE
+        else None
+    )
     settings = CoordinatorSettings(
         job=config,
         store_url=url,
@@ -215,7 +223,11 @@ def simulate(
         report_dir=out_dir,
     )
     sites = SimulatedSites(
-        example=task, partition=config.partition, hospitals=config.hospitals, seed=config.seed, root=out_dir
+        example=task,
+        partition=config.partition,
+        hospitals=config.hospitals,
+        seed=config.seed,
+        root=out_dir,
     )
     out = console or Console(stderr=True)
     observer = RichObserver(out, config.rounds)

@@ -19,19 +19,18 @@ fedvault.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 from torch import nn
 from torch.utils.data import DataLoader
+
+from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 
 __all__ = [
     "AccountantName",
@@ -54,6 +53,7 @@ HistoryEntry = tuple[float, float, int]
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 if TYPE_CHECKING:  # opacus costs ~2 s to import: only the training path loads it
     from opacus import GradSampleModule, PrivacyEngine

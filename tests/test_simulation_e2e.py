@@ -28,9 +28,24 @@ HOSPITALS, ROUNDS, EPSILON = 3, 2, 3.0
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sim")
     cmd = [
-        sys.executable, "-m", "fedvault", "simulate",
-        "--example", "breast-cancer", "--hospitals", str(HOSPITALS), "--rounds", str(ROUNDS),
-        "--epsilon", str(EPSILON), "--secure-aggregation", "he", "--seed", "1", "--out", str(out),
+        sys.executable,
+        "-m",
+        "fedvault",
+        "simulate",
+        "--example",
+        "breast-cancer",
+        "--hospitals",
+        str(HOSPITALS),
+        "--rounds",
+        str(ROUNDS),
+        "--epsilon",
+        str(EPSILON),
+        "--secure-aggregation",
+        "he",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
     ]
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -75,7 +90,9 @@ def test_epsilon_rederived_from_reported_dp_parameters(run_dir: Path) -> None:
 
 
 def test_coordinator_store_holds_no_secret_key(run_dir: Path) -> None:
-    secret_bytes = (run_dir / "hospitals" / "hospital-1" / "keys" / "epoch-0" / "ckks-secret.ctx").read_bytes()
+    secret_bytes = (
+        run_dir / "hospitals" / "hospital-1" / "keys" / "epoch-0" / "ckks-secret.ctx"
+    ).read_bytes()
     assert ts.context_from(secret_bytes).is_private()
     store = RoundStore(sqlite_url(run_dir / "fedvault.sqlite"))
     blobs = list(store.iter_blobs())
@@ -86,7 +103,7 @@ def test_coordinator_store_holds_no_secret_key(run_dir: Path) -> None:
         assert secret_bytes not in data, name
         try:
             ctx = ts.context_from(data)
-        except Exception:  # noqa: BLE001 - not a context at all: fine
+        except Exception:
             continue
         assert not ctx.is_private(), f"{name} holds a secret CKKS context"
     public = ts.context_from((run_dir / "coordinator" / "ckks-public.ctx").read_bytes())

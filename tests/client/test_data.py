@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torch import nn
+
 from fedvault.client.data import (
     DataSpec,
     HospitalData,
@@ -22,7 +24,6 @@ from fedvault.client.data import (
     write_spec,
 )
 from fedvault.privacy.errors import DataError
-from torch import nn
 
 NAMES = ["row_id", "age", "marker"]
 

@@ -50,9 +50,7 @@ def test_ceremony_gives_every_hospital_the_same_key_and_the_relay_only_public(
             _hospital(kits, name),
             stores[name],
             envelope=relay.envelope(1, name) or b"",
-            custodian_cert_pem=custodian.certificate().public_bytes(
-                Encoding.PEM
-            ),
+            custodian_cert_pem=custodian.certificate().public_bytes(Encoding.PEM),
             epoch=1,
             public_fingerprint=pub.fingerprint,
         )
@@ -62,7 +60,9 @@ def test_ceremony_gives_every_hospital_the_same_key_and_the_relay_only_public(
     for name, data in relay.blobs():
         assert secret_bytes not in data, name
     # A second request (a hospital enrolled later) reuses the epoch's key.
-    again, _ = custodian_ceremony(custodian, stores["hospital-a"], epoch=1, recipients=["hospital-b"])
+    again, _ = custodian_ceremony(
+        custodian, stores["hospital-a"], epoch=1, recipients=["hospital-b"]
+    )
     assert CkksContext.from_bytes(again).fingerprint == pub.fingerprint
 
 
@@ -73,7 +73,9 @@ def test_relay_refuses_to_store_a_secret_context(tmp_path: Path) -> None:
     assert relay.blobs() == []
 
 
-def test_only_the_custodian_runs_a_ceremony_and_envelopes_are_bound(kits: Path, tmp_path: Path) -> None:
+def test_only_the_custodian_runs_a_ceremony_and_envelopes_are_bound(
+    kits: Path, tmp_path: Path
+) -> None:
     other = _hospital(kits, "hospital-b")
     with pytest.raises(KeyMismatchError, match="not the key custodian"):
         custodian_ceremony(other, KeyStore(tmp_path / "b"), epoch=1, recipients=["hospital-c"])
@@ -81,31 +83,38 @@ def test_only_the_custodian_runs_a_ceremony_and_envelopes_are_bound(kits: Path, 
     public, envelopes = custodian_ceremony(
         custodian, KeyStore(tmp_path / "a"), epoch=2, recipients=["hospital-b", "hospital-c"]
     )
-    pem = custodian.certificate().public_bytes(
-        Encoding.PEM
-    )
+    pem = custodian.certificate().public_bytes(Encoding.PEM)
     fp = CkksContext.from_bytes(public).fingerprint
     # hospital-c's envelope handed to hospital-b: refused, nothing stored.
     store_b = KeyStore(tmp_path / "b2")
     with pytest.raises(KeyMismatchError):
         install_sealed_key(
-            other, store_b, envelope=envelopes["hospital-c"], custodian_cert_pem=pem, epoch=2,
+            other,
+            store_b,
+            envelope=envelopes["hospital-c"],
+            custodian_cert_pem=pem,
+            epoch=2,
             public_fingerprint=fp,
         )
     # The right envelope under the wrong epoch: refused before decrypting.
     with pytest.raises(KeyMismatchError, match="epoch"):
         install_sealed_key(
-            other, store_b, envelope=envelopes["hospital-b"], custodian_cert_pem=pem, epoch=3,
+            other,
+            store_b,
+            envelope=envelopes["hospital-b"],
+            custodian_cert_pem=pem,
+            epoch=3,
             public_fingerprint=fp,
         )
     # A certificate that is not the custodian's: refused.
     with pytest.raises(KeyMismatchError):
         install_sealed_key(
-            other, store_b, envelope=envelopes["hospital-b"],
-            custodian_cert_pem=other.certificate().public_bytes(
-                Encoding.PEM
-            ),
-            epoch=2, public_fingerprint=fp,
+            other,
+            store_b,
+            envelope=envelopes["hospital-b"],
+            custodian_cert_pem=other.certificate().public_bytes(Encoding.PEM),
+            epoch=2,
+            public_fingerprint=fp,
         )
     assert store_b.epochs() == []
     with pytest.raises(KeyMismatchError, match="no CKKS key for key epoch 2"):

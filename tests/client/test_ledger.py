@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from fedvault.client.ledger import LocalLedger
 from fedvault.privacy.dp import AccountantState, compute_epsilon
 from fedvault.privacy.errors import (

@@ -18,9 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+
 from fedvault.coordinator.operator_api import ACCESS, requested_control, serve
 from fedvault.coordinator.records import HospitalEval, ModelBlob, Participation, RoundCommit
 from fedvault.coordinator.store import RoundStore, sqlite_url
+from fedvault.kit import Kit, KitError
+from fedvault.operator_client import (
+    OperatorApiError,
+    OperatorClient,
+    OperatorPermissionError,
+    OperatorUnavailableError,
+)
 from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.pki import (
     Role,
@@ -30,15 +39,6 @@ from fedvault.privacy.pki import (
     private_key_to_pem,
 )
 from fedvault.proto import admin_pb2
-from rich.console import Console
-
-from fedvault.kit import Kit, KitError
-from fedvault.operator_client import (
-    OperatorApiError,
-    OperatorClient,
-    OperatorPermissionError,
-    OperatorUnavailableError,
-)
 from fedvault.provision import ProvisionResult, provision
 from fedvault.status_view import render_status
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
 from fedvault.coordinator import report as report_module
 from fedvault.coordinator.records import HospitalEval, Participation
 from fedvault.coordinator.report import build_report, write_report

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from fedvault.client import supernode as supernode_mod
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.coordinator.superlink import (
@@ -39,7 +40,6 @@ from fedvault.coordinator.superlink import (
     SuperLinkConfig,
     SuperLinkProcess,
 )
-
 from fedvault.flower_env import free_port, terminate_tree
 
 NODES = ("node1", "node2", "stranger", "late")

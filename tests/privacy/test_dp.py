@@ -15,6 +15,10 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.pld import PLDAccountant
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedvault.privacy.dp import (
     AccountantState,
     PrivacyConfig,
@@ -23,9 +27,6 @@ from fedvault.privacy.dp import (
     plan_dp,
 )
 from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
-from opacus.data_loader import DPDataLoader
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 DELTA = 1e-5
 

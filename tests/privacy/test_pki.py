@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.pki import (
     NodeKeyPair,

@@ -25,10 +25,17 @@ demo: install
 test: install
 	$(BIN)/pytest
 
+# mypy does not follow setuptools' package-dir mapping, so type-check a tree of
+# symlinks laid out as the installed package (fedvault/privacy -> privacy/, ...).
+TYPECHECK := build/typecheck
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy fedvault privacy coordinator client examples
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
+	cp -rs $(CURDIR)/fedvault $(TYPECHECK)/fedvault
+	for p in privacy coordinator client proto examples; do ln -s $(CURDIR)/$$p $(TYPECHECK)/fedvault/$$p; done
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy -p fedvault --exclude '_pb2'
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto proto/update.proto

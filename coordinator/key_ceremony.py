@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedvault.coordinator.records import AuditEvent
@@ -216,7 +216,7 @@ class KeyCeremony:
             {"action": "key-ceremony", "epoch": self.epoch, "recipients": recipients},
         )
         if not replies or replies[0].get("status") != "ok":
-            reason = replies[0].get("reason") if replies else "no reply"
+            reason = str(replies[0].get("reason")) if replies else "no reply"
             raise KeyMismatchError(
                 f"key custodian {self.custodian!r} refused the ceremony: {reason}"
             )
@@ -228,7 +228,7 @@ class KeyCeremony:
             raise
         self.keys.save_custodian_cert(self.epoch, bytes(rec["custodian-cert"]))  # type: ignore[arg-type]
         names = [str(r) for r in rec.get("recipients", [])]  # type: ignore[union-attr]
-        blobs = [bytes(b) for b in rec.get("envelopes", [])]  # type: ignore[union-attr]
+        blobs = [bytes(b) for b in rec.get("envelopes", [])]  # type: ignore[union-attr,arg-type]
         for name, blob in zip(names, blobs, strict=True):
             self.keys.save_envelope(self.epoch, name, blob)
         self._audit(
@@ -245,7 +245,7 @@ class KeyCeremony:
             envelope = self.keys.envelope(self.epoch, node.hospital)
             if envelope is None:
                 raise StoreError(f"no sealed key for {node.hospital} at epoch {self.epoch}")
-            body = {
+            body: dict[str, ConfigRecordValues] = {
                 "action": "install-key",
                 "epoch": self.epoch,
                 "envelope": envelope,

@@ -255,8 +255,8 @@ def _job_status(job: Job, rounds: list[RoundView], rows: list[LedgerRow], paused
         epsilon_budget=_budget(job),
     )
     if evaluated:
-        msg.final_accuracy = evaluated[-1].eval_accuracy
-        msg.final_loss = evaluated[-1].eval_loss
+        msg.final_accuracy = evaluated[-1].eval_accuracy or 0.0
+        msg.final_loss = evaluated[-1].eval_loss or 0.0
     if rows:
         msg.epsilon_max = max(r.epsilon for r in rows)
         deltas = [r.delta for r in rows if r.delta is not None]

@@ -4,24 +4,31 @@ Each example is an :class:`Example`: a model factory, a data loader and
 training defaults tuned for DP-SGD at ε = 3. ``fedvault simulate --example
 NAME`` looks them up here; a researcher's own task is just another
 :class:`Example` passed to :func:`fedvault.simulation.simulate`.
+
+The example modules are imported on first use, not with this package: so
+``python -m fedvault.examples.digits`` runs the module once, as ``__main__``,
+and importing the registry does not load scikit-learn's data sets.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
-from fedvault.examples.breast_cancer import EXAMPLE as _BREAST_CANCER
-from fedvault.examples.digits import EXAMPLE as _DIGITS
 from fedvault.examples.task import Example, TrainingDefaults
 from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = ["EXAMPLES", "Example", "TrainingDefaults", "get_example"]
 
-#: The built-in examples by name (read-only).
-EXAMPLES: Mapping[str, Example] = MappingProxyType(
-    {example.name: example for example in (_BREAST_CANCER, _DIGITS)}
-)
+_MODULES = {
+    "breast-cancer": "fedvault.examples.breast_cancer",
+    "digits": "fedvault.examples.digits",
+}
+
+#: The built-in examples by name (read-only; built on first access).
+EXAMPLES: Mapping[str, Example]
 
 
 def get_example(name: str) -> Example:
@@ -32,9 +39,17 @@ def get_example(name: str) -> Example:
     InvalidConfigError
         If there is none, naming the choices.
     """
-    try:
-        return EXAMPLES[name]
-    except KeyError:
-        raise InvalidConfigError(
-            f"unknown example {name!r}: choose one of {', '.join(EXAMPLES)}"
-        ) from None
+    module = _MODULES.get(name)
+    if module is None:
+        raise InvalidConfigError(f"unknown example {name!r}: choose one of {', '.join(_MODULES)}")
+    example: Example = importlib.import_module(module).EXAMPLE
+    return example
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: build EXAMPLES lazily, then cache it as a plain module attribute.
+    if name == "EXAMPLES":
+        examples = MappingProxyType({key: get_example(key) for key in _MODULES})
+        globals()["EXAMPLES"] = examples
+        return examples
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

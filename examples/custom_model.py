@@ -64,7 +64,7 @@ TASK = Example(
     build_model=build_model,
     load_data=load_data,
     num_classes=3,
-    defaults=TrainingDefaults(batch_size=64, learning_rate=0.5, local_epochs=1),
+    defaults=TrainingDefaults(batch_size=125, learning_rate=1.0, local_epochs=2),
     description="a two-layer MLP on a generated 3-class problem",
 )
 
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     config = JobConfig.for_example(TASK, hospitals=3, rounds=5)
     report: dict[str, Any] = simulate(config, example=TASK, out_dir=args.out)
-    print(f"accuracy {report['final']['accuracy']:.3f}, epsilon {report['final']['epsilon_max']:.2f}")
+    final = report["final"]
+    print(f"accuracy {final['accuracy']:.3f} at epsilon {final['epsilon_max']:.2f}")
     return report
 
 

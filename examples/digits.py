@@ -6,10 +6,10 @@ an imaging task: ten classes and a convolutional model make DP-SGD work harder
 than on the linear breast-cancer example.
 
 The model follows DP-SGD practice: few parameters (noise grows with the
-dimension), GroupNorm instead of BatchNorm (BatchNorm mixes samples, which
-per-sample clipping forbids) and tanh activations, whose bounded outputs keep
-clipped gradients informative (Papernot et al., "Tempered Sigmoid Activations
-for Deep Learning with Differential Privacy", AAAI 2021).
+dimension), no BatchNorm (it mixes samples, which per-sample clipping forbids;
+GroupNorm was tried and cost accuracy) and tanh activations, whose bounded
+outputs keep clipped gradients informative (Papernot et al., "Tempered Sigmoid
+Activations for Deep Learning with Differential Privacy", AAAI 2021).
 
 Run it::
 

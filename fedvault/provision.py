@@ -195,7 +195,9 @@ def parse_consortium(data: Mapping[str, Any], *, source: str = "consortium") -> 
             f"[[operators]] #{i + 1} needs role = admin|engineer|auditor|guest",
         )
         operators.append(
-            OperatorSpec(_name(t.get("name"), f"[[operators]] #{i + 1} name"), Role.parse(role))
+            OperatorSpec(
+                _name(t.get("name"), f"[[operators]] #{i + 1} name"), Role.parse(str(role))
+            )
         )
     # Names become directory names and certificate CNs: they must be unique across
     # parties, or an operator certificate could carry a hospital's name.

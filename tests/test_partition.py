@@ -142,7 +142,7 @@ def test_min_size_unreachable_raises_data_error() -> None:
     # Two classes, 30 samples, 3 shards of at least 10: only an almost exactly
     # even split works, which Dir(0.01) essentially never draws.
     labels = np.repeat([0, 1], 15)
-    with pytest.raises(DataError, match="raise alpha .* or lower the number of hospitals"):
+    with pytest.raises(DataError, match=r"raise alpha .* or lower the number of hospitals"):
         partition_indices(labels, 3, Partition("dirichlet", 0.01), seed=0)
 
 

@@ -12,8 +12,15 @@ from opacus.validators import ModuleValidator
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from fedvault.examples import EXAMPLES, Example, TrainingDefaults, get_example
-from fedvault.examples import breast_cancer, custom_model, digits
+from fedvault.examples import (
+    EXAMPLES,
+    Example,
+    TrainingDefaults,
+    breast_cancer,
+    custom_model,
+    digits,
+    get_example,
+)
 from fedvault.privacy.errors import InvalidConfigError
 
 
@@ -60,7 +67,7 @@ def test_breast_cancer_split_depends_on_seed() -> None:
 def test_digits_data() -> None:
     train, test = digits.load_data(0)
     assert isinstance(train, TensorDataset) and isinstance(test, TensorDataset)
-    x_train, y_train = train.tensors
+    x_train, _ = train.tensors
     x_test, y_test = test.tensors
     assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8)
     assert x_train.dtype == torch.float32 and y_test.dtype == torch.int64

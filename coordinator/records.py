@@ -71,7 +71,8 @@ class ModelBlob:
     total_weight: float
 
     def __post_init__(self) -> None:
-        _check(self.round >= 1, "ModelBlob.round", self.round, ">= 1")
+        # Round 0 is the initial model, stored once so a restart re-sends the same bytes.
+        _check(self.round >= 0, "ModelBlob.round", self.round, ">= 0")
         _check(self.kind in get_args(ModelKind), "ModelBlob.kind", self.kind, "'ckks' or 'plain'")
         _check_float("ModelBlob.total_weight", self.total_weight, low=0.0)
 
@@ -137,6 +138,9 @@ class RoundCommit:
     participations: tuple[Participation, ...]
     train_loss: float | None
     audit: tuple[AuditEvent, ...] = ()
+    # Hospitals evaluate the model they received (round ``number - 1``) in the
+    # same message; committing it here means a crash cannot lose it.
+    previous_evaluations: tuple[HospitalEval, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.number >= 1, "RoundCommit.number", self.number, ">= 1")

@@ -360,22 +360,7 @@ class RoundStore:
             )
             rnd.participations = [participation_row(p) for p in commit.participations]
             s.add(rnd)
-            sha256 = hashlib.sha256(model.blob).hexdigest()
-            blob, at_rest = model.blob, AT_REST_NONE  # CKKS: already ciphertext
-            if model.kind == "plain":
-                blob, at_rest = self._sealer.seal(model.blob, model_context(job.id, commit.number))
-            s.add(
-                ModelTable(
-                    job_id=job.id,
-                    round=commit.number,
-                    kind=model.kind,
-                    blob=blob,
-                    sha256=sha256,
-                    total_weight=model.total_weight,
-                    created_at=now,
-                    at_rest=at_rest,
-                )
-            )
+            sha256 = self._add_model(s, job, commit.number, model, now)
             for p in ok:
                 if p.epsilon is None:
                     continue
@@ -397,6 +382,48 @@ class RoundStore:
             }
             committed = AuditEvent(kind="round.committed", actor=ACTOR, detail=detail)
             append_audit_events(s, job, [committed, *commit.audit])
+            if commit.previous_evaluations and commit.number > 1:
+                s.flush()
+                self._evaluate(s, job, commit.number - 1, commit.previous_evaluations)
+
+    def _add_model(self, s: Session, job: JobTable, number: int, model: ModelBlob, now: Any) -> str:
+        """Add a model row (sealed at rest unless already ciphertext); returns its SHA-256."""
+        sha256 = hashlib.sha256(model.blob).hexdigest()
+        blob, at_rest = model.blob, AT_REST_NONE  # CKKS: already ciphertext
+        if model.kind == "plain":
+            blob, at_rest = self._sealer.seal(model.blob, model_context(job.id, number))
+        s.add(
+            ModelTable(
+                job_id=job.id,
+                round=number,
+                kind=model.kind,
+                blob=blob,
+                sha256=sha256,
+                total_weight=model.total_weight,
+                created_at=now,
+                at_rest=at_rest,
+            )
+        )
+        return sha256
+
+    def save_initial_model(self, job_id: int, model: ModelBlob) -> ModelBlob:
+        """Keep the round-0 model once, and return the stored one.
+
+        The initial model is encrypted with fresh randomness: re-creating it after
+        a crash would change its bytes, and hospitals (which replay an answered
+        round only for the identical model) would train round 1 again and spend
+        privacy twice. So the first one is stored and reused.
+        """
+        with self._session(f"save the initial model of job {job_id}", write=True) as s:
+            job = self._job_row(s, job_id)
+            exists = s.scalar(
+                select(func.count()).select_from(ModelTable).where(ModelTable.job_id == job.id)
+            )
+            if not exists:
+                self._add_model(s, job, 0, model, utcnow())
+        stored = self.latest_model(job_id)
+        assert stored is not None
+        return stored
 
     def record_failed_round(
         self, job_id: int, number: int, *, reason: str, participations: Sequence[Participation]
@@ -443,60 +470,64 @@ class RoundStore:
         evaluation, so a resumed coordinator may re-evaluate safely; recording
         none (no hospital answered) leaves the round unevaluated.
         """
+        with self._session(f"record the evaluation of round {number}", write=True) as s:
+            self._evaluate(s, self._job_row(s, job_id), number, evaluations)
+
+    def _evaluate(
+        self, s: Session, job: JobTable, number: int, evaluations: Sequence[HospitalEval]
+    ) -> None:
         hospitals = [e.hospital for e in evaluations]
         if len(set(hospitals)) != len(hospitals):
             raise StoreError(
                 f"evaluation of round {number} must name each hospital once, got {hospitals}; "
                 "keep one evaluation per hospital"
             )
-        with self._session(f"record the evaluation of round {number}", write=True) as s:
-            job = self._job_row(s, job_id)
-            rnd = s.scalars(
-                select(RoundTable)
-                .where(
-                    RoundTable.job_id == job_id,
-                    RoundTable.number == number,
-                    RoundTable.status == "committed",
-                )
-                .options(selectinload(RoundTable.participations))
-            ).one_or_none()
-            if rnd is None:
-                raise StoreError(
-                    f"round {number} of job {job.name!r} is not committed; "
-                    "evaluate committed rounds only"
-                )
-            wanted = {e.hospital: e for e in evaluations}
-            rows = {p.hospital: p for p in rnd.participations}
-            for hospital, row in rows.items():
-                if hospital in wanted:
-                    continue
-                if row.status == "evaluated":
-                    rnd.participations.remove(row)  # delete-orphan
-                else:
-                    row.eval_accuracy = row.eval_loss = row.eval_samples = None
-            for e in evaluations:
-                row = rows.get(e.hospital) or ParticipationTable(
-                    hospital=e.hospital, status="evaluated"
-                )
-                if e.hospital not in rows:
-                    rnd.participations.append(row)
-                row.eval_accuracy, row.eval_loss, row.eval_samples = e.accuracy, e.loss, e.samples
-            total = sum(e.samples for e in evaluations)  # each >= 1: 0 only when empty
-            if total:
-                rnd.eval_accuracy = sum(e.accuracy * e.samples for e in evaluations) / total
-                rnd.eval_loss = sum(e.loss * e.samples for e in evaluations) / total
-            else:
-                rnd.eval_accuracy = rnd.eval_loss = None
-            rnd.evaluated_at = utcnow()
-            self._log(
-                s,
-                job,
-                "round.evaluated",
-                round=number,
-                hospitals=sorted(wanted),
-                accuracy=rnd.eval_accuracy,
-                loss=rnd.eval_loss,
+        rnd = s.scalars(
+            select(RoundTable)
+            .where(
+                RoundTable.job_id == job.id,
+                RoundTable.number == number,
+                RoundTable.status == "committed",
             )
+            .options(selectinload(RoundTable.participations))
+        ).one_or_none()
+        if rnd is None:
+            raise StoreError(
+                f"round {number} of job {job.name!r} is not committed; "
+                "evaluate committed rounds only"
+            )
+        wanted = {e.hospital: e for e in evaluations}
+        rows = {p.hospital: p for p in rnd.participations}
+        for hospital, row in rows.items():
+            if hospital in wanted:
+                continue
+            if row.status == "evaluated":
+                rnd.participations.remove(row)  # delete-orphan
+            else:
+                row.eval_accuracy = row.eval_loss = row.eval_samples = None
+        for e in evaluations:
+            row = rows.get(e.hospital) or ParticipationTable(
+                hospital=e.hospital, status="evaluated"
+            )
+            if e.hospital not in rows:
+                rnd.participations.append(row)
+            row.eval_accuracy, row.eval_loss, row.eval_samples = e.accuracy, e.loss, e.samples
+        total = sum(e.samples for e in evaluations)  # each >= 1: 0 only when empty
+        if total:
+            rnd.eval_accuracy = sum(e.accuracy * e.samples for e in evaluations) / total
+            rnd.eval_loss = sum(e.loss * e.samples for e in evaluations) / total
+        else:
+            rnd.eval_accuracy = rnd.eval_loss = None
+        rnd.evaluated_at = utcnow()
+        self._log(
+            s,
+            job,
+            "round.evaluated",
+            round=number,
+            hospitals=sorted(wanted),
+            accuracy=rnd.eval_accuracy,
+            loss=rnd.eval_loss,
+        )
 
     def latest_model(self, job_id: int) -> ModelBlob | None:
         """The model of the last committed round (integrity-checked), or ``None``.

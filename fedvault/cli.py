@@ -68,10 +68,14 @@ def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> No
     console.print(rounds)
     console.print(hospitals)
     final = report["final"]
-    acc = final.get("accuracy")
+
+    def num(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
     console.print(
-        f"[bold]final accuracy[/bold] {acc if acc is None else f'{acc:.4f}'}   "
-        f"[bold]max ε[/bold] {final['epsilon_max']:.3f} at δ={final['delta']:g}   "
+        f"[bold]final accuracy[/bold] {num(final.get('accuracy'), '.4f')}   "
+        f"[bold]max ε[/bold] {num(final.get('epsilon_max'), '.3f')} "
+        f"at δ={num(final.get('delta'), 'g')}   "
         f"[bold]rounds[/bold] {final['rounds_completed']}   status {final['status']}"
     )
     console.print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'report.png'}")

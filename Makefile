@@ -8,7 +8,7 @@ DEMO_OUT ?= demo-out
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint proto bench soak clean
+.PHONY: install demo test lint proto clean
 
 install: $(STAMP)
 

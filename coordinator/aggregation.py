@@ -1,4 +1,4 @@
-"""Plaintext FedAvg (``secure_aggregation = "none"``) and model blob codecs.
+"""Plaintext FedAvg (``secure_aggregation = "none"``).
 
 Encrypted aggregation lives in :mod:`fedvault.privacy.he` (the coordinator only
 adds ciphertexts); this module is the research baseline. It accumulates in
@@ -8,7 +8,6 @@ hospitals reply.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from fedvault.privacy.errors import MalformedUpdateError
 
-__all__ = ["PlainFedAvg", "arrays_from_bytes", "arrays_to_bytes"]
+__all__ = ["PlainFedAvg"]
 
 
 class PlainFedAvg:
@@ -58,18 +57,3 @@ class PlainFedAvg:
         if not self.count:
             raise MalformedUpdateError("no update to aggregate")
         return {k: (v / self.total_weight).astype(self._dtypes[k]) for k, v in self._sum.items()}
-
-
-def arrays_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Named arrays as an ``.npz`` blob (no pickle, so safe to load from a store)."""
-    buf = io.BytesIO()
-    np.savez(buf, **dict(arrays))  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
-def arrays_from_bytes(blob: bytes) -> dict[str, np.ndarray]:
-    try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as exc:
-        raise MalformedUpdateError(f"stored plaintext model is unreadable: {exc}") from exc

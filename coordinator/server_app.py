@@ -23,7 +23,6 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedvault.config import JobConfig, SecureAggregation
-from fedvault.coordinator.aggregation import arrays_from_bytes, arrays_to_bytes
 from fedvault.coordinator.key_ceremony import KeyCeremony, KeyDirectory
 from fedvault.coordinator.operator_api import requested_control
 from fedvault.coordinator.records import (
@@ -37,6 +36,7 @@ from fedvault.coordinator.report import write_report
 from fedvault.coordinator.store import RoundStore
 from fedvault.coordinator.strategy import RoundOutcome, SecureFedAvg
 from fedvault.messages import ModelPayload, payload_to_record
+from fedvault.npz import arrays_from_bytes, arrays_to_bytes
 from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import StoreError
 from fedvault.privacy.he import encrypt_update

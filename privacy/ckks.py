@@ -23,6 +23,7 @@ from functools import cached_property
 from types import MappingProxyType
 
 import tenseal as ts
+
 from fedvault.privacy.errors import (
     InvalidConfigError,
     MalformedUpdateError,

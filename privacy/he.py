@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
+from google.protobuf.message import DecodeError
+
 from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import (
     InvalidConfigError,
@@ -30,7 +32,6 @@ from fedvault.privacy.errors import (
 )
 from fedvault.privacy.packing import Layout, flatten, unflatten
 from fedvault.proto import update_pb2
-from google.protobuf.message import DecodeError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedvault.privacy.errors import MalformedUpdateError
 from fedvault.proto import update_pb2
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import tenseal as ts
+
 from fedvault.privacy.ckks import HE_STANDARD_MAX_COEFF_BITS, CkksContext, CkksParams
 from fedvault.privacy.errors import (
     InvalidConfigError,

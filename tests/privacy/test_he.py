@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tenseal as ts
+
 from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import (
     InvalidConfigError,

@@ -3,7 +3,7 @@
 Order of a train round (each step can refuse, with a reason sent back):
 
 1. parse and validate the instruction (job config, round, key epoch);
-2. decrypt the global model with the hospital's secret CKKS context — a
+2. decrypt the global model with the hospital's secret HE context — a
    fingerprint or epoch mismatch is refused before any arithmetic;
 3. ask the local ledger whether this round's DP-SGD steps fit the budget;
 4. train with Opacus, continuing the job's accountant state;

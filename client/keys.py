@@ -1,6 +1,6 @@
-"""The hospital's CKKS keys: a key store by epoch, and its half of the key ceremony.
+"""The hospital's HE keys: a key store by epoch, and its half of the key ceremony.
 
-The secret CKKS context is born at the custodian hospital and leaves it only
+The secret HE context is born at the custodian hospital and leaves it only
 sealed (X25519 + HKDF + AES-GCM) to another hospital's enrolled key, signed by
 the custodian. The coordinator relays the envelopes and keeps the public
 context; it can open neither. Each ceremony has an epoch: a hospital decrypts
@@ -25,8 +25,8 @@ from pathlib import Path
 from cryptography import x509
 
 from fedvault.kit import Kit
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import KeyMismatchError, MalformedUpdateError
+from fedvault.privacy.he_context import HeContext
 from fedvault.privacy.sealing import SealedKeyEnvelope, seal_context_for
 
 __all__ = ["KeyStore", "custodian_ceremony", "install_sealed_key"]
@@ -35,14 +35,14 @@ _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 
 
 class KeyStore:
-    """Secret CKKS contexts by key epoch, under ``state_dir/keys/epoch-N/``."""
+    """Secret HE contexts by key epoch, under ``state_dir/keys/epoch-N/``."""
 
     def __init__(self, state_dir: Path) -> None:
         self.root = Path(state_dir) / "keys"
-        self._cache: dict[int, CkksContext] = {}
+        self._cache: dict[int, HeContext] = {}
 
     def _path(self, epoch: int) -> Path:
-        return self.root / f"epoch-{epoch}" / "ckks-secret.ctx"
+        return self.root / f"epoch-{epoch}" / "he-secret.ctx"
 
     def epochs(self) -> list[int]:
         if not self.root.is_dir():
@@ -53,23 +53,23 @@ class KeyStore:
     def has(self, epoch: int) -> bool:
         return self._path(epoch).exists()
 
-    def get(self, epoch: int) -> CkksContext:
+    def get(self, epoch: int) -> HeContext:
         if epoch not in self._cache:
             path = self._path(epoch)
             if not path.exists():
                 held = self.epochs()
                 raise KeyMismatchError(
-                    f"no CKKS key for key epoch {epoch} at this hospital (it holds "
+                    f"no HE key for key epoch {epoch} at this hospital (it holds "
                     f"{held or 'none'}); the key ceremony has not reached it yet — "
                     "restart the hospital daemon so the coordinator can relay the key"
                 )
-            ctx = CkksContext.from_bytes(path.read_bytes())
+            ctx = HeContext.from_bytes(path.read_bytes())
             if not ctx.is_private:
                 raise KeyMismatchError(f"{path} holds no secret key; re-run the key ceremony")
             self._cache[epoch] = ctx
         return self._cache[epoch]
 
-    def find(self, fingerprint: str) -> CkksContext:
+    def find(self, fingerprint: str) -> HeContext:
         """The held key whose public fingerprint is ``fingerprint`` (any epoch).
 
         After a re-key the running job's global model is still encrypted under
@@ -80,11 +80,11 @@ class KeyStore:
             if ctx.fingerprint == fingerprint:
                 return ctx
         raise KeyMismatchError(
-            f"this hospital holds no CKKS key with fingerprint {fingerprint[:16]}…; "
+            f"this hospital holds no HE key with fingerprint {fingerprint[:16]}…; "
             "it was encrypted under a key epoch this hospital never received"
         )
 
-    def put(self, epoch: int, ctx: CkksContext) -> Path:
+    def put(self, epoch: int, ctx: HeContext) -> Path:
         """Store a secret context, readable by the hospital's account only."""
         path = self._path(epoch)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -115,7 +115,7 @@ def custodian_ceremony(
         raise MalformedUpdateError(f"key epoch must be >= 1 (got {epoch})")
     secret = keys.get(epoch) if keys.has(epoch) else None
     if secret is None:
-        secret = CkksContext.generate()
+        secret = HeContext.generate()
         keys.put(epoch, secret)
     enrolled = kit.seal_public_keys()
     unknown = sorted(set(recipients) - set(enrolled))
@@ -158,7 +158,7 @@ def install_sealed_key(
             f"{kit.custodian!r} may issue keys; alert the consortium operator"
         )
     sealed.verify_sender(x509.load_pem_x509_certificate(custodian_cert_pem), kit.ca_cert)
-    ctx = CkksContext.from_bytes(sealed.open(kit.seal_private_key(), expected_epoch=epoch))
+    ctx = HeContext.from_bytes(sealed.open(kit.seal_private_key(), expected_epoch=epoch))
     if not ctx.is_private or ctx.fingerprint != public_fingerprint:
         raise KeyMismatchError(
             "the opened key does not match the consortium's public context for epoch "

@@ -32,7 +32,7 @@ class HospitalSite:
     train_data: Dataset
     test_data: Dataset
     build_model: Callable[[], nn.Module]
-    keys: KeyStore  # secret CKKS contexts by key epoch
+    keys: KeyStore  # secret HE contexts by key epoch
     device: torch.device
     epsilon_budget: float | None = None  # the hospital's own cap; None: the job's target
     kit: Kit | None = None  # deployment only: enables the key ceremony

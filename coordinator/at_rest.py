@@ -1,6 +1,6 @@
 """Encryption at rest of the round store's plaintext blobs (AES-256-GCM).
 
-CKKS ciphertexts are stored as they arrive: the coordinator cannot read them
+Ciphertexts are stored as they arrive: the coordinator cannot read them
 anyway. What it *can* read — the global model in ``secure_aggregation =
 "none"`` mode and the hospitals' accountant states — is sealed before it
 reaches the database, under a 32-byte key that lives only in the coordinator's

@@ -1,4 +1,4 @@
-"""The coordinator's half of the CKKS key ceremony: relay, never hold.
+"""The coordinator's half of the HE key ceremony: relay, never hold.
 
 The custodian hospital generates the epoch's secret context and returns its
 *public* context plus one sealed envelope per recipient. The coordinator keeps
@@ -10,7 +10,7 @@ when its node first shows up. Every step is an audit event.
 On disk, under the coordinator's state directory::
 
     keys/current-epoch                 the epoch jobs run under (>= 1)
-    keys/epoch-N/public.ctx            public CKKS context (no secret key)
+    keys/epoch-N/public.ctx            public HE context (no secret key)
     keys/epoch-N/custodian.pem         the custodian's certificate, for recipients
     keys/epoch-N/sealed/HOSPITAL.env   envelopes, opaque to the coordinator
 """
@@ -29,8 +29,8 @@ from flwr.serverapp import Grid
 from fedvault.coordinator.records import AuditEvent
 from fedvault.coordinator.store import RoundStore
 from fedvault.messages import CEREMONY_KEY
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import KeyMismatchError, SecretKeyExposureError, StoreError
+from fedvault.privacy.he_context import HeContext
 
 __all__ = ["KeyCeremony", "KeyDirectory"]
 
@@ -57,16 +57,16 @@ class KeyDirectory:
     def _dir(self, epoch: int) -> Path:
         return self.root / f"epoch-{epoch}"
 
-    def public(self, epoch: int) -> CkksContext | None:
+    def public(self, epoch: int) -> HeContext | None:
         path = self._dir(epoch) / "public.ctx"
-        return CkksContext.from_bytes(path.read_bytes()) if path.exists() else None
+        return HeContext.from_bytes(path.read_bytes()) if path.exists() else None
 
-    def save_public(self, epoch: int, data: bytes) -> CkksContext:
-        ctx = CkksContext.from_bytes(data)
+    def save_public(self, epoch: int, data: bytes) -> HeContext:
+        ctx = HeContext.from_bytes(data)
         if ctx.is_private:
             # Refuse before writing: the coordinator must never hold a secret key.
             raise SecretKeyExposureError(
-                f"the custodian sent a CKKS context WITH its secret key for epoch {epoch}; "
+                f"the custodian sent a HE context WITH its secret key for epoch {epoch}; "
                 "it was discarded, not stored. Upgrade or fix the custodian's fedvault "
                 "and re-run the key ceremony"
             )
@@ -176,7 +176,7 @@ class KeyCeremony:
             )
         return nodes
 
-    def ensure(self, grid: Grid) -> CkksContext:
+    def ensure(self, grid: Grid) -> HeContext:
         """Run (or complete) the ceremony for newly seen nodes; returns the public context."""
         node_ids = frozenset(grid.get_node_ids())
         public = self.keys.public(self.epoch)
@@ -209,7 +209,7 @@ class KeyCeremony:
         self._checked = node_ids
         return public
 
-    def _from_custodian(self, grid: Grid, node: _Node, recipients: list[str]) -> CkksContext:
+    def _from_custodian(self, grid: Grid, node: _Node, recipients: list[str]) -> HeContext:
         replies = self._ask(
             grid,
             [node.node_id],
@@ -236,7 +236,7 @@ class KeyCeremony:
         )
         return public
 
-    def _install(self, grid: Grid, nodes: list[_Node], public: CkksContext) -> None:
+    def _install(self, grid: Grid, nodes: list[_Node], public: HeContext) -> None:
         """Relay every pending envelope in one round trip."""
         if not nodes:
             return

@@ -58,7 +58,7 @@ def _check_float(
 
 @dataclass(frozen=True)
 class ModelBlob:
-    """The global model after a round: CKKS ciphertext or plaintext bytes.
+    """The global model after a round: HE ciphertext or plaintext bytes.
 
     ``total_weight`` is the sum of the hospitals' sample weights folded into the
     (still unnormalised) encrypted sum; hospitals divide by it after decrypting,

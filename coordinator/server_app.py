@@ -37,9 +37,9 @@ from fedvault.coordinator.store import RoundStore
 from fedvault.coordinator.strategy import RoundOutcome, SecureFedAvg
 from fedvault.messages import ModelPayload, payload_to_record
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import StoreError
 from fedvault.privacy.he import encrypt_update
+from fedvault.privacy.he_context import HeContext
 
 __all__ = [
     "CoordinatorSettings",
@@ -60,7 +60,7 @@ class CoordinatorSettings:
     job: JobConfig
     store_url: str
     build_model: Callable[[], nn.Module]  # the initial global model's architecture
-    public_context: CkksContext | None = None  # he mode: public key only
+    public_context: HeContext | None = None  # he mode: public key only
     key_epoch: int = 0
     report_dir: Path | None = None
     max_round_attempts: int = 3
@@ -99,7 +99,7 @@ class _LogObserver:
 
 
 def _initial_model(
-    settings: CoordinatorSettings, public: CkksContext | None, key_epoch: int
+    settings: CoordinatorSettings, public: HeContext | None, key_epoch: int
 ) -> ModelPayload:
     """The seeded initial model; in ``he`` mode encrypted under the public key."""
     torch.manual_seed(settings.job.seed)

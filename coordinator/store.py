@@ -15,7 +15,7 @@ Opening a store brings its schema to the newest revision (Alembic, see
 :mod:`.migrations`) and refuses a store written by a newer fedvault. With an
 ``at_rest_key`` the store encrypts what the coordinator could otherwise read
 (plaintext models, accountant states) with AES-256-GCM (:mod:`.at_rest`),
-records the key's id, and refuses another key; CKKS ciphertexts are stored as
+records the key's id, and refuses another key; Ciphertexts are stored as
 they are. Each such row says how it is stored (``at_rest``), so rows written
 without a key stay readable after a key is configured.
 """
@@ -389,7 +389,7 @@ class RoundStore:
     def _add_model(self, s: Session, job: JobTable, number: int, model: ModelBlob, now: Any) -> str:
         """Add a model row (sealed at rest unless already ciphertext); returns its SHA-256."""
         sha256 = hashlib.sha256(model.blob).hexdigest()
-        blob, at_rest = model.blob, AT_REST_NONE  # CKKS: already ciphertext
+        blob, at_rest = model.blob, AT_REST_NONE  # HE: already ciphertext
         if model.kind == "plain":
             blob, at_rest = self._sealer.seal(model.blob, model_context(job.id, number))
         s.add(
@@ -623,7 +623,7 @@ class RoundStore:
         """Yield ``("table.column#id", bytes)`` for every binary and text value stored.
 
         Covers every LargeBinary and String/Text/JSON column of every table, so
-        a test can prove that no CKKS secret key (or other secret) is stored.
+        a test can prove that no HE secret key (or other secret) is stored.
         """
         with self._session("scan the stored values") as s:
             for table in Base.metadata.sorted_tables:

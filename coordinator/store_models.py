@@ -270,7 +270,7 @@ class ParticipationTable(Base):
 
 
 class ModelTable(Base):
-    """The global model after each committed round: ciphertext (CKKS) or plaintext,
+    """The global model after each committed round: ciphertext (HE) or plaintext,
     with its SHA-256 so a corrupted blob is caught before a hospital decrypts it.
 
     ``at_rest`` says how ``blob`` is stored (see :mod:`.at_rest`); ``sha256`` is

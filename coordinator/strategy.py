@@ -1,6 +1,6 @@
 """The coordinator's Flower strategy: FedAvg over encrypted (or plaintext) updates.
 
-In ``he`` mode the strategy holds only the public CKKS context. Each hospital
+In ``he`` mode the strategy holds only the public HE context. Each hospital
 has already multiplied its model by its sample count before encrypting, so
 sample-weighted FedAvg reduces to a ciphertext *sum* plus a plaintext total
 weight: the coordinator never divides, never decrypts, never sees a number.
@@ -32,9 +32,9 @@ from fedvault.messages import (
     TrainReply,
     payload_to_record,
 )
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import FedvaultError, InvalidConfigError
 from fedvault.privacy.he import Aggregator
+from fedvault.privacy.he_context import HeContext
 
 __all__ = ["RoundOutcome", "SecureFedAvg"]
 
@@ -66,21 +66,21 @@ class SecureFedAvg(Strategy):
     job
         The job being run (mode, quorum).
     public_context
-        The consortium's CKKS context *without* its secret key (``he`` mode).
+        The consortium's HE context *without* its secret key (``he`` mode).
     key_epoch
         Current key epoch; updates under another epoch are rejected.
     """
 
     def __init__(
-        self, *, job: JobConfig, public_context: CkksContext | None, key_epoch: int = 0
+        self, *, job: JobConfig, public_context: HeContext | None, key_epoch: int = 0
     ) -> None:
         if job.secure_aggregation is SecureAggregation.HE:
             if public_context is None:
-                raise InvalidConfigError("he mode needs the consortium's public CKKS context")
+                raise InvalidConfigError("he mode needs the consortium's public HE context")
             if public_context.is_private:
                 # The coordinator must be *unable* to decrypt, not merely unwilling.
                 raise InvalidConfigError(
-                    "the coordinator was given a CKKS context holding a secret key; "
+                    "the coordinator was given a HE context holding a secret key; "
                     "give it only the public context"
                 )
         self.job = job

@@ -1,6 +1,6 @@
 """fedvault: federated learning for hospital consortia.
 
-DP-SGD at every hospital (Opacus), CKKS-encrypted aggregation at a coordinator
+DP-SGD at every hospital (Opacus), BFV-encrypted aggregation at a coordinator
 that holds no secret key (TenSEAL), durable round state (SQLAlchemy), Flower
 for transport, the round lifecycle and simulation.
 """

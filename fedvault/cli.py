@@ -20,14 +20,14 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Federated learning for hospital consortia: DP-SGD + CKKS-encrypted aggregation.",
+    help="Federated learning for hospital consortia: DP-SGD + encrypted (BFV) aggregation.",
 )
 err = Console(stderr=True)
 
 
 @app.callback()
 def _root() -> None:
-    """Federated learning for hospital consortia: DP-SGD + CKKS-encrypted aggregation."""
+    """Federated learning for hospital consortia: DP-SGD + encrypted (BFV) aggregation."""
 
 
 def _fail(exc: FedvaultError) -> None:
@@ -87,7 +87,7 @@ def simulate(
     hospitals: Annotated[int, typer.Option(help="number of virtual hospitals")] = 3,
     rounds: Annotated[int, typer.Option(help="federated rounds")] = 10,
     partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA")] = "iid",
-    secure_aggregation: Annotated[str, typer.Option(help="he (CKKS) | none")] = "he",
+    secure_aggregation: Annotated[str, typer.Option(help="he (BFV, encrypted) | none")] = "he",
     epsilon: Annotated[float, typer.Option(help="ε budget per hospital for the job")] = 3.0,
     delta: Annotated[float, typer.Option(help="δ of the (ε, δ) guarantee")] = 1e-5,
     seed: Annotated[int, typer.Option(help="seeds data split, partition, init and noise")] = 0,
@@ -219,13 +219,13 @@ def coordinator_rekey(
         "fedvault-coordinator"
     ),
 ) -> None:
-    """Start a new CKKS key epoch (e.g. after a hospital left); applies at the next start."""
+    """Start a new HE key epoch (e.g. after a hospital left); applies at the next start."""
     from fedvault.coordinator.key_ceremony import KeyDirectory
 
     epoch = KeyDirectory(state / "keys").bump_epoch()
     Console().print(
         f"key epoch is now {epoch}: restart the coordinator; the custodian will generate a new "
-        "CKKS key and updates under older epochs will be refused"
+        "HE key and updates under older epochs will be refused"
     )
 
 
@@ -235,7 +235,7 @@ def client_start(
     data: Annotated[
         Path, typer.Option(help="data spec TOML (see examples/hospital-data/README.md)")
     ],
-    state: Annotated[Path, typer.Option(help="state directory (ledger, CKKS keys)")] = Path(
+    state: Annotated[Path, typer.Option(help="state directory (ledger, HE keys)")] = Path(
         "fedvault-hospital"
     ),
     epsilon_budget: Annotated[

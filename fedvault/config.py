@@ -32,7 +32,7 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class SecureAggregation(StrEnum):
     """How hospital updates are combined.
 
-    ``he``: CKKS ciphertexts summed by a coordinator that holds no secret key.
+    ``he``: BFV ciphertexts summed by a coordinator that holds no secret key.
     ``none``: plaintext FedAvg, for research baselines only.
     """
 

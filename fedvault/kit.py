@@ -6,7 +6,7 @@ its role, the addresses to use and the SHA-256 of every file in the kit;
 ``manifest.sig`` is the consortium CA's ECDSA P-384/SHA-384 signature over the
 exact manifest bytes. :meth:`Kit.load` checks all of it before a daemon starts,
 so a corrupted, half-copied or edited kit is refused with the name of the file
-at fault instead of failing later inside TLS or CKKS.
+at fault instead of failing later inside TLS or HE.
 
 The CA certificate travels inside the kit, so the signature proves integrity,
 not who made the kit: pass ``expected_ca_sha256`` (printed by ``provision``) to
@@ -356,7 +356,7 @@ class Kit:
 
     @property
     def is_custodian(self) -> bool:
-        """Whether this is the hospital that generates the CKKS secret key."""
+        """Whether this is the hospital that generates the HE secret key."""
         return self.kind is KitKind.HOSPITAL and self.party == self.custodian
 
     # ---- typed accessors -------------------------------------------------------------
@@ -398,7 +398,7 @@ class Kit:
         return {h: self.path(f"nodes/{h}.pub") for h in self.manifest.hospitals}
 
     def seal_private_key(self) -> x25519.X25519PrivateKey:
-        """Hospital: its X25519 key for opening sealed CKKS contexts."""
+        """Hospital: its X25519 key for opening sealed HE contexts."""
         return load_x25519_private_pem(self.read("seal.key"))
 
     def seal_public_keys(self) -> dict[str, x25519.X25519PublicKey]:

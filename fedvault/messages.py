@@ -3,7 +3,7 @@
 Both sides import this leaf module (never each other). It fixes the record
 keys and how a model travels inside a Flower :class:`~flwr.app.Message`:
 
-* ``he`` mode: one serialized ``UpdateEnvelope`` (CKKS ciphertexts + layout)
+* ``he`` mode: one serialized ``UpdateEnvelope`` (HE ciphertexts + layout)
   carried as a ``uint8`` array, so Flower's own chunking moves large models;
 * ``none`` mode: the named float arrays themselves.
 

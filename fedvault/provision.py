@@ -14,7 +14,7 @@ Reads a small TOML file (see ``examples/consortium.toml``) and writes::
                             manifest.json, manifest.sig
     OUT/operators/<name>/   ca.pem, operator.pem, operator.key (0600), manifest.json, manifest.sig
 
-Each private key exists in exactly one kit. The provisioner generates no CKKS
+Each private key exists in exactly one kit. The provisioner generates no HE
 key at all: the custodian hospital does, and seals it to the other hospitals'
 ``seal.pub`` (see :mod:`fedvault.privacy.sealing`), so whoever runs this command
 never holds the consortium's decryption key.
@@ -213,7 +213,7 @@ def parse_consortium(data: Mapping[str, Any], *, source: str = "consortium") -> 
     _require(
         custodian in hospitals,
         f"[consortium] custodian = {custodian!r} is not one of the hospitals {list(hospitals)}; "
-        "the custodian must be a hospital (it generates the CKKS secret key)",
+        "the custodian must be a hospital (it generates the HE secret key)",
     )
     return ConsortiumConfig(
         name=name,

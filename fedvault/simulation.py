@@ -2,8 +2,8 @@
 
 The researcher's entry point runs the *production* ServerApp and ClientApp; only
 the surroundings are simulated: each virtual hospital is a partition of a
-bundled data set with its own state directory (ledger, CKKS secret context),
-and the runner plays the key custodian, generating the CKKS context once and
+bundled data set with its own state directory (ledger, HE secret context),
+and the runner plays the key custodian, generating the HE context once and
 giving the coordinator only its public part.
 
 Output, all under ``out_dir``: ``report.json`` and ``report.png`` (rewritten
@@ -35,12 +35,12 @@ from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.examples import Example, get_example
 from fedvault.partition import Partition, partition_indices
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import InvalidConfigError
+from fedvault.privacy.he_context import HeContext
 
 __all__ = ["SimulatedSites", "hospital_name", "simulate"]
 
-PUBLIC_CONTEXT = Path("coordinator") / "ckks-public.ctx"
+PUBLIC_CONTEXT = Path("coordinator") / "he-public.ctx"
 SIMULATION_KEY_EPOCH = 0
 
 
@@ -125,12 +125,12 @@ def _prepare_out_dir(out_dir: Path) -> None:
         raise InvalidConfigError(f"--out {out_dir} is not writable ({exc.strerror})") from exc
 
 
-def _provision_keys(config: JobConfig, out_dir: Path) -> CkksContext:
-    """Play the key custodian: one CKKS context; secret to hospitals, public to the coordinator."""
+def _provision_keys(config: JobConfig, out_dir: Path) -> HeContext:
+    """Play the key custodian: one HE context; secret to hospitals, public to the coordinator."""
     public_path = out_dir / PUBLIC_CONTEXT
     if public_path.exists():  # resuming: reuse the consortium's keys
-        return CkksContext.from_bytes(public_path.read_bytes())
-    secret = CkksContext.generate()
+        return HeContext.from_bytes(public_path.read_bytes())
+    secret = HeContext.generate()
     for index in range(config.hospitals):
         KeyStore(out_dir / "hospitals" / hospital_name(index)).put(SIMULATION_KEY_EPOCH, secret)
     public = secret.public()

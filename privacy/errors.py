@@ -36,7 +36,7 @@ class BudgetExhaustedError(FedvaultError):
 
 
 class KeyMismatchError(FedvaultError):
-    """An update or model was encrypted under another CKKS key or key epoch.
+    """An update or model was encrypted under another HE key or key epoch.
 
     Raised *before* any homomorphic arithmetic: adding ciphertexts under
     different keys does not fail, it silently produces garbage.
@@ -48,7 +48,7 @@ class MalformedUpdateError(FedvaultError, ValueError):
 
 
 class SecretKeyExposureError(FedvaultError):
-    """A secret CKKS context was about to leave a hospital (or reached the coordinator)."""
+    """A secret HE context was about to leave a hospital (or reached the coordinator)."""
 
 
 class StoreError(FedvaultError):

@@ -1,11 +1,18 @@
-"""Encrypt, aggregate and decrypt whole model updates under CKKS.
+"""Encrypt, aggregate and decrypt whole model updates (BFV, fixed point).
 
 A hospital flattens its model into one vector (:mod:`fedvault.privacy.packing`),
-multiplies it by its sample count, and encrypts it in ``ceil(size / slots)``
-ciphertexts: FedAvg's weighting happens before encryption, so the coordinator
-only ever *adds* ciphertexts (:class:`Aggregator`), which needs nothing but the
-public context. Hospitals decrypt the sum and divide by the total weight
+turns it into fixed-point integers weighted by its sample count
+(:mod:`fedvault.privacy.fixed_point`) and encrypts them ``N`` at a time:
+FedAvg's weighting happens before encryption, so the coordinator only ever
+*adds* ciphertexts (:class:`Aggregator`), which needs nothing but the public
+context. Hospitals decrypt the sum and divide by the total weight
 (:func:`decrypt_average`).
+
+Hospitals encrypt with the secret key they already hold (symmetric
+encryption): it is faster than public-key encryption, and SEAL then sends a
+64-byte seed instead of the ciphertext's uniformly random half, so an update
+costs about 8 bytes per value on the wire. The coordinator encrypts only the
+initial model, with the public key.
 
 Every check an :class:`Aggregator` makes happens before any arithmetic:
 ciphertexts under another key add without error and decrypt to garbage, and a
@@ -14,22 +21,27 @@ half-added update would corrupt the running sum.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import tenseal as ts
+import tenseal.sealapi as sealapi
 from google.protobuf.message import DecodeError
 
-from fedvault.privacy.ckks import CkksContext
+from fedvault.privacy import fixed_point, seal_bytes
 from fedvault.privacy.errors import (
     InvalidConfigError,
     KeyMismatchError,
     MalformedUpdateError,
     SecretKeyExposureError,
 )
+from fedvault.privacy.fixed_point import FixedPoint
+from fedvault.privacy.he_context import HeContext
 from fedvault.privacy.packing import Layout, flatten, unflatten
 from fedvault.proto import update_pb2
 
@@ -44,13 +56,10 @@ __all__ = [
 ]
 
 #: Version of the envelope semantics written by this module.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: The only scheme this module writes and reads.
-SCHEME = "ckks"
+SCHEME = "bfv-fixed"
 
-# A single update may use at most 2**-10 of the modulus headroom, so that up to
-# 1024 updates of that magnitude still sum without wrapping around.
-_SUM_HEADROOM_BITS = 10
 _UINT32_MAX = 2**32 - 1
 _TS_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError, MemoryError)
 
@@ -75,22 +84,34 @@ def _check_weight(weight: float, what: str) -> float:
     return w
 
 
+def _spec(ctx: HeContext, scale_bits: int, value_bound_bits: int) -> FixedPoint:
+    try:
+        return FixedPoint(
+            scale_bits=scale_bits,
+            value_bound_bits=value_bound_bits,
+            slot_bits=ctx.params.slot_bits,
+        )
+    except InvalidConfigError as exc:
+        raise MalformedUpdateError(f"the update's fixed-point encoding is invalid: {exc}") from exc
+
+
 def encrypt_update(
-    ctx: CkksContext,
+    ctx: HeContext,
     arrays: Mapping[str, np.ndarray],
     *,
     weight: float,
     key_epoch: int = 0,
     job: str = "",
     server_round: int = 0,
+    encoding: FixedPoint | None = None,
 ) -> bytes:
-    """Weight and encrypt a model update into a serialized envelope.
+    """Weight, encode and encrypt a model update into a serialized envelope.
 
     Parameters
     ----------
     ctx
-        Secret or public context: encryption uses the public key, so the
-        coordinator can encrypt the initial model too.
+        A secret context encrypts symmetrically (hospitals); a public one with
+        the public key (the coordinator's initial model).
     arrays
         Named floating-point tensors, packed in mapping order.
     weight
@@ -98,48 +119,56 @@ def encrypt_update(
         the coordinator's plain sum of ciphertexts is the FedAvg numerator.
     key_epoch, job, server_round
         Recorded in the envelope and checked by the receiver.
+    encoding
+        Fixed-point parameters; the defaults suit models whose values stay
+        below 256 in magnitude.
 
     Raises
     ------
     MalformedUpdateError
         On a non-positive or non-finite weight, non-float or non-finite
-        values, an empty update, or values too large for the CKKS modulus.
+        values, an empty update, or values beyond the encoding's bound.
     """
     w = _check_weight(weight, "weight")
     _check_uint32("key_epoch", key_epoch)
     _check_uint32("server_round", server_round)
+    spec = encoding or FixedPoint(slot_bits=ctx.params.slot_bits)
+    if spec.slot_bits != ctx.params.slot_bits:
+        raise InvalidConfigError(
+            f"encoding assumes {spec.slot_bits}-bit slots, the context has "
+            f"{ctx.params.slot_bits}; build it with slot_bits=ctx.params.slot_bits"
+        )
     layout, vector = flatten(arrays)
     if layout.size == 0:
         raise MalformedUpdateError(
             "the update holds no values; pass the model's floating-point tensors"
         )
-    with np.errstate(over="ignore"):  # an overflow to inf is refused just below
-        vector *= w
-    limit = ctx.params.max_abs_value / 2**_SUM_HEADROOM_BITS
-    peak = float(np.max(np.abs(vector)))
-    if not peak <= limit:  # also catches inf from weight * value overflow
-        raise MalformedUpdateError(
-            f"weighted values reach {peak:.3g}, beyond the {limit:.3g} this CKKS context can "
-            "sum without overflow; check the update for divergence, or use a context "
-            "with a wider coefficient modulus"
-        )
+    ints = fixed_point.encode(vector, weight=w, spec=spec)
     slots = ctx.params.slots
-    raw = ctx.tenseal.data
-    chunks = [
-        ts._ts_cpp.CKKSVector(raw, vector[start : start + slots].tolist()).serialize()
-        for start in range(0, layout.size, slots)
-    ]
-    return _envelope(ctx, key_epoch, layout, chunks, w, job, server_round)
+    encoder = ctx.encoder
+    chunks = []
+    plain = sealapi.Plaintext()
+    for start in range(0, layout.size, slots):
+        encoder.encode(ints[start : start + slots].tolist(), plain)
+        if ctx.is_private:
+            # Returns SEAL's Serializable: saved as c0 plus the seed of c1.
+            chunks.append(seal_bytes.dump(ctx.secret_encryptor.encrypt_symmetric(plain)))
+        else:
+            ct = sealapi.Ciphertext()
+            ctx.public_encryptor.encrypt(plain, ct)
+            chunks.append(seal_bytes.dump(ct))
+    return _envelope(ctx, key_epoch, layout, chunks, w, job, server_round, spec)
 
 
 def _envelope(
-    ctx: CkksContext,
+    ctx: HeContext,
     key_epoch: int,
     layout: Layout,
     chunks: Sequence[bytes],
     weight: float,
     job: str,
     server_round: int,
+    spec: FixedPoint,
 ) -> bytes:
     env = update_pb2.UpdateEnvelope(
         format_version=FORMAT_VERSION,
@@ -151,6 +180,8 @@ def _envelope(
         job=job,
         server_round=server_round,
         scheme=SCHEME,
+        scale_bits=spec.scale_bits,
+        value_bound_bits=spec.value_bound_bits,
     )
     serialized: bytes = env.SerializeToString()
     return serialized
@@ -163,7 +194,7 @@ def parse_envelope(data: bytes) -> update_pb2.UpdateEnvelope:
     ------
     MalformedUpdateError
         If ``data`` is not an envelope of :data:`FORMAT_VERSION` and scheme
-        ``"ckks"``.
+        ``"bfv-fixed"``.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedUpdateError(f"an update must be bytes, got {type(data).__name__}")
@@ -188,10 +219,10 @@ def parse_envelope(data: bytes) -> update_pb2.UpdateEnvelope:
     return env
 
 
-def _check_key(ctx: CkksContext, env: update_pb2.UpdateEnvelope, key_epoch: int | None) -> None:
+def _check_key(ctx: HeContext, env: update_pb2.UpdateEnvelope, key_epoch: int | None) -> None:
     if env.context_fingerprint != ctx.fingerprint:
         raise KeyMismatchError(
-            f"update is encrypted under CKKS context {env.context_fingerprint[:16] or '<none>'}…, "
+            f"update is encrypted under HE context {env.context_fingerprint[:16] or '<none>'}…, "
             f"expected {ctx.fingerprint[:16]}… (key epoch {env.key_epoch}); {_REKEY_HINT}"
         )
     if key_epoch is not None and env.key_epoch != key_epoch:
@@ -201,45 +232,59 @@ def _check_key(ctx: CkksContext, env: update_pb2.UpdateEnvelope, key_epoch: int 
         )
 
 
-def _load_chunks(ctx: CkksContext, env: update_pb2.UpdateEnvelope, layout: Layout) -> list[Any]:
-    """Deserialize and validate every chunk (count, size, level, scale)."""
+@functools.cache
+def _loader() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="fedvault-he")
+
+
+def _load_chunks(ctx: HeContext, env: update_pb2.UpdateEnvelope, layout: Layout) -> list[Any]:
+    """Deserialize and validate every chunk (count, size, level, shape)."""
     params = ctx.params
     slots = params.slots
     expected = math.ceil(layout.size / slots)
     if layout.size == 0 or len(env.chunks) != expected:
         raise MalformedUpdateError(
             f"update has {len(env.chunks)} ciphertext chunks, its layout of {layout.size} "
-            f"values needs {expected} at {slots} slots each; discard it"
+            f"values needs {expected} at {slots} values each; discard it"
         )
-    raw = ctx.tenseal.data
-    seal = ctx.tenseal.seal_context().data
-    first_parms = seal.first_parms_id()
-    scale = float(2**params.global_scale_bits)
-    vectors = []
+    # A full ciphertext: 2 polynomials x N coefficients x 8 bytes, plus a header.
+    # Refuse anything larger before SEAL allocates for it.
+    max_bytes = 2 * slots * 8 * (len(params.coeff_mod_bit_sizes) - 1) + 4096
     for i, blob in enumerate(env.chunks):
-        want = min(slots, layout.size - i * slots)
-        try:
-            vec = ts._ts_cpp.CKKSVector(raw, blob)
-            cts = vec.ciphertext()
-        except _TS_ERRORS as exc:
+        if len(blob) > max_bytes:
             raise MalformedUpdateError(
-                f"ciphertext chunk {i} of {expected} cannot be parsed ({exc}); the update "
+                f"ciphertext chunk {i} of {expected} is {len(blob)} bytes, more than a "
+                f"ciphertext of these parameters can be ({max_bytes}); discard this update"
+            )
+
+    def load(blob: bytes) -> Any:
+        try:
+            return seal_bytes.load_ciphertext(ctx.seal, blob)
+        except _TS_ERRORS as exc:
+            return exc
+
+    # SEAL releases the GIL while it parses and expands seeds: use every core.
+    loaded = list(_loader().map(load, env.chunks))
+    cts = []
+    for i, ct in enumerate(loaded):
+        if isinstance(ct, BaseException):
+            raise MalformedUpdateError(
+                f"ciphertext chunk {i} of {expected} cannot be parsed ({ct}); the update "
                 "is corrupt or truncated, the sender must resend it"
-            ) from exc
+            ) from ct
         ok = (
-            vec.size() == want
-            and len(cts) == 1
-            and cts[0].size() == 2
-            and cts[0].parms_id() == first_parms
-            and cts[0].scale == scale
+            ct.size() == 2
+            and ct.parms_id() == ctx.data_parms_id
+            and not ct.is_ntt_form()
+            and ct.poly_modulus_degree() == params.poly_modulus_degree
         )
         if not ok:
             raise MalformedUpdateError(
-                f"ciphertext chunk {i} of {expected} does not hold {want} fresh values at "
-                f"scale 2**{params.global_scale_bits}; discard this update"
+                f"ciphertext chunk {i} of {expected} is not a fresh BFV ciphertext at the "
+                "data level of this context; discard this update"
             )
-        vectors.append(vec)
-    return vectors
+        cts.append(ct)
+    return cts
 
 
 def _layout_diff(got: Layout, want: Layout) -> str:
@@ -269,7 +314,7 @@ class Aggregator:
 
     def __init__(
         self,
-        ctx: CkksContext,
+        ctx: HeContext,
         *,
         key_epoch: int = 0,
         job: str = "",
@@ -285,6 +330,7 @@ class Aggregator:
         self._job = job
         self._round = None if server_round is None else _check_uint32("server_round", server_round)
         self._layout: Layout | None = None
+        self._spec: FixedPoint | None = None
         self._sum: list[Any] | None = None
         self._count = 0
         self._total_weight = 0.0
@@ -331,18 +377,35 @@ class Aggregator:
                 f"update's layout differs from the first update's: {diff}; the hospital "
                 "runs another model version, discard this update"
             )
+        spec = _spec(self._ctx, env.scale_bits, env.value_bound_bits)
+        if self._spec is not None and spec != self._spec:
+            raise MalformedUpdateError(
+                f"update uses fixed-point scale 2**-{spec.scale_bits} and bound "
+                f"2**{spec.value_bound_bits}, the round's first update used 2**-"
+                f"{self._spec.scale_bits} and 2**{self._spec.value_bound_bits}; run the same "
+                "fedvault version and settings at every hospital"
+            )
         weight = _check_weight(env.sample_weight, "sample_weight")
-        vectors = _load_chunks(self._ctx, env, layout)
+        if self._total_weight + weight > spec.weight_capacity:
+            raise MalformedUpdateError(
+                f"adding sample weight {weight:g} would bring the round's total to "
+                f"{self._total_weight + weight:g}, beyond the {spec.weight_capacity:g} the "
+                f"fixed-point encoding sums exactly at scale 2**-{spec.scale_bits}; the update "
+                "was left out (lower scale_bits for consortia this large)"
+            )
+        cts = _load_chunks(self._ctx, env, layout)
 
         # Everything is validated: from here on nothing can fail half-way.
         if self._sum is None:
-            self._sum = vectors
+            self._sum = cts
             self._layout = layout
+            self._spec = spec
             self._result_round = env.server_round if self._round is None else self._round
             self._result_job = self._job or env.job
         else:
-            for acc, vec in zip(self._sum, vectors, strict=True):
-                acc.add_(vec)
+            add = self._ctx.evaluator.add_inplace
+            for acc, ct in zip(self._sum, cts, strict=True):
+                add(acc, ct)
         self._count += 1
         self._total_weight += weight
 
@@ -354,12 +417,12 @@ class Aggregator:
         MalformedUpdateError
             If no update was added.
         """
-        if self._sum is None or self._layout is None:
+        if self._sum is None or self._layout is None or self._spec is None:
             raise MalformedUpdateError(
                 "no update was added, so there is no aggregate; wait for at least one "
                 "valid reply before closing the round"
             )
-        chunks = [vec.serialize() for vec in self._sum]
+        chunks = [seal_bytes.dump(ct) for ct in self._sum]
         return _envelope(
             self._ctx,
             self._key_epoch,
@@ -368,11 +431,12 @@ class Aggregator:
             self._total_weight,
             self._result_job,
             self._result_round,
+            self._spec,
         )
 
 
 def _decrypt(
-    ctx: CkksContext, data: bytes, key_epoch: int | None
+    ctx: HeContext, data: bytes, key_epoch: int | None
 ) -> tuple[Layout, np.ndarray, float]:
     if not ctx.is_private:
         raise SecretKeyExposureError(
@@ -382,14 +446,20 @@ def _decrypt(
     env = parse_envelope(data)
     _check_key(ctx, env, key_epoch)
     layout = Layout.from_proto(env.layout)
+    spec = _spec(ctx, env.scale_bits, env.value_bound_bits)
     weight = _check_weight(env.sample_weight, "sample_weight")
-    vectors = _load_chunks(ctx, env, layout)
-    vector = np.concatenate([np.asarray(vec.decrypt(), dtype=np.float64) for vec in vectors])
-    return layout, vector, weight
+    cts = _load_chunks(ctx, env, layout)
+    decryptor, encoder = ctx.decryptor, ctx.encoder
+    ints = np.empty(len(cts) * ctx.params.slots, dtype=np.int64)
+    plain = sealapi.Plaintext()
+    for i, ct in enumerate(cts):
+        decryptor.decrypt(ct, plain)
+        ints[i * ctx.params.slots : (i + 1) * ctx.params.slots] = encoder.decode_int64(plain)
+    return layout, fixed_point.decode(ints[: layout.size], spec=spec), weight
 
 
 def decrypt_update(
-    ctx: CkksContext, data: bytes, *, key_epoch: int | None = None
+    ctx: HeContext, data: bytes, *, key_epoch: int | None = None
 ) -> tuple[dict[str, np.ndarray], float]:
     """Decrypt an update or aggregate: the weighted sum (float64) and the total weight.
 
@@ -408,7 +478,7 @@ def decrypt_update(
 
 
 def decrypt_average(
-    ctx: CkksContext, data: bytes, *, key_epoch: int | None = None
+    ctx: HeContext, data: bytes, *, key_epoch: int | None = None
 ) -> dict[str, np.ndarray]:
     """Decrypt and divide by the total weight: the FedAvg model, in original dtypes.
 

@@ -1,6 +1,6 @@
 """Pack a model's named tensors into one flat vector, and back.
 
-CKKS encrypts vectors of ``slots`` values at a time. Encrypting each layer
+BFV encrypts ``N`` values per ciphertext. Encrypting each layer
 separately would waste most of the last ciphertext of every layer (a bias of
 10 values costs a full ciphertext), so all tensors are laid end to end in one
 float64 vector that is then cut into as few ciphertexts as possible. The
@@ -108,7 +108,7 @@ def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[Layout, np.ndarray]:
     Raises
     ------
     MalformedUpdateError
-        If a tensor is not floating point, or holds NaN or infinity (CKKS would
+        If a tensor is not floating point, or holds NaN or infinity (HE would
         encrypt them as garbage that poisons the whole aggregate).
     """
     specs: list[TensorSpec] = []

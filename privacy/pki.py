@@ -381,7 +381,7 @@ def generate_node_keypair(*, comment: str = "") -> NodeKeyPair:
 
 
 def generate_x25519_keypair() -> tuple[x25519.X25519PrivateKey, x25519.X25519PublicKey]:
-    """A fresh X25519 key pair for receiving sealed CKKS secret contexts."""
+    """A fresh X25519 key pair for receiving sealed HE secret contexts."""
     key = x25519.X25519PrivateKey.generate()
     return key, key.public_key()
 

@@ -1,6 +1,6 @@
-"""Sealing a CKKS secret context to one hospital's enrolled X25519 key.
+"""Sealing a HE secret context to one hospital's enrolled X25519 key.
 
-The custodian hospital generates the secret CKKS context and seals one copy to
+The custodian hospital generates the secret HE context and seals one copy to
 each other hospital; the coordinator relays and stores the envelopes but cannot
 open them. The construction is the ECIES / HPKE base-mode pattern built from
 :mod:`cryptography` primitives only (RFC 7748 X25519, RFC 5869 HKDF-SHA256,
@@ -143,7 +143,7 @@ def _b64(data: bytes) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class SealedKeyEnvelope:
-    """One hospital's copy of the secret CKKS context, as the coordinator relays it.
+    """One hospital's copy of the secret HE context, as the coordinator relays it.
 
     The coordinator may store and forward this; without the recipient's
     ``seal.key`` it learns nothing but the labels and the size.
@@ -282,7 +282,7 @@ def seal_context_for(
     sender: str,
     signing_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> dict[str, SealedKeyEnvelope]:
-    """Seal the secret CKKS context to every hospital in ``hospitals`` but the sender.
+    """Seal the secret HE context to every hospital in ``hospitals`` but the sender.
 
     Take ``hospitals`` from the custodian's own verified kit (its signed
     ``peers/*.seal.pub``), never from the relay: a relay that substituted a key

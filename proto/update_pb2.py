@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cupdate.proto\x12\x12\x66\x65\x64vault.update.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"9\n\x06Layout\x12/\n\x07tensors\x18\x01 \x03(\x0b\x32\x1e.fedvault.update.v1.TensorSpec\"\xde\x01\n\x0eUpdateEnvelope\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x1b\n\x13\x63ontext_fingerprint\x18\x02 \x01(\t\x12\x11\n\tkey_epoch\x18\x03 \x01(\r\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.fedvault.update.v1.Layout\x12\x0e\n\x06\x63hunks\x18\x05 \x03(\x0c\x12\x15\n\rsample_weight\x18\x06 \x01(\x01\x12\x0b\n\x03job\x18\x07 \x01(\t\x12\x14\n\x0cserver_round\x18\x08 \x01(\r\x12\x0e\n\x06scheme\x18\t \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cupdate.proto\x12\x12\x66\x65\x64vault.update.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"9\n\x06Layout\x12/\n\x07tensors\x18\x01 \x03(\x0b\x32\x1e.fedvault.update.v1.TensorSpec\"\x8c\x02\n\x0eUpdateEnvelope\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x1b\n\x13\x63ontext_fingerprint\x18\x02 \x01(\t\x12\x11\n\tkey_epoch\x18\x03 \x01(\r\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.fedvault.update.v1.Layout\x12\x0e\n\x06\x63hunks\x18\x05 \x03(\x0c\x12\x15\n\rsample_weight\x18\x06 \x01(\x01\x12\x0b\n\x03job\x18\x07 \x01(\t\x12\x14\n\x0cserver_round\x18\x08 \x01(\r\x12\x0e\n\x06scheme\x18\t \x01(\t\x12\x12\n\nscale_bits\x18\n \x01(\r\x12\x18\n\x10value_bound_bits\x18\x0b \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYOUT']._serialized_start=94
   _globals['_LAYOUT']._serialized_end=151
   _globals['_UPDATEENVELOPE']._serialized_start=154
-  _globals['_UPDATEENVELOPE']._serialized_end=376
+  _globals['_UPDATEENVELOPE']._serialized_end=422
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ class Layout(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class UpdateEnvelope(_message.Message):
-    __slots__ = ("format_version", "context_fingerprint", "key_epoch", "layout", "chunks", "sample_weight", "job", "server_round", "scheme")
+    __slots__ = ("format_version", "context_fingerprint", "key_epoch", "layout", "chunks", "sample_weight", "job", "server_round", "scheme", "scale_bits", "value_bound_bits")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     KEY_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class UpdateEnvelope(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BOUND_BITS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     context_fingerprint: str
     key_epoch: int
@@ -42,4 +44,6 @@ class UpdateEnvelope(_message.Message):
     job: str
     server_round: int
     scheme: str
-    def __init__(self, format_version: _Optional[int] = ..., context_fingerprint: _Optional[str] = ..., key_epoch: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., chunks: _Optional[_Iterable[bytes]] = ..., sample_weight: _Optional[float] = ..., job: _Optional[str] = ..., server_round: _Optional[int] = ..., scheme: _Optional[str] = ...) -> None: ...
+    scale_bits: int
+    value_bound_bits: int
+    def __init__(self, format_version: _Optional[int] = ..., context_fingerprint: _Optional[str] = ..., key_epoch: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., chunks: _Optional[_Iterable[bytes]] = ..., sample_weight: _Optional[float] = ..., job: _Optional[str] = ..., server_round: _Optional[int] = ..., scheme: _Optional[str] = ..., scale_bits: _Optional[int] = ..., value_bound_bits: _Optional[int] = ...) -> None: ...

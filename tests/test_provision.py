@@ -85,7 +85,7 @@ def test_layout(result: ProvisionResult) -> None:
             "manifest.sig",
         }
     assert len(result.ca_sha256) == 64
-    # No CKKS key anywhere: the provisioner never generates one.
+    # No HE key anywhere: the provisioner never generates one.
     assert not [p for p in _files(out) if "ckks" in p.name or "context" in p.name]
 
 
@@ -153,7 +153,7 @@ def test_key_ceremony_through_the_kits(result: ProvisionResult) -> None:
     custodian = Kit.load(result.hospital_kits["hospital-a"])
     envs = seal_context_for(
         custodian.seal_public_keys(),
-        b"SECRET-CKKS-CONTEXT",
+        b"SECRET-HE-CONTEXT",
         consortium=custodian.consortium,
         epoch=1,
         sender=custodian.party,
@@ -163,7 +163,7 @@ def test_key_ceremony_through_the_kits(result: ProvisionResult) -> None:
     for h, env in envs.items():
         kit = Kit.load(result.hospital_kits[h])
         env.verify_sender(custodian.certificate(), kit.ca_cert)
-        assert env.open(kit.seal_private_key(), expected_epoch=1) == b"SECRET-CKKS-CONTEXT"
+        assert env.open(kit.seal_private_key(), expected_epoch=1) == b"SECRET-HE-CONTEXT"
 
 
 def test_operator_kits_carry_their_role(result: ProvisionResult) -> None:

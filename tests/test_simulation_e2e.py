@@ -2,7 +2,7 @@
 
 Few rounds on purpose: Ray start-up alone costs ~10 s. Checks the report
 contract, the privacy accounting against an independent re-derivation, and
-that nothing the coordinator stored holds a CKKS secret key.
+that nothing the coordinator stored holds a HE secret key.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_epsilon_rederived_from_reported_dp_parameters(run_dir: Path) -> None:
 
 def test_coordinator_store_holds_no_secret_key(run_dir: Path) -> None:
     secret_bytes = (
-        run_dir / "hospitals" / "hospital-1" / "keys" / "epoch-0" / "ckks-secret.ctx"
+        run_dir / "hospitals" / "hospital-1" / "keys" / "epoch-0" / "he-secret.ctx"
     ).read_bytes()
     assert ts.context_from(secret_bytes).is_private()
     store = RoundStore(sqlite_url(run_dir / "fedvault.sqlite"))
@@ -105,6 +105,6 @@ def test_coordinator_store_holds_no_secret_key(run_dir: Path) -> None:
             ctx = ts.context_from(data)
         except Exception:
             continue
-        assert not ctx.is_private(), f"{name} holds a secret CKKS context"
-    public = ts.context_from((run_dir / "coordinator" / "ckks-public.ctx").read_bytes())
+        assert not ctx.is_private(), f"{name} holds a secret HE context"
+    public = ts.context_from((run_dir / "coordinator" / "he-public.ctx").read_bytes())
     assert not public.is_private()

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from fedvault.client.keys import KeyStore, custodian_ceremony, install_sealed_key
 from fedvault.coordinator.key_ceremony import KeyDirectory
 from fedvault.kit import Kit
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import KeyMismatchError, SecretKeyExposureError
+from fedvault.privacy.he_context import HeContext
 from fedvault.provision import provision
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "consortium.toml"
@@ -63,13 +63,13 @@ def test_ceremony_gives_every_hospital_the_same_key_and_the_relay_only_public(
     again, _ = custodian_ceremony(
         custodian, stores["hospital-a"], epoch=1, recipients=["hospital-b"]
     )
-    assert CkksContext.from_bytes(again).fingerprint == pub.fingerprint
+    assert HeContext.from_bytes(again).fingerprint == pub.fingerprint
 
 
 def test_relay_refuses_to_store_a_secret_context(tmp_path: Path) -> None:
     relay = KeyDirectory(tmp_path / "keys")
     with pytest.raises(SecretKeyExposureError, match="discarded, not stored"):
-        relay.save_public(1, CkksContext.generate().serialize_secret())
+        relay.save_public(1, HeContext.generate().serialize_secret())
     assert relay.blobs() == []
 
 
@@ -84,7 +84,7 @@ def test_only_the_custodian_runs_a_ceremony_and_envelopes_are_bound(
         custodian, KeyStore(tmp_path / "a"), epoch=2, recipients=["hospital-b", "hospital-c"]
     )
     pem = custodian.certificate().public_bytes(Encoding.PEM)
-    fp = CkksContext.from_bytes(public).fingerprint
+    fp = HeContext.from_bytes(public).fingerprint
     # hospital-c's envelope handed to hospital-b: refused, nothing stored.
     store_b = KeyStore(tmp_path / "b2")
     with pytest.raises(KeyMismatchError):
@@ -117,5 +117,5 @@ def test_only_the_custodian_runs_a_ceremony_and_envelopes_are_bound(
             public_fingerprint=fp,
         )
     assert store_b.epochs() == []
-    with pytest.raises(KeyMismatchError, match="no CKKS key for key epoch 2"):
+    with pytest.raises(KeyMismatchError, match="no HE key for key epoch 2"):
         store_b.get(2)

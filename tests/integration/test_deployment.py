@@ -5,7 +5,7 @@ What is proved here:
 * ``fedvault demo`` runs a 3-hospital consortium (coordinator + 3 hospital
   daemons, each its own process tree) to the end: 2 rounds, accuracy >= 0.85,
   every hospital's ε in (0, 3], a summary table, and no process left behind;
-* the coordinator never stored *or received* a CKKS secret context: every file
+* the coordinator never stored *or received* a HE secret context: every file
   it wrote, every value of its round store, every row of Flower's SuperLink
   database, and every request body its public Fleet gateway relayed (captured
   by a test-only ``sitecustomize`` hook, see :data:`CAPTURE_HOOK`) is searched
@@ -49,8 +49,9 @@ from fedvault.coordinator.store import RoundStore, sqlite_url
 from fedvault.coordinator.superlink import SuperLinkConfig, SuperLinkProcess
 from fedvault.flower_env import free_port
 from fedvault.kit import Kit, KitError, KitKind
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import KeyMismatchError
+from fedvault.privacy.he import decrypt_average, encrypt_update
+from fedvault.privacy.he_context import HeContext
 from fedvault.privacy.sealing import SealedKeyEnvelope
 from fedvault.provision import provision
 
@@ -69,7 +70,7 @@ DEMO_TEST_TIMEOUT_S = 480
 
 @dataclass(frozen=True)
 class SecretProbe:
-    """Finds a CKKS secret context in arbitrary bytes, raw or base64-encoded.
+    """Finds a HE secret context in arbitrary bytes, raw or base64-encoded.
 
     ``needles`` are 64-byte pieces of the secret serialization that do not occur
     in its public serialization (so they come from the secret key itself), plus
@@ -116,10 +117,10 @@ class ScanResult:
 def _scan(items: Iterator[tuple[str, bytes]], probe: SecretProbe, result: ScanResult) -> None:
     for name, data in items:
         result.scanned += 1
-        assert not probe.leaks(data), f"CKKS secret key material found in {name}"
+        assert not probe.leaks(data), f"HE secret key material found in {name}"
         ctx = _parse_context(data)
         if ctx is not None:
-            assert not ctx.is_private(), f"{name} is a CKKS context WITH the secret key"
+            assert not ctx.is_private(), f"{name} is a HE context WITH the secret key"
             result.contexts[name] = ctx
 
 
@@ -179,7 +180,7 @@ def secrets(demo: DemoRun) -> dict[str, bytes]:
         pytest.fail(f"the demo failed, nothing to inspect: {demo.explain()}")
     out = {}
     for name in HOSPITALS:
-        path = demo.out / "hospital-state" / name / "keys" / "epoch-1" / "ckks-secret.ctx"
+        path = demo.out / "hospital-state" / name / "keys" / "epoch-1" / "he-secret.ctx"
         out[name] = path.read_bytes()
         assert ts.context_from(out[name]).is_private(), f"{path} holds no secret key"
     return out
@@ -291,10 +292,8 @@ def test_coordinator_never_received_a_secret_context(
     assert sum(n.endswith("fleet-push-object.bin") for n in names) >= 10, "capture hook inactive"
     assert any(n.endswith("fleet-push-messages.bin") for n in names)
     # Positive control: the custodian's public context went through the relay and was seen.
-    public = CkksContext.from_bytes(secrets["hospital-1"]).fingerprint
-    seen = [
-        CkksContext.from_bytes(ctx.serialize()).fingerprint for ctx in relayed.contexts.values()
-    ]
+    public = HeContext.from_bytes(secrets["hospital-1"]).fingerprint
+    seen = [HeContext.from_bytes(ctx.serialize()).fingerprint for ctx in relayed.contexts.values()]
     assert public in seen
     # ... and so did the envelopes the coordinator stored (it relays what it receives).
     stored = (
@@ -327,7 +326,7 @@ def test_sealed_envelopes_open_only_with_the_recipient_kit(
 
     sealed = sorted((demo.out / "coordinator" / "keys" / "epoch-1" / "sealed").glob("*.env"))
     assert [p.stem for p in sealed] == ["hospital-2", "hospital-3"]
-    fingerprint = CkksContext.from_bytes(secrets["hospital-1"]).fingerprint
+    fingerprint = HeContext.from_bytes(secrets["hospital-1"]).fingerprint
     for path in sealed:
         envelope = SealedKeyEnvelope.from_bytes(path.read_bytes())
         assert (envelope.recipient, envelope.sender, envelope.epoch) == (path.stem, "hospital-1", 1)
@@ -337,7 +336,7 @@ def test_sealed_envelopes_open_only_with_the_recipient_kit(
         with pytest.raises(KeyMismatchError):
             envelope.open(Kit.load(kits / "hospitals" / other).seal_private_key(), expected_epoch=1)
         # It does hold the key: the recipient's own kit opens it.
-        opened = CkksContext.from_bytes(
+        opened = HeContext.from_bytes(
             envelope.open(
                 Kit.load(kits / "hospitals" / path.stem).seal_private_key(), expected_epoch=1
             )
@@ -353,18 +352,18 @@ def test_every_hospital_holds_the_key_of_the_coordinators_public_context(
     demo: DemoRun, secrets: dict[str, bytes]
 ) -> None:
     public_bytes = (demo.out / "coordinator" / "keys" / "epoch-1" / "public.ctx").read_bytes()
-    public = CkksContext.from_bytes(public_bytes)
+    public = HeContext.from_bytes(public_bytes)
     assert not public.is_private
-    contexts = {name: CkksContext.from_bytes(data) for name, data in secrets.items()}
+    contexts = {name: HeContext.from_bytes(data) for name, data in secrets.items()}
     assert {name: c.fingerprint for name, c in contexts.items()} == dict.fromkeys(
         HOSPITALS, public.fingerprint
     )
     values = np.linspace(-3.0, 3.0, 257)
-    cipher = ts.ckks_vector(public.tenseal, values.tolist()).serialize()
+    cipher = encrypt_update(public, {"v": values}, weight=1.0)
     for name, ctx in contexts.items():
         assert ctx.is_private, name
-        decrypted = ts.ckks_vector_from(ctx.tenseal, cipher).decrypt()
-        np.testing.assert_allclose(decrypted, values, atol=1e-4, err_msg=name)
+        decrypted = decrypt_average(ctx, cipher)["v"]
+        np.testing.assert_allclose(decrypted, values, atol=2.0**-17, err_msg=name)
 
 
 # ---- 4. tampered kits ---------------------------------------------------------------------

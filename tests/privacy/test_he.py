@@ -1,10 +1,9 @@
 """Encrypt -> aggregate -> decrypt of whole model updates, and every refusal.
 
-Tolerance: CKKS at scale 2**40 adds an absolute error of about 1e-8 per value
-and ciphertext (encoding rounding + encryption noise), independent of the
-value's magnitude (measured: <= 2.2e-8 on a sum of three updates). We allow
-``SUM_ATOL = 1e-6`` on a weighted sum, so ``1e-6 / total_weight`` on the
-average; float32 outputs add their own rounding (``rtol = 1e-6``).
+Tolerance: BFV sums are exact, so the only error is the fixed-point rounding
+of each summand, at most 1/2 unit of 2**-16: ``K * 2**-17`` on a weighted sum
+of K updates (``SUM_ATOL``), ``K * 2**-17 / total_weight`` on the average;
+float32 outputs add their own rounding (``rtol = 1e-6``).
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tenseal as ts
 
-from fedvault.privacy.ckks import CkksContext
 from fedvault.privacy.errors import (
     InvalidConfigError,
     KeyMismatchError,
@@ -34,21 +31,22 @@ from fedvault.privacy.he import (
     encrypt_update,
     parse_envelope,
 )
+from fedvault.privacy.he_context import HeContext, HeParams
 from fedvault.proto import update_pb2
 
-SUM_ATOL = 1e-6
+SUM_ATOL = 3 * 2.0**-17  # three summands, 1/2 unit of 2**-16 each
 SLOTS = 4096
 WEIGHTS = (3.0, 50.0, 1234.0)
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ctx() -> CkksContext:
-    return CkksContext.generate()
+def ctx() -> HeContext:
+    return HeContext.generate()
 
 
 @pytest.fixture(scope="module")
-def pub(ctx: CkksContext) -> CkksContext:
+def pub(ctx: HeContext) -> HeContext:
     return ctx.public()
 
 
@@ -71,7 +69,7 @@ def _weighted(updates: list[dict[str, np.ndarray]], weights: tuple[float, ...]) 
 
 
 def _check_round_trip(
-    ctx: CkksContext, pub: CkksContext, size: int, magnitude: float, seed: int
+    ctx: HeContext, pub: HeContext, size: int, magnitude: float, seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
     updates = [_model(size, magnitude, rng) for _ in WEIGHTS]
@@ -103,15 +101,15 @@ def _check_round_trip(
         np.testing.assert_allclose(avg[name], expected, rtol=1e-6, atol=SUM_ATOL / total)
 
 
-@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 50.0])
 @pytest.mark.parametrize("size", [1, SLOTS - 1, SLOTS, SLOTS + 1])
 def test_aggregate_average_matches_numpy(
-    ctx: CkksContext, pub: CkksContext, size: int, magnitude: float
+    ctx: HeContext, pub: HeContext, size: int, magnitude: float
 ) -> None:
     _check_round_trip(ctx, pub, size, magnitude, seed=size)
 
 
-def test_million_value_layer(ctx: CkksContext, pub: CkksContext) -> None:
+def test_million_value_layer(ctx: HeContext, pub: HeContext) -> None:
     rng = np.random.default_rng(7)
     weights = WEIGHTS
     updates = [{"big": rng.standard_normal((1000, 1000)).astype(np.float32)} for _ in weights]
@@ -126,7 +124,7 @@ def test_million_value_layer(ctx: CkksContext, pub: CkksContext) -> None:
     np.testing.assert_allclose(avg, expected, rtol=1e-6, atol=SUM_ATOL / sum(weights))
 
 
-def test_single_update_decrypts_to_itself(ctx: CkksContext) -> None:
+def test_single_update_decrypts_to_itself(ctx: HeContext) -> None:
     update = {"x": np.linspace(-1.0, 1.0, 10)}
     data = encrypt_update(ctx, update, weight=4.0)
     sums, weight = decrypt_update(ctx, data)
@@ -135,7 +133,7 @@ def test_single_update_decrypts_to_itself(ctx: CkksContext) -> None:
     np.testing.assert_allclose(decrypt_average(ctx, data)["x"], update["x"], atol=SUM_ATOL)
 
 
-def test_result_carries_first_updates_job_and_round(ctx: CkksContext, pub: CkksContext) -> None:
+def test_result_carries_first_updates_job_and_round(ctx: HeContext, pub: HeContext) -> None:
     agg = Aggregator(pub, key_epoch=6)
     agg.add(
         encrypt_update(ctx, {"w": np.ones(2)}, weight=1.0, key_epoch=6, job="s", server_round=4)
@@ -145,19 +143,19 @@ def test_result_carries_first_updates_job_and_round(ctx: CkksContext, pub: CkksC
     assert env.context_fingerprint == pub.fingerprint
 
 
-def test_public_context_encrypts(ctx: CkksContext, pub: CkksContext) -> None:
+def test_public_context_encrypts(ctx: HeContext, pub: HeContext) -> None:
     # The coordinator encrypts the initial model with the public key only.
-    model = {"w": np.array([0.25, -3.0, 1e3])}
+    model = {"w": np.array([0.25, -3.0, 255.0])}
     data = encrypt_update(pub, model, weight=1.0, server_round=0)
     np.testing.assert_allclose(decrypt_average(ctx, data)["w"], model["w"], atol=SUM_ATOL)
 
 
-def test_aggregator_refuses_secret_context(ctx: CkksContext) -> None:
+def test_aggregator_refuses_secret_context(ctx: HeContext) -> None:
     with pytest.raises(SecretKeyExposureError, match=r"ctx\.public\(\)"):
         Aggregator(ctx)
 
 
-def test_decrypt_with_public_context_refused(ctx: CkksContext, pub: CkksContext) -> None:
+def test_decrypt_with_public_context_refused(ctx: HeContext, pub: HeContext) -> None:
     data = encrypt_update(ctx, {"w": np.ones(3)}, weight=1.0)
     with pytest.raises(SecretKeyExposureError, match="this context holds no secret key"):
         decrypt_update(pub, data)
@@ -165,15 +163,15 @@ def test_decrypt_with_public_context_refused(ctx: CkksContext, pub: CkksContext)
         decrypt_average(pub, data)
 
 
-def test_decrypt_wrong_key_or_epoch(ctx: CkksContext) -> None:
+def test_decrypt_wrong_key_or_epoch(ctx: HeContext) -> None:
     data = encrypt_update(ctx, {"w": np.ones(3)}, weight=1.0, key_epoch=4)
     with pytest.raises(KeyMismatchError):
-        decrypt_update(CkksContext.generate(), data)
+        decrypt_update(HeContext.generate(), data)
     with pytest.raises(KeyMismatchError, match="epoch 4, expected epoch 5"):
         decrypt_average(ctx, data, key_epoch=5)
 
 
-def test_result_without_updates(pub: CkksContext) -> None:
+def test_result_without_updates(pub: HeContext) -> None:
     with pytest.raises(MalformedUpdateError, match="no update was added"):
         Aggregator(pub).result()
 
@@ -201,10 +199,16 @@ def _replace_chunk(index: int, blob: bytes) -> Callable[[update_pb2.UpdateEnvelo
     return edit
 
 
-def _zero_middle(blob: bytes) -> bytes:
+def _garble_middle(blob: bytes) -> bytes:
+    """Overwrite coefficients with 0xff..: no longer residues mod q, which SEAL checks.
+
+    (Coefficients overwritten with other residues would still form a valid
+    ciphertext of some other plaintext: no receiver can tell, exactly as it
+    cannot tell a hospital that encrypted garbage. TLS protects transit.)
+    """
     garbled = bytearray(blob)
     mid = len(garbled) // 2
-    garbled[mid : mid + 64] = bytes(64)
+    garbled[mid : mid + 64] = b"\xff" * 64
     return bytes(garbled)
 
 
@@ -212,19 +216,20 @@ UNPARSABLE = "cannot parse the update envelope"
 CHUNK_UNPARSABLE = "chunk 0 of 2 cannot be parsed"
 
 
-def _bad_updates(ctx: CkksContext) -> dict[str, tuple[bytes, type[Exception], str]]:
+def _bad_updates(ctx: HeContext) -> dict[str, tuple[bytes, type[Exception], str]]:
     """Name -> (update, expected error, expected message fragment)."""
     good = encrypt_update(ctx, BASE, weight=BASE_WEIGHT)
     chunk0 = parse_envelope(good).chunks[0]
-    raw = ctx.tenseal.data
-    short = ts._ts_cpp.CKKSVector(raw, [1.0] * 3).serialize()
-    low_scale = ts._ts_cpp.CKKSVector(raw, [1.0] * SLOTS, 2.0**30).serialize()
+    other_params = HeContext.generate(
+        HeParams(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60))
+    )
+    foreign = parse_envelope(encrypt_update(other_params, BASE, weight=1.0)).chunks[0]
     noise = np.random.default_rng(3).bytes(len(chunk0))
     other_shape = dict(BASE, a=BASE["a"].reshape(1, -1))
     renamed = {"z": BASE["a"], "s": BASE["s"]}
     mal, key = MalformedUpdateError, KeyMismatchError
     return {
-        "wrong key": (encrypt_update(CkksContext.generate(), BASE, weight=1.0), key, "ceremony"),
+        "wrong key": (encrypt_update(HeContext.generate(), BASE, weight=1.0), key, "ceremony"),
         "wrong epoch": (
             encrypt_update(ctx, BASE, weight=1.0, key_epoch=1),
             key,
@@ -235,7 +240,7 @@ def _bad_updates(ctx: CkksContext) -> dict[str, tuple[bytes, type[Exception], st
         "empty": (b"", mal, "format_version=0"),
         "truncated chunk": (_tamper(good, _replace_chunk(0, chunk0[:-100])), mal, CHUNK_UNPARSABLE),
         "garbled chunk": (
-            _tamper(good, _replace_chunk(0, _zero_middle(chunk0))),
+            _tamper(good, _replace_chunk(0, _garble_middle(chunk0))),
             mal,
             CHUNK_UNPARSABLE,
         ),
@@ -243,10 +248,21 @@ def _bad_updates(ctx: CkksContext) -> dict[str, tuple[bytes, type[Exception], st
         "empty chunk": (
             _tamper(good, _replace_chunk(1, b"")),
             mal,
-            "chunk 1 of 2 does not hold 11",
+            "chunk 1 of 2 cannot be parsed",
         ),
-        "short chunk": (_tamper(good, _replace_chunk(0, short)), mal, "does not hold 4096"),
-        "wrong scale": (_tamper(good, _replace_chunk(0, low_scale)), mal, "scale 2**40"),
+        "chunk of other parameters": (
+            _tamper(good, _replace_chunk(0, foreign)),
+            mal,
+            CHUNK_UNPARSABLE,
+        ),
+        "oversized chunk": (
+            _tamper(good, _replace_chunk(0, chunk0 * 3)),
+            mal,
+            "more than a ciphertext",
+        ),
+        "scale bits": (_tamper(good, _set("scale_bits", 20)), mal, "fixed-point scale 2**-20"),
+        "bound bits": (_tamper(good, _set("value_bound_bits", 40)), mal, "no room"),
+        "weight capacity": (_tamper(good, _set("sample_weight", 3e6)), mal, "sums exactly"),
         "missing chunk": (_tamper(good, lambda env: env.chunks.pop()), mal, "has 1 ciphertext"),
         "extra chunk": (
             _tamper(good, lambda env: env.chunks.append(chunk0)),
@@ -263,14 +279,14 @@ def _bad_updates(ctx: CkksContext) -> dict[str, tuple[bytes, type[Exception], st
         "negative weight": (_tamper(good, _set("sample_weight", -2.0)), mal, "got -2.0"),
         "nan weight": (_tamper(good, _set("sample_weight", math.nan)), mal, "got nan"),
         "inf weight": (_tamper(good, _set("sample_weight", math.inf)), mal, "got inf"),
-        "format version": (_tamper(good, _set("format_version", 2)), mal, "format_version=2"),
-        "scheme": (_tamper(good, _set("scheme", "bfv")), mal, "scheme 'bfv'"),
+        "format version": (_tamper(good, _set("format_version", 1)), mal, "format_version=1"),
+        "scheme": (_tamper(good, _set("scheme", "ckks")), mal, "scheme 'ckks'"),
         "job": (_tamper(good, _set("job", "other")), mal, "job 'other'"),
         "round": (_tamper(good, _set("server_round", 3)), mal, "stale"),
     }
 
 
-def test_rejected_updates_leave_sum_untouched(ctx: CkksContext, pub: CkksContext) -> None:
+def test_rejected_updates_leave_sum_untouched(ctx: HeContext, pub: HeContext) -> None:
     bad = _bad_updates(ctx)
     agg = Aggregator(pub, job="", server_round=0)
     agg.add(encrypt_update(ctx, BASE, weight=BASE_WEIGHT))
@@ -293,9 +309,9 @@ def test_rejected_updates_leave_sum_untouched(ctx: CkksContext, pub: CkksContext
     np.testing.assert_allclose(sums["a"], 8.0 * BASE["a"], rtol=0, atol=SUM_ATOL)
 
 
-def test_wrong_key_message_names_expected_key(ctx: CkksContext, pub: CkksContext) -> None:
+def test_wrong_key_message_names_expected_key(ctx: HeContext, pub: HeContext) -> None:
     agg = Aggregator(pub, key_epoch=3)
-    other = encrypt_update(CkksContext.generate(), BASE, weight=1.0, key_epoch=3)
+    other = encrypt_update(HeContext.generate(), BASE, weight=1.0, key_epoch=3)
     with pytest.raises(KeyMismatchError) as info:
         agg.add(other)
     assert pub.fingerprint[:16] in str(info.value)
@@ -303,7 +319,7 @@ def test_wrong_key_message_names_expected_key(ctx: CkksContext, pub: CkksContext
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_encrypt_refuses_non_finite(ctx: CkksContext, value: float) -> None:
+def test_encrypt_refuses_non_finite(ctx: HeContext, value: float) -> None:
     arr = np.ones(5)
     arr[3] = value
     with pytest.raises(MalformedUpdateError, match="'fc'"):
@@ -311,21 +327,35 @@ def test_encrypt_refuses_non_finite(ctx: CkksContext, value: float) -> None:
 
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, math.inf, math.nan, True])
-def test_encrypt_refuses_bad_weight(ctx: CkksContext, weight: float) -> None:
+def test_encrypt_refuses_bad_weight(ctx: HeContext, weight: float) -> None:
     with pytest.raises(MalformedUpdateError, match="weight"):
         encrypt_update(ctx, {"w": np.ones(2)}, weight=weight)
 
 
-def test_encrypt_refuses_overflowing_values(ctx: CkksContext) -> None:
-    # 2**59 is the decodable limit of the default context; keep 2**10 headroom for sums.
-    encrypt_update(ctx, {"w": np.array([2.0**48])}, weight=1.0)
-    with pytest.raises(MalformedUpdateError, match="overflow"):
-        encrypt_update(ctx, {"w": np.array([2.0**40])}, weight=2.0**10)
-    with pytest.raises(MalformedUpdateError, match="overflow"):
-        encrypt_update(ctx, {"w": np.array([1e300])}, weight=1e300)
+def test_encrypt_refuses_out_of_range_values_and_weights(ctx: HeContext) -> None:
+    # Values below 2**8 and total weight up to 2**21 sum exactly in 45-bit slots.
+    encrypt_update(ctx, {"w": np.array([255.99])}, weight=2.0**21)
+    with pytest.raises(MalformedUpdateError, match="beyond the ±256"):
+        encrypt_update(ctx, {"w": np.array([-256.0])}, weight=1.0)
+    with pytest.raises(MalformedUpdateError, match=r"exceeds the 2\.09715e"):
+        encrypt_update(ctx, {"w": np.array([1.0])}, weight=2.0**21 + 1)
 
 
-def test_encrypt_refuses_empty_and_bad_ids(ctx: CkksContext) -> None:
+def test_sum_at_capacity_is_exact(ctx: HeContext, pub: HeContext) -> None:
+    # The largest values at the largest total weight: the sum's integers reach
+    # 2**45 - 2**21 and still decode exactly; one more record is refused.
+    top = {"w": np.array([255.99, -255.99, 1e-3])}
+    agg = Aggregator(pub)
+    for _ in range(4):
+        agg.add(encrypt_update(ctx, top, weight=2.0**19))
+    with pytest.raises(MalformedUpdateError, match="left out"):
+        agg.add(encrypt_update(ctx, top, weight=1.0))
+    sums, weight = decrypt_update(ctx, agg.result())
+    assert weight == 2.0**21
+    np.testing.assert_allclose(sums["w"], 2.0**21 * top["w"], rtol=0, atol=4 * 2.0**-17)
+
+
+def test_encrypt_refuses_empty_and_bad_ids(ctx: HeContext) -> None:
     with pytest.raises(MalformedUpdateError, match="no values"):
         encrypt_update(ctx, {}, weight=1.0)
     with pytest.raises(InvalidConfigError, match="key_epoch"):
@@ -334,11 +364,12 @@ def test_encrypt_refuses_empty_and_bad_ids(ctx: CkksContext) -> None:
         encrypt_update(ctx, {"w": np.ones(2)}, weight=1.0, server_round=2**32)
 
 
-def test_envelope_fields(ctx: CkksContext) -> None:
+def test_envelope_fields(ctx: HeContext) -> None:
     data = encrypt_update(ctx, BASE, weight=2.5, key_epoch=9, job="study", server_round=12)
     env = parse_envelope(data)
-    assert env.format_version == FORMAT_VERSION == 1
-    assert env.scheme == "ckks"
+    assert env.format_version == FORMAT_VERSION == 2
+    assert env.scheme == "bfv-fixed"
+    assert (env.scale_bits, env.value_bound_bits) == (16, 8)
     assert env.context_fingerprint == ctx.fingerprint
     assert (env.key_epoch, env.job, env.server_round, env.sample_weight) == (9, "study", 12, 2.5)
     assert [t.name for t in env.layout.tensors] == ["a", "s"]

@@ -8,7 +8,7 @@ DEMO_OUT ?= demo-out
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint proto clean
+.PHONY: install demo test bench soak lint proto clean
 
 install: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# Not part of `make test`: timings and load, side by side in one run (bench/README.md).
+bench: install
+	$(BIN)/python -m bench.run
+
+soak: install
+	$(BIN)/python -m bench.soak
 
 # mypy does not follow setuptools' package-dir mapping, so type-check a tree of
 # symlinks laid out as the installed package (fedvault/privacy -> privacy/, ...).

@@ -21,7 +21,6 @@ half-added update would corrupt the running sum.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -232,9 +231,17 @@ def _check_key(ctx: HeContext, env: update_pb2.UpdateEnvelope, key_epoch: int | 
         )
 
 
-@functools.cache
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
 def _loader() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="fedvault-he")
+    """This process's chunk-loading pool (a forked child gets its own: threads don't fork)."""
+    pid = os.getpid()
+    if pid not in _pools:
+        _pools[pid] = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="fedvault-he"
+        )
+    return _pools[pid]
 
 
 def _load_chunks(ctx: HeContext, env: update_pb2.UpdateEnvelope, layout: Layout) -> list[Any]:

@@ -39,6 +39,8 @@ def _scratch() -> Path:
 
 
 def _path() -> Path:
+    # One file per thread, overwritten by each call and removed at exit: no
+    # per-chunk unlink on the coordinator's hot path.
     return _scratch() / f"{os.getpid()}-{threading.get_ident()}"
 
 
@@ -46,10 +48,7 @@ def dump(obj: Any) -> bytes:
     """Serialize a SEAL ciphertext (or seed-compressed ``Serializable``) to bytes."""
     path = _path()
     obj.save(str(path))
-    try:
-        return path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
+    return path.read_bytes()
 
 
 def load_ciphertext(seal_context: Any, data: bytes) -> Any:
@@ -60,9 +59,6 @@ def load_ciphertext(seal_context: Any, data: bytes) -> Any:
     """
     path = _path()
     path.write_bytes(data)
-    try:
-        ct = sealapi.Ciphertext()
-        ct.load(seal_context, str(path))
-        return ct
-    finally:
-        path.unlink(missing_ok=True)
+    ct = sealapi.Ciphertext()
+    ct.load(seal_context, str(path))
+    return ct

@@ -13,6 +13,7 @@ Order of a train round (each step can refuse, with a reason sent back):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import zlib
@@ -36,7 +37,7 @@ from fedvault.messages import (
     RoundInstruction,
     TrainReply,
 )
-from fedvault.privacy.dp import DpPlan, plan_dp
+from fedvault.privacy.dp import DpPlan, PrivacyConfig, plan_dp
 from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.he import decrypt_average, encrypt_update, parse_envelope
 
@@ -63,6 +64,17 @@ def _train_seed(job: JobConfig, hospital: str, server_round: int) -> int:
     return (job.seed * 1_000_003 + server_round * 7919 + zlib.crc32(hospital.encode())) % 2**31
 
 
+@functools.lru_cache(maxsize=1024)
+def _derive_plan(
+    privacy: PrivacyConfig, n: int, batch_size: int, local_epochs: int, rounds: int
+) -> DpPlan:
+    """plan_dp, memoised per process: a simulation worker plays many hospitals
+    of similar size, and the noise search depends on nothing else (~1 s each)."""
+    return plan_dp(
+        privacy, num_samples=n, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds
+    )
+
+
 def _plan(site: HospitalSite, job: JobConfig, n: int, batch_size: int) -> DpPlan:
     """The job's DP plan, cached in the hospital's state directory.
 
@@ -77,13 +89,7 @@ def _plan(site: HospitalSite, job: JobConfig, n: int, batch_size: int) -> DpPlan
     cache: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
     if key in cache:
         return DpPlan(**cache[key])
-    plan = plan_dp(
-        job.privacy,
-        num_samples=n,
-        batch_size=batch_size,
-        local_epochs=job.training.local_epochs,
-        rounds=job.rounds,
-    )
+    plan = _derive_plan(job.privacy, n, batch_size, job.training.local_epochs, job.rounds)
     cache[key] = asdict(plan)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -42,7 +42,9 @@ __all__ = ["SuperNodeConfig", "SuperNodeSupervisor"]
 _log = logging.getLogger(__name__)
 _FLOWER_CODE = re.compile(r"\[code: (\d+)\][^\n]*")
 _EXIT_CODE = re.compile(r"Exit Code: (\d+)")
-_NOT_ENROLLED = "2004"
+_NOT_ENROLLED = "2004"  # Flower's FLEET_NODE_ACTIVATION_FAILED: unknown key, or still online
+# ActivateNode's wording when the key is enrolled but its previous session has not expired.
+_STILL_ONLINE = "could not be activated"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class SuperNodeConfig:
         exit that comes less than ``stable_after`` seconds after a start.
     stop_grace
         Seconds between SIGTERM and SIGKILL on stop.
+    session_retry_s
+        Restart delay cap while the SuperLink still counts this node's previous
+        session as online: after a crash (kill -9, power loss) the session ends
+        only when its heartbeats are missed, about 60 s later, and the hospital
+        should rejoin within seconds of that, not after a long backoff.
     """
 
     superlink: str
@@ -80,6 +87,7 @@ class SuperNodeConfig:
     backoff_max: float = 60.0
     stable_after: float = 60.0
     stop_grace: float = 10.0
+    session_retry_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.runtime_port <= 65535:
@@ -91,7 +99,7 @@ class SuperNodeConfig:
                 f"backoff_initial={self.backoff_initial}, backoff_max={self.backoff_max}: "
                 "need 0 < backoff_initial <= backoff_max (seconds)."
             )
-        for name in ("stable_after", "stop_grace"):
+        for name in ("stable_after", "stop_grace", "session_retry_s"):
             if not getattr(self, name) > 0:
                 raise InvalidConfigError(f"{name}={getattr(self, name)} must be > 0 seconds.")
         object.__setattr__(self, "node_config", MappingProxyType(dict(self.node_config)))
@@ -208,6 +216,8 @@ class SuperNodeSupervisor:
             delay = min(c.backoff_initial * 2 ** (failures - 1), c.backoff_max)
             self.last_exit_code = code
             self.last_exit_reason = _exit_reason(c.log_path, offset)
+            if _STILL_ONLINE in self.last_exit_reason:
+                delay = min(delay, c.session_retry_s)
             self.restarts += 1
             message = (
                 f"flower-supernode exited with code {code} after {ran:.1f} s "
@@ -229,6 +239,12 @@ def _exit_reason(log_path: Path, offset: int) -> str:
     with log_path.open("rb") as log:
         log.seek(max(offset, log.seek(0, 2) - 16_384))
         text = log.read().decode("utf-8", errors="replace")
+    if _NOT_ENROLLED in _FLOWER_CODE.findall(text) and _STILL_ONLINE in text:
+        return (
+            f"[code: 2004] the SuperLink says this node {_STILL_ONLINE}: its previous "
+            "session (e.g. before a crash) still counts as online until its heartbeats "
+            "are missed, about 60 s; retrying"
+        )
     if _NOT_ENROLLED in _FLOWER_CODE.findall(text):
         return (
             "[code: 2004] the SuperLink refused this node's key: it is not registered; "

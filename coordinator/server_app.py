@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
@@ -63,7 +64,6 @@ class CoordinatorSettings:
     public_context: HeContext | None = None  # he mode: public key only
     key_epoch: int = 0
     report_dir: Path | None = None
-    max_round_attempts: int = 3
     node_wait_s: float = 120.0
     # Deployment: no public context up front; the custodian hospital creates it
     # in a key ceremony that the coordinator relays (see key_ceremony.py).
@@ -166,6 +166,9 @@ class _RoundRunner:
             )
             self.key_epoch = self.ceremony.epoch
         self.strategy: SecureFedAvg | None = None
+        # Every hospital the key ceremony ever saw (node id -> name): one that is
+        # offline when a round starts is not asked, but recorded as missing.
+        self.known: dict[int, str] = {}
 
     def ensure_keys(self) -> None:
         """Every connected hospital holds the current key before a round starts."""
@@ -187,30 +190,74 @@ class _RoundRunner:
         )
 
     def _name(self, node: int) -> str:
-        hospitals = self.ceremony.hospitals if self.ceremony is not None else {}
-        return hospitals.get(node, f"node-{node}")
+        return self.known.get(node, f"node-{node}")
+
+    def _send_and_receive(self, messages: list[Message]) -> tuple[list[Message], dict[int, str]]:
+        """Replies that came in time, and why each other addressed node gave none.
+
+        Every instruction lives only as long as the round waits for it (its
+        TTL): the SuperLink then refuses a straggler's late reply, and a hospital
+        that reconnects after a crash is never handed an instruction the round
+        stopped waiting for. Flower answers for an offline or expired node with
+        an error message from the SuperLink itself; it is matched to the node
+        it was addressed to through ``reply_to_message_id``.
+        """
+        timeout = self.job.round_timeout_s
+        for msg in messages:
+            msg.metadata.ttl = timeout
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered: list[Message] = []
+        missing: dict[int, str] = {}
+        for reply in replies:
+            if not reply.has_error():
+                answered.append(reply)
+                continue
+            node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                missing[node] = "offline: its SuperNode stopped sending heartbeats"
+            elif reply.error.code in (
+                ErrorCode.MESSAGE_UNAVAILABLE,
+                ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+            ):
+                missing[node] = f"no reply within {timeout:.0f} s"
+            else:
+                missing[node] = f"client error {reply.error.code}: {reply.error.reason}"
+        seen = {r.metadata.src_node_id for r in answered} | set(missing)
+        for msg in messages:
+            if msg.metadata.dst_node_id not in seen:
+                missing[msg.metadata.dst_node_id] = f"no reply within {timeout:.0f} s"
+        return answered, missing
 
     def train(self, number: int, model: ModelPayload) -> RoundOutcome:
         self.ensure_keys()
         assert self.strategy is not None
+        if self.ceremony is not None:
+            self.known.update(self.ceremony.hospitals)
         messages = list(
             self.strategy.configure_train(
                 number, payload_to_record(model), self._config(number), self.grid
             )
         )
-        replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s))
+        replies, missing = self._send_and_receive(messages)
+        asked = {m.metadata.dst_node_id for m in messages}
+        for node in self.known.keys() - asked:
+            missing[node] = "offline: not connected when the round started"
         outcome = self.strategy.collect_train(number, replies)
-        answered = {r.metadata.src_node_id for r in replies}
-        for msg in messages:
-            if msg.metadata.dst_node_id not in answered:
-                outcome.participations.append(
-                    Participation(
-                        hospital=self._name(msg.metadata.dst_node_id),
-                        node_id=msg.metadata.dst_node_id,
-                        status="failed",
-                        reason=f"no reply within {self.job.round_timeout_s:.0f} s",
-                    )
+        for node, reason in sorted(missing.items()):
+            hospital = self._name(node)
+            # record(): a node may have answered in this hospital's name (the
+            # store keeps one row per hospital and round).
+            outcome.record(
+                Participation(hospital=hospital, node_id=node, status="failed", reason=reason)
+            )
+            outcome.audit.append(
+                AuditEvent(
+                    kind="round_no_reply",
+                    actor=hospital,
+                    detail={"round": number, "reason": reason},
                 )
+            )
         return outcome
 
     def evaluate(self, number: int, model: ModelPayload) -> None:
@@ -220,7 +267,7 @@ class _RoundRunner:
                 number, payload_to_record(model), self._config(number), self.grid
             )
         )
-        replies = self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s)
+        replies, _ = self._send_and_receive(messages)
         evals = self.strategy.collect_evaluate(number, replies)
         self.store.record_evaluation(self.job_id, number, evaluations=evals)
 
@@ -259,7 +306,7 @@ def run_job(
                 _write_report(store, settings)
                 return "stopped"
             outcome = None
-            for attempt in range(1, settings.max_round_attempts + 1):
+            for attempt in range(1, job.max_round_attempts + 1):
                 candidate = runner.train(number, model)
                 if candidate.model is not None and candidate.accepted >= job.quorum:
                     outcome = candidate
@@ -276,6 +323,10 @@ def run_job(
                 store.record_failed_round(
                     job_row.id, number, reason=reason, participations=candidate.participations
                 )
+                # Each refusal, rejection and missing reply of the attempt is its own
+                # audit row, as it is for a committed round (round.failed sums them up).
+                for event in candidate.audit:
+                    store.append_audit(event, job_id=job_row.id)
                 obs.on_round_failed(number, attempt, reason)
                 if budget_bound and all("BudgetExhaustedError" in p.reason for p in budget_bound):
                     break  # spent budgets do not come back: retrying cannot help

@@ -6,16 +6,18 @@ sample-weighted FedAvg reduces to a ciphertext *sum* plus a plaintext total
 weight: the coordinator never divides, never decrypts, never sees a number.
 
 Every reply is validated before it can touch the running sum (see
-:meth:`SecureFedAvg.collect_train`); a rejected reply is recorded with its
-reason and leaves the aggregate untouched.
+:meth:`SecureFedAvg.collect_train`); a rejected reply is logged, recorded with
+its reason (a ``rejected`` participation and an ``update_rejected`` audit
+event) and leaves the aggregate untouched.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -25,6 +27,7 @@ from fedvault.coordinator.aggregation import PlainFedAvg
 from fedvault.coordinator.records import AuditEvent, HospitalEval, Participation
 from fedvault.messages import (
     CONFIG_KEY,
+    ENVELOPE_KEY,
     MODEL_KEY,
     EvalReply,
     ModelPayload,
@@ -32,9 +35,10 @@ from fedvault.messages import (
     TrainReply,
     payload_to_record,
 )
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError
-from fedvault.privacy.he import Aggregator
+from fedvault.privacy.errors import FedvaultError, InvalidConfigError, MalformedUpdateError
+from fedvault.privacy.he import Aggregator, parse_envelope
 from fedvault.privacy.he_context import HeContext
+from fedvault.proto import update_pb2
 
 __all__ = ["RoundOutcome", "SecureFedAvg"]
 
@@ -56,6 +60,19 @@ class RoundOutcome:
     @property
     def accepted(self) -> int:
         return sum(p.status == "ok" for p in self.participations)
+
+    def record(self, participation: Participation) -> bool:
+        """Record a hospital's part in the round once; ``False`` if it already has one.
+
+        The store keeps one row per hospital and round, so a second row would
+        make the whole round's commit fail: a second reply in the same name (a
+        duplicate, or a node that first sent garbage) is only logged and
+        audited. Use this for every participation, also the ServerApp's.
+        """
+        if any(p.hospital == participation.hospital for p in self.participations):
+            return False
+        self.participations.append(participation)
+        return True
 
 
 class SecureFedAvg(Strategy):
@@ -86,12 +103,16 @@ class SecureFedAvg(Strategy):
         self.job = job
         self.public_context = public_context
         self.key_epoch = key_epoch
+        # Layout of the model sent for a round (see expect_model): every update
+        # must match it, so a hostile first reply cannot set the layout.
+        self._expected: dict[int, _ModelLayout | None] = {}
 
     # --- Flower Strategy interface -------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.expect_model(server_round, arrays)
         return self._messages(arrays, config, grid, MessageType.TRAIN)
 
     def aggregate_train(
@@ -136,8 +157,25 @@ class SecureFedAvg(Strategy):
 
     # --- validation and aggregation -----------------------------------------
 
+    def expect_model(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Remember the layout of the global model sent for ``server_round``.
+
+        :meth:`configure_train` calls it; updates of that round must have the
+        same tensors (names, order, shapes, dtypes). Without it the first
+        accepted update sets the layout.
+        """
+        self._expected = {server_round: _layout_of(arrays)}
+
     def collect_train(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
-        """Validate every reply, aggregate the good ones, explain the rest."""
+        """Validate every reply, aggregate the good ones, explain the rest.
+
+        Checks, in order: message type, size (``max_update_bytes``, before
+        anything is decoded), records and metrics, one reply per hospital and
+        node, the update's layout against the model sent, its sample weight
+        against ``num-examples``, then key, epoch, job, round and ciphertext
+        chunks (:meth:`Aggregator.add`). Every check happens before the update
+        touches the sum.
+        """
         outcome = RoundOutcome()
         he = self.job.secure_aggregation is SecureAggregation.HE
         aggregator: Aggregator | PlainFedAvg
@@ -151,34 +189,42 @@ class SecureFedAvg(Strategy):
             )
         else:
             aggregator = PlainFedAvg()
-        seen: set[str] = set()
+        expected = self._expected.get(server_round)
+        seen_nodes: set[int] = set()
         loss_sum = 0.0
         for msg in replies:
             node = msg.metadata.src_node_id
+            repeated = node in seen_nodes  # one reply per node and round: the first counts
+            seen_nodes.add(node)
             if msg.has_error():
                 reason = f"client error {msg.error.code}: {msg.error.reason}"
-                outcome.participations.append(
+                log.warning("round %d: node %d failed: %s", server_round, node, reason)
+                outcome.record(
                     Participation(
                         hospital=f"node-{node}", node_id=node, status="failed", reason=reason
-                    )
+                    ),
                 )
                 continue
             try:
-                reply = TrainReply.from_message(msg)
+                reply = TrainReply.from_message(msg, max_bytes=self.job.max_update_bytes)
             except FedvaultError as exc:
                 self._reject(outcome, f"node-{node}", node, str(exc), server_round)
                 continue
-            if reply.hospital in seen:
+            if repeated or any(p.hospital == reply.hospital for p in outcome.participations):
                 self._reject(
-                    outcome, reply.hospital, node, "duplicate reply for this round", server_round
+                    outcome,
+                    reply.hospital,
+                    node,
+                    f"duplicate reply for round {server_round} (from {reply.hospital}, node "
+                    f"{node}): only the first reply counts; discard this one",
+                    server_round,
                 )
                 continue
-            seen.add(reply.hospital)
             if reply.status is ReplyStatus.REFUSED:
-                outcome.participations.append(
+                outcome.record(
                     Participation(
                         hospital=reply.hospital, node_id=node, status="refused", reason=reply.reason
-                    )
+                    ),
                 )
                 outcome.audit.append(
                     AuditEvent(
@@ -190,29 +236,9 @@ class SecureFedAvg(Strategy):
                 continue
             assert reply.update is not None  # TrainReply guarantees it for OK replies
             try:
-                if isinstance(aggregator, Aggregator):
-                    if reply.update.envelope is None:
-                        raise InvalidConfigError("plaintext update in an encrypted job")
-                    aggregator.add(reply.update.envelope)
-                else:
-                    if reply.update.arrays is None:
-                        raise InvalidConfigError("encrypted update in a plaintext job")
-                    aggregator.add(reply.update.arrays, weight=float(reply.samples))
-            except FedvaultError as exc:
-                self._reject(outcome, reply.hospital, node, str(exc), server_round)
-                continue
-            loss_sum += reply.train_loss * reply.samples
-            if reply.eval_samples:
-                outcome.evaluations.append(
-                    HospitalEval(
-                        hospital=reply.hospital,
-                        accuracy=reply.eval_accuracy,
-                        loss=reply.eval_loss,
-                        samples=reply.eval_samples,
-                    )
-                )
-            outcome.participations.append(
-                Participation(
+                # Build the records first: they validate too, and nothing may
+                # fail once the update is in the sum.
+                participation = Participation(
                     hospital=reply.hospital,
                     node_id=node,
                     status="ok",
@@ -227,7 +253,43 @@ class SecureFedAvg(Strategy):
                     accountant_state=reply.accountant_state,
                     bytes_received=reply.update.nbytes,
                 )
-            )
+                evaluation = (
+                    HospitalEval(
+                        hospital=reply.hospital,
+                        accuracy=reply.eval_accuracy,
+                        loss=reply.eval_loss,
+                        samples=reply.eval_samples,
+                    )
+                    if reply.eval_samples
+                    else None
+                )
+                if isinstance(aggregator, Aggregator):
+                    if reply.update.envelope is None:
+                        raise MalformedUpdateError(
+                            "plaintext update in an encrypted job; discard it and check the "
+                            "hospital's configuration (it must encrypt its updates)"
+                        )
+                    env = parse_envelope(reply.update.envelope)
+                    if expected is not None:
+                        expected.check(_envelope_layout(env))
+                    _check_weight(env.sample_weight, reply.samples)
+                    aggregator.add(reply.update.envelope)
+                else:
+                    if reply.update.arrays is None:
+                        raise MalformedUpdateError(
+                            "encrypted update in a plaintext job; discard it and check the "
+                            "hospital's configuration"
+                        )
+                    if expected is not None:
+                        expected.check(_arrays_layout(reply.update.arrays))
+                    aggregator.add(reply.update.arrays, weight=float(reply.samples))
+            except FedvaultError as exc:
+                self._reject(outcome, reply.hospital, node, str(exc), server_round)
+                continue
+            loss_sum += reply.train_loss * reply.samples
+            if evaluation is not None:
+                outcome.evaluations.append(evaluation)
+            outcome.record(participation)
         if aggregator.count:
             if isinstance(aggregator, Aggregator):
                 outcome.model = ModelPayload(envelope=aggregator.result())
@@ -246,7 +308,7 @@ class SecureFedAvg(Strategy):
                 )
                 continue
             try:
-                reply = EvalReply.from_message(msg)
+                reply = EvalReply.from_message(msg, max_bytes=self.job.max_update_bytes)
             except FedvaultError as exc:
                 log.warning("round %d: evaluation reply rejected: %s", server_round, exc)
                 continue
@@ -275,8 +337,8 @@ class SecureFedAvg(Strategy):
         outcome: RoundOutcome, hospital: str, node: int, reason: str, server_round: int
     ) -> None:
         log.warning("round %d: rejected update from %s: %s", server_round, hospital, reason)
-        outcome.participations.append(
-            Participation(hospital=hospital, node_id=node, status="rejected", reason=reason)
+        outcome.record(
+            Participation(hospital=hospital, node_id=node, status="rejected", reason=reason),
         )
         outcome.audit.append(
             AuditEvent(
@@ -284,4 +346,78 @@ class SecureFedAvg(Strategy):
                 actor=hospital,
                 detail={"round": server_round, "reason": reason},
             )
+        )
+
+
+# --- layout checks ---------------------------------------------------------------
+
+_Spec = tuple[str, tuple[int, ...], str]  # name, shape, dtype
+
+
+@dataclass(frozen=True)
+class _ModelLayout:
+    """Names, shapes and dtypes of a model's tensors, in packing order.
+
+    For an envelope also its fixed-point encoding (scale and bound bits):
+    summands encoded differently add up to garbage.
+    """
+
+    tensors: tuple[_Spec, ...]
+    encoding: tuple[int, int] | None = None
+
+    def check(self, got: _ModelLayout) -> None:
+        if got == self:
+            return
+        if got.tensors == self.tensors:
+            raise MalformedUpdateError(
+                f"update's fixed-point encoding (scale bits, bound bits) = {got.encoding} "
+                f"differs from the model sent this round, {self.encoding}; run the same "
+                "fedvault version and settings at every site, discard this update"
+            )
+        for i, (g, w) in enumerate(zip(got.tensors, self.tensors, strict=False)):
+            if g != w:
+                diff = f"tensor {i} is {g[0]!r} {g[1]} {g[2]}, expected {w[0]!r} {w[1]} {w[2]}"
+                break
+        else:
+            diff = f"{len(got.tensors)} tensors, expected {len(self.tensors)}"
+        raise MalformedUpdateError(
+            f"update's layout differs from the model sent this round: {diff}; the hospital "
+            "runs another model version, discard this update"
+        )
+
+
+def _envelope_layout(env: update_pb2.UpdateEnvelope) -> _ModelLayout:
+    return _ModelLayout(
+        tuple((t.name, tuple(int(d) for d in t.shape), t.dtype) for t in env.layout.tensors),
+        (env.scale_bits, env.value_bound_bits),
+    )
+
+
+def _arrays_layout(arrays: Mapping[str, np.ndarray]) -> _ModelLayout:
+    return _ModelLayout(tuple((k, tuple(v.shape), str(v.dtype)) for k, v in arrays.items()))
+
+
+def _layout_of(arrays: ArrayRecord) -> _ModelLayout | None:
+    """The layout of a global model record; ``None`` if it cannot be read (not ours)."""
+    try:
+        if ENVELOPE_KEY in arrays:
+            data = arrays[ENVELOPE_KEY].numpy().tobytes()
+            return _envelope_layout(parse_envelope(data))
+        return _ModelLayout(tuple((k, tuple(a.shape), str(a.dtype)) for k, a in arrays.items()))
+    except FedvaultError:
+        return None
+
+
+def _check_weight(sample_weight: float, samples: int) -> None:
+    """An encrypted update's weight must be the sample count its reply reports.
+
+    The coordinator cannot look inside the ciphertext, but it can refuse a
+    weight (NaN, negative, 1e300) that disagrees with ``num-examples``, which
+    :class:`TrainReply` has already bounded.
+    """
+    if sample_weight != float(samples):
+        raise MalformedUpdateError(
+            f"update's sample_weight {sample_weight!r} differs from the num-examples {samples} "
+            "the reply reports; the hospital must weight its update by its sample count, "
+            "discard this update"
         )

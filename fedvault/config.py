@@ -21,12 +21,17 @@ from fedvault.privacy.dp import PrivacyConfig
 from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = [
+    "DEFAULT_MAX_UPDATE_BYTES",
     "JobConfig",
     "SecureAggregation",
     "TrainingConfig",
 ]
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Default cap on one hospital reply: a 256 MiB envelope holds a model of tens
+#: of millions of parameters even at a public-key ciphertext's ~4x expansion.
+DEFAULT_MAX_UPDATE_BYTES = 256 * 2**20
+_MIN_UPDATE_BYTES = 1024
 
 
 class SecureAggregation(StrEnum):
@@ -120,6 +125,12 @@ class JobConfig:
     seed: int = 0
     min_hospitals: int = 0  # 0 means "all hospitals"
     round_timeout_s: float = 600.0
+    # Replies larger than this are refused before they are parsed (a hostile
+    # or broken hospital must not make the coordinator parse gigabytes).
+    max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+    # A round with fewer than `quorum` good replies is recorded as failed and
+    # tried again with the same model, at most this many times in all.
+    max_round_attempts: int = 3
 
     def __post_init__(self) -> None:
         _require(
@@ -153,6 +164,15 @@ class JobConfig:
             f"round_timeout_s must be > 0 (got {self.round_timeout_s!r})",
         )
         _require(
+            _is_int(self.max_update_bytes) and self.max_update_bytes >= _MIN_UPDATE_BYTES,
+            f"max_update_bytes must be an integer >= {_MIN_UPDATE_BYTES} "
+            f"(got {self.max_update_bytes!r}); the default is {DEFAULT_MAX_UPDATE_BYTES}",
+        )
+        _require(
+            _is_int(self.max_round_attempts) and self.max_round_attempts >= 1,
+            f"max_round_attempts must be an integer >= 1 (got {self.max_round_attempts!r})",
+        )
+        _require(
             self.training.batch_size >= 1,
             "batch_size must be >= 1",
         )
@@ -180,7 +200,8 @@ class JobConfig:
         """A job on ``example`` with its tuned training defaults.
 
         ``overrides`` may set any :class:`TrainingConfig` field, ``max_grad_norm``,
-        ``min_hospitals`` or ``round_timeout_s``.
+        ``min_hospitals``, ``round_timeout_s``, ``max_update_bytes`` or
+        ``max_round_attempts``.
         """
         d = example.defaults
         training = {
@@ -196,7 +217,12 @@ class JobConfig:
                 training[key] = value
             elif key == "max_grad_norm":
                 max_grad_norm = value
-            elif key in ("min_hospitals", "round_timeout_s"):
+            elif key in (
+                "min_hospitals",
+                "round_timeout_s",
+                "max_update_bytes",
+                "max_round_attempts",
+            ):
                 top[key] = value
             else:
                 raise InvalidConfigError(f"unknown job setting {key!r}")

@@ -71,7 +71,11 @@ def _job_table(s: JobStatus) -> Table:
 
 
 def _rounds_table(rounds: tuple[RoundSummary, ...]) -> Table:
-    t = Table(title="Rounds")
+    # A failed attempt (fewer good replies than min_hospitals) is retried with the
+    # same model; say so in the title, the rows give each attempt's reason.
+    failed = sum(r.status == "failed" for r in rounds)
+    retried = f" ({failed} failed attempt{'s' if failed != 1 else ''}, retried)" if failed else ""
+    t = Table(title=f"Rounds{retried}")
     for col in ("round", "attempt", "status", "accuracy", "loss", "participants", "failures"):
         t.add_column(col, justify="right")
     t.add_column("reason / committed at")

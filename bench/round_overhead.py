@@ -1,0 +1,530 @@
+"""Measurement 4: coordinator round overhead against a plain Flower FedAvg round.
+
+Both run on Flower's simulation runtime with the same backend settings as
+``fedvault simulate`` (one Ray actor per core), the same number of simulated
+hospitals, the same model (the digits CNN, 6,186 weights) and clients that do
+no training:
+
+* **ours**: the production ServerApp (``coordinator/server_app.py``: reply
+  validation, encrypted aggregation, the SQLite round-store commit, audit
+  rows) with a client that answers every round with a valid encrypted update
+  (encrypted once per round and worker, then reused) and its piggybacked
+  evaluation;
+* **Flower**: ``flwr.serverapp.strategy.FedAvg`` with a client that returns
+  the arrays it received. Its default round also runs a separate evaluation
+  exchange; ours carries evaluation inside the train reply, so the key ratio
+  compares against FedAvg *without* the evaluation exchange (one exchange per
+  round on both sides), and the default round is reported beside it.
+
+A round's time is the time between the ends of consecutive rounds, measured in
+the ServerApp; round 1 (actor start-up, the initial model) is dropped and the
+median of the rest is kept. Each configuration runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Row, Section
+
+__all__ = ["run"]
+
+ROUNDS = 5
+SIZES = (10, 100)
+PULL_S = 0.01  # lever: the in-memory grid's reply polling interval (Flower default 0.1 s)
+TIMEOUT_S = 300  # a child past this is reported as failed (Ray can hang under load)
+# Per worker process: keys and the round's encrypted update, made once.
+_CLIENT_CACHE: dict[Any, Any] = {}
+
+
+class _Clock:
+    """Cumulative wall time per phase, snapshotted at every round end (measurement only)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self.ends: list[float] = []
+        self.snapshots: list[dict[str, float]] = []
+
+    def wrap(self, owner: Any, name: str, phase: str) -> None:
+        """Replace ``owner.name`` by a version that adds its wall time to ``phase``."""
+        inner = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.total[phase] = self.total.get(phase, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def round_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.snapshots.append(dict(self.total))
+
+    def phases(self, first: int, last: int) -> dict[str, float]:
+        """Median seconds per round spent in each phase, rounds ``first+1 .. last``."""
+        out: dict[str, float] = {}
+        names = set().union(*self.snapshots) if self.snapshots else set()
+        for phase in sorted(names):
+            per_round = [
+                self.snapshots[i].get(phase, 0.0) - self.snapshots[i - 1].get(phase, 0.0)
+                for i in range(first, min(last, len(self.snapshots)))
+            ]
+            if per_round:
+                out[phase] = statistics.median(per_round)
+        return out
+
+
+def _backend_config() -> dict[str, Any]:
+    """What ``fedvault.simulation.simulate`` passes to Flower (one actor per core)."""
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
+    }
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _weights() -> dict[str, Any]:
+    import torch
+
+    from fedvault.examples.digits import build_model
+
+    torch.manual_seed(0)
+    return {k: v.numpy().copy() for k, v in build_model().state_dict().items()}
+
+
+def run_flower(hospitals: int, rounds: int, evaluate: bool, pull_s: float | None = None) -> _Clock:
+    """Round end times of a plain Flower FedAvg job with no-op clients."""
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    clock = _Clock()
+
+    class TimedFedAvg(FedAvg):  # type: ignore[misc]
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            out = super().aggregate_train(server_round, replies)
+            if not evaluate:
+                clock.round_end()
+            return out
+
+        def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
+            out = super().aggregate_evaluate(server_round, replies)
+            if evaluate:
+                clock.round_end()
+            return out
+
+    client = ClientApp()
+
+    @client.train()  # type: ignore[misc]
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"]
+        metrics = MetricRecord({"num-examples": 10, "train-loss": 0.5})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    @client.evaluate()  # type: ignore[misc]
+    def evaluate_fn(msg: Message, context: Context) -> Message:
+        metrics = MetricRecord({"num-examples": 10, "accuracy": 0.5, "loss": 1.0})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()  # type: ignore[misc]
+    def main(grid: Grid, context: Context) -> None:
+        _set_pull_interval(grid, pull_s)
+        clock.wrap(grid, "send_and_receive", "wait_for_replies")
+        strategy = TimedFedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=1.0 if evaluate else 0.0,
+            min_train_nodes=hospitals,
+            min_evaluate_nodes=hospitals if evaluate else 0,
+            min_available_nodes=hospitals,
+        )
+        import torch
+
+        from fedvault.examples.digits import build_model
+
+        torch.manual_seed(0)
+        initial = ArrayRecord(build_model().state_dict())
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
+
+    _quiet()
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=hospitals,
+        backend_config=_backend_config(),  # type: ignore[arg-type]
+    )
+    return clock
+
+
+def run_ours(
+    hospitals: int,
+    rounds: int,
+    workdir: Path,
+    pull_s: float | None = None,
+    he: bool = False,
+    profile: Path | None = None,
+) -> _Clock:
+    """Round end times of fedvault's ServerApp with no-op clients (``none`` or ``he`` mode)."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedvault.config import JobConfig
+    from fedvault.coordinator import server_app
+    from fedvault.coordinator.records import RoundView
+    from fedvault.coordinator.server_app import CoordinatorSettings, run_job
+    from fedvault.coordinator.store import RoundStore, sqlite_url
+    from fedvault.coordinator.strategy import SecureFedAvg
+    from fedvault.examples.digits import EXAMPLE, build_model
+    from fedvault.messages import EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
+    from fedvault.privacy.dp import AccountantState
+    from fedvault.privacy.he_context import HeContext
+
+    job = JobConfig.for_example(
+        EXAMPLE,
+        hospitals=hospitals,
+        rounds=rounds,
+        secure_aggregation="he" if he else "none",
+        job="bench-rounds",
+    )
+    public = None
+    key_path = ""
+    if he:
+        secret = HeContext.generate()
+        # Workers read the key from a file: the ClientApp travels to them by value
+        # with every message, so it must not carry the secret key itself.
+        key_file = workdir / "he-secret.ctx"
+        key_file.write_bytes(secret.serialize_secret())
+        key_path = str(key_file)
+        public = secret.public()
+    settings = CoordinatorSettings(
+        job=job,
+        store_url=sqlite_url(workdir / "store.sqlite"),
+        build_model=build_model,
+        public_context=public,
+        report_dir=None,
+    )
+    # Where a round's time goes, on the ServerApp's thread.
+    clock = _Clock()
+    clock.wrap(server_app._RoundRunner, "_send_and_receive", "wait_for_replies")
+    clock.wrap(SecureFedAvg, "configure_train", "configure")
+    clock.wrap(SecureFedAvg, "collect_train", "validate_and_aggregate")
+    clock.wrap(RoundStore, "commit_round", "store_commit")
+    clock.wrap(server_app, "_committed", "store_read_view")
+
+    class Timer:
+        def on_start(self, job: JobConfig, resumed_after: int) -> None:
+            pass
+
+        def on_round(self, view: RoundView) -> None:
+            if len(clock.ends) < rounds:  # the final evaluation reports round R again
+                clock.round_end()
+
+        def on_round_failed(self, number: int, attempt: int, reason: str) -> None:
+            raise RuntimeError(f"round {number} failed: {reason}")
+
+    client = ClientApp()
+
+    @client.train()  # type: ignore[misc]
+    def train(msg: Message, context: Context) -> Message:
+        instr = RoundInstruction.from_message(msg)
+        if key_path:
+            payload = ModelPayload(
+                envelope=_cached_update(
+                    key_path, instr.job.job, instr.server_round, instr.key_epoch
+                )
+            )
+        else:  # like Flower's no-op client: send back the arrays received
+            payload = ModelPayload(arrays=instr.model.arrays)
+        steps = 10 * instr.server_round
+        reply = TrainReply(
+            hospital=f"hospital-{int(context.node_config['partition-id']) + 1}",
+            status=ReplyStatus.OK,
+            update=payload,
+            samples=10,
+            train_loss=0.5,
+            epsilon=0.1 * instr.server_round,
+            delta=1e-5,
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            steps=steps,
+            round_steps=10,
+            accountant="prv",
+            accountant_state=AccountantState("prv", ((1.0, 0.1, steps),)).to_json(),
+            eval_accuracy=0.5,
+            eval_loss=1.0,
+            eval_samples=10,
+        )
+        return Message(reply.to_content(), reply_to=msg)
+
+    @client.evaluate()  # type: ignore[misc]
+    def evaluate_fn(msg: Message, context: Context) -> Message:
+        name = f"hospital-{int(context.node_config['partition-id']) + 1}"
+        reply = EvalReply(hospital=name, status=ReplyStatus.OK, accuracy=0.5, loss=1.0, samples=10)
+        return Message(reply.to_content(), reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()  # type: ignore[misc]
+    def main(grid: Grid, context: Context) -> None:  # make_server_app, plus the poll setting
+        _set_pull_interval(grid, pull_s)
+        if profile is not None:  # the ServerApp's thread only: where the coordinator's time goes
+            import cProfile
+
+            with cProfile.Profile() as prof:
+                status = run_job(grid, settings, Timer())
+            prof.dump_stats(profile)
+        else:
+            status = run_job(grid, settings, Timer())
+        if status != "finished":
+            raise RuntimeError(f"job ended {status}")
+
+    _quiet()
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=hospitals,
+        backend_config=_backend_config(),  # type: ignore[arg-type]
+    )
+    return clock
+
+
+def _cached_update(key_path: str, job: str, server_round: int, key_epoch: int) -> bytes:
+    """The round's encrypted update, made once per worker process.
+
+    Module level on purpose: Flower ships the ClientApp to its workers by
+    value for every message, so state kept in a closure would not survive.
+    """
+    from fedvault.privacy.he import encrypt_update
+    from fedvault.privacy.he_context import HeContext
+
+    cache = _CLIENT_CACHE
+    if cache.get("key_path") != key_path:
+        cache.clear()
+        cache["key_path"] = key_path
+        cache["ctx"] = HeContext.from_bytes(Path(key_path).read_bytes())
+    key = (job, server_round, key_epoch)
+    if key not in cache:
+        cache[key] = encrypt_update(
+            cache["ctx"],
+            _weights(),
+            weight=10.0,
+            key_epoch=key_epoch,
+            job=job,
+            server_round=server_round,
+        )
+    update: bytes = cache[key]
+    return update
+
+
+def _set_pull_interval(grid: Any, seconds: float | None) -> None:
+    """Flower's in-memory grid polls for replies every 0.1 s; ``None`` keeps that."""
+    if seconds is not None and hasattr(grid, "pull_interval"):
+        grid.pull_interval = seconds
+
+
+def _pythonpath() -> str:
+    """The repository root for Ray's workers, after any path the caller already set."""
+    root = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), root) if p)
+
+
+def _durations(ends: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(ends)]
+
+
+def _child(mode: str, hospitals: int, rounds: int, pull_s: float | None = None) -> dict[str, Any]:
+    """Run one configuration in a fresh process (Ray starts and stops cleanly).
+
+    A failure or a hang (seen under heavy load: Ray's raylet died and the
+    simulation waited forever) is returned as ``{"error": ...}``, so one
+    configuration does not lose the others' results.
+    """
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.round_overhead",
+        "--mode",
+        mode,
+        "--hospitals",
+        str(hospitals),
+        "--rounds",
+        str(rounds),
+        *(["--pull-interval", str(pull_s)] if pull_s is not None else []),
+    ]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: Ray's processes go with it
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started, nothing else
+        proc.communicate()
+        return {"mode": mode, "error": f"no result within {TIMEOUT_S} s"}
+    if proc.returncode != 0:
+        return {"mode": mode, "error": stderr[-2000:]}
+    out: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+def _ratio(ours: dict[str, Any], base: dict[str, Any]) -> float | None:
+    if "error" in ours or "error" in base:
+        return None
+    return float(ours["median_round_s"] / base["median_round_s"])
+
+
+def _row(label: str, ours: dict[str, Any], base: dict[str, Any], target: bool) -> Row:
+    ratio = _ratio(ours, base)
+    return Row(
+        label + ("" if ratio is not None else " (a run failed, see details)"),
+        ours.get("median_round_s"),
+        base.get("median_round_s"),
+        "s",
+        "<= 1.1x" if target else "",
+        (ratio is not None and ratio <= 1.1) if target else None,
+    )
+
+
+def run(quick: bool = False) -> Section:
+    rounds = 3 if quick else ROUNDS
+    sizes = (10,) if quick else SIZES
+    details: dict[str, Any] = {"pull_interval_s": PULL_S, "rounds": rounds}
+    section = Section(name="round")
+    ratios = []
+    for hospitals in sizes:
+        # The measurement: both sides on the same Flower settings, replies polled every
+        # PULL_S (Flower's default 0.1 s quantises a ~0.1 s round into whole polls).
+        modes = ("ours", "flower") if quick else ("ours", "flower", "ours-he")
+        res = {mode: _child(mode, hospitals, rounds, PULL_S) for mode in modes}
+        ratio = _ratio(res["ours"], res["flower"])
+        details[str(hospitals)] = {**res, "ratio": ratio}
+        if ratio is not None:
+            ratios.append(ratio)
+            section.keys[f"round_overhead_ratio_{hospitals}"] = ratio
+            section.keys[f"baseline_flower_round_s_{hospitals}"] = res["flower"]["median_round_s"]
+            section.keys[f"round_s_{hospitals}"] = res["ours"]["median_round_s"]
+        section.rows.append(
+            _row(
+                f"round, {hospitals} hospitals, ours (none) vs FedAvg",
+                res["ours"],
+                res["flower"],
+                True,
+            )
+        )
+        if "ours-he" in res:
+            section.keys[f"round_overhead_ratio_he_{hospitals}"] = _ratio(
+                res["ours-he"], res["flower"]
+            )
+            section.rows.append(
+                _row(
+                    f"  ours in he mode, {hospitals} hospitals",
+                    res["ours-he"],
+                    res["flower"],
+                    False,
+                )
+            )
+        if not quick and hospitals == sizes[0]:
+            # Lever: Flower's default polling interval, on both sides.
+            default = {mode: _child(mode, hospitals, rounds) for mode in ("ours", "flower")}
+            lever = _ratio(default["ours"], default["flower"])
+            details[str(hospitals)]["default_pull_interval"] = {**default, "ratio": lever}
+            section.keys[f"lever_round_overhead_ratio_default_pull_{hospitals}"] = lever
+            section.rows.append(
+                _row(
+                    f"  lever: Flower's default 0.1 s polling, {hospitals} hospitals",
+                    default["ours"],
+                    default["flower"],
+                    False,
+                )
+            )
+    section.keys["round_overhead_ratio"] = max(ratios) if len(ratios) == len(sizes) else None
+    section.details = details
+    return section
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.round_overhead")
+    parser.add_argument(
+        "--mode", choices=("ours", "ours-he", "flower", "flower-eval"), required=True
+    )
+    parser.add_argument("--hospitals", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--pull-interval", type=float, default=None)
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="ours: cProfile the ServerApp into this file"
+    )
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fedvault-bench-") as tmp:
+        if args.mode.startswith("ours"):
+            clock = run_ours(
+                args.hospitals,
+                args.rounds,
+                Path(tmp),
+                args.pull_interval,
+                he=args.mode == "ours-he",
+                profile=args.profile,
+            )
+        else:
+            clock = run_flower(
+                args.hospitals, args.rounds, args.mode == "flower-eval", args.pull_interval
+            )
+    durations = _durations(clock.ends)[: args.rounds - 1]  # rounds 2..R
+    phases = clock.phases(1, args.rounds)
+    phases["other"] = statistics.median(durations) - sum(phases.values())
+    print(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "hospitals": args.hospitals,
+                "round_s": durations,
+                "median_round_s": statistics.median(durations),
+                "phases_s": phases,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    # Run the *imported* module's main: Ray pickles functions of ``__main__`` by
+    # value with every message, so a worker-side cache defined here would not persist.
+    from bench.round_overhead import main as _main
+
+    _main(sys.argv[1:])

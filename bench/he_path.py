@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from bench.common import Row, Section, best_of, timed
+from bench.common import Row, Section, best_of, make_updates, timed
 from fedvault.privacy.dp import PrivacyConfig, plan_dp
 from fedvault.privacy.he import Aggregator, decrypt_average, decrypt_update, encrypt_update
 from fedvault.privacy.he_context import HeContext
@@ -30,7 +30,7 @@ from fedvault.privacy.he_context import HeContext
 # lever), which a thread-CPU clock would not see.
 WALL = time.perf_counter
 
-__all__ = ["dp_noise_std", "make_updates", "run"]
+__all__ = ["dp_noise_std", "run"]
 
 PARAMS = 1_000_000
 UPDATES = 10
@@ -72,25 +72,6 @@ def dp_noise_std(hospitals: int = UPDATES) -> dict[str, float]:
         "per_hospital_step_std": per_step,
         "round_std_lower_bound": per_step / math.sqrt(hospitals),
     }
-
-
-def make_updates(
-    count: int, size: int, seed: int = 0
-) -> tuple[list[dict[str, np.ndarray]], list[float]]:
-    """``count`` float32 models of ``size`` parameters (a weight matrix and a bias)."""
-    rng = np.random.default_rng(seed)
-    rows = 1000 if size >= 10_000 else 10
-    cols = (size - rows) // rows
-    bias = size - rows * cols
-    updates = [
-        {
-            "fc.weight": (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32),
-            "fc.bias": (rng.standard_normal(bias) * 0.05).astype(np.float32),
-        }
-        for _ in range(count)
-    ]
-    weights = [float(100 + 37 * k) for k in range(count)]  # sample counts
-    return updates, weights
 
 
 def _expected(updates: list[dict[str, np.ndarray]], weights: list[float]) -> np.ndarray:

@@ -29,8 +29,8 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from bench.common import Row, Section, best_of
-from bench.he_path import dp_noise_std, make_updates
+from bench.common import Row, Section, best_of, make_updates
+from bench.he_path import dp_noise_std
 from fedvault.privacy import he, seal_bytes
 from fedvault.privacy.fixed_point import FixedPoint
 from fedvault.privacy.he import Aggregator, decrypt_update, encrypt_update, parse_envelope

@@ -170,8 +170,8 @@ def _loader_threads(public: HeContext, envelopes: list[bytes]) -> dict[str, floa
     return {"threads": os.cpu_count() or 1, "threaded_s": threaded, "one_thread_s": single}
 
 
-def _allocating_sum(public: HeContext, envelopes: list[bytes]) -> float:
-    """The same loads, but ``evaluator.add`` into a new ciphertext per update."""
+def _sum_loaded(public: HeContext, envelopes: list[bytes], *, in_place: bool) -> float:
+    """Load every chunk and sum: ``add_inplace`` (ours) or ``add`` into a new ciphertext."""
     ctx = public
 
     def run() -> list[Any]:
@@ -180,32 +180,16 @@ def _allocating_sum(public: HeContext, envelopes: list[bytes]) -> float:
             cts = [seal_bytes.load_ciphertext(ctx.seal, c) for c in parse_envelope(env).chunks]
             if acc is None:
                 acc = cts
-                continue
-            fresh = []
-            for a, b in zip(acc, cts, strict=True):
-                out = sealapi.Ciphertext()
-                ctx.evaluator.add(a, b, out)
-                fresh.append(out)
-            acc = fresh
-        assert acc is not None
-        return acc
-
-    seconds, _ = best_of(run, repeats=3, clock=WALL)
-    return seconds
-
-
-def _in_place_sum(public: HeContext, envelopes: list[bytes]) -> float:
-    ctx = public
-
-    def run() -> list[Any]:
-        acc: list[Any] | None = None
-        for env in envelopes:
-            cts = [seal_bytes.load_ciphertext(ctx.seal, c) for c in parse_envelope(env).chunks]
-            if acc is None:
-                acc = cts
-                continue
-            for a, b in zip(acc, cts, strict=True):
-                ctx.evaluator.add_inplace(a, b)
+            elif in_place:
+                for a, b in zip(acc, cts, strict=True):
+                    ctx.evaluator.add_inplace(a, b)
+            else:
+                fresh = []
+                for a, b in zip(acc, cts, strict=True):
+                    out = sealapi.Ciphertext()
+                    ctx.evaluator.add(a, b, out)
+                    fresh.append(out)
+                acc = fresh
         assert acc is not None
         return acc
 
@@ -244,8 +228,8 @@ def run(quick: bool = False) -> Section:
         "process_per_core": _processes_per_core(ctx, size),
         "loader_threads": _loader_threads(public, envelopes),
         "accumulate": {
-            "in_place_s": _in_place_sum(public, envelopes),
-            "allocating_s": _allocating_sum(public, envelopes),
+            "in_place_s": _sum_loaded(public, envelopes, in_place=True),
+            "allocating_s": _sum_loaded(public, envelopes, in_place=False),
         },
         # 10 % of the parameters encrypted, 90 % in clear float32 beside them.
         "partial_10pct": {

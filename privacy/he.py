@@ -145,11 +145,12 @@ def encrypt_update(
     ints = fixed_point.encode(vector, weight=w, spec=spec)
     slots = ctx.params.slots
     encoder = ctx.encoder
+    private = ctx.is_private
     chunks = []
     plain = sealapi.Plaintext()
     for start in range(0, layout.size, slots):
         encoder.encode(ints[start : start + slots].tolist(), plain)
-        if ctx.is_private:
+        if private:
             # Returns SEAL's Serializable: saved as c0 plus the seed of c1.
             chunks.append(seal_bytes.dump(ctx.secret_encryptor.encrypt_symmetric(plain)))
         else:

@@ -196,7 +196,7 @@ def _role(pid: int) -> str:
         ("flower-superexec", "superexec"),
         ("fleet_gateway", "gateway"),
         ("fedvault coordinator", "daemon"),
-        ("flower-supernode", "supernode"),
+        ("supernode_entry", "supernode"),
         ("bench.soak_executor", "executor"),
     ):
         if needle in text:

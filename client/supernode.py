@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -26,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from fedvault.client.supernode_entry import CONNECTION_ENDED_TEXT
 from fedvault.flower_env import (
     ConfigValue,
     FlowerProcessError,
     flower_env,
-    flower_executable,
     spawn,
     terminate_tree,
     toml_table,
@@ -115,6 +116,12 @@ class SuperNodeConfig:
         return self.state_dir / "node-config.toml"
 
 
+def supernode_command() -> list[str]:
+    """``flower-supernode``, through a wrapper that exits when its Fleet connection
+    ends (Flower's would idle forever; see :mod:`fedvault.client.supernode_entry`)."""
+    return [sys.executable, "-m", "fedvault.client.supernode_entry"]
+
+
 class SuperNodeSupervisor:
     """Run ``flower-supernode`` in a monitor thread, restarting it when it exits.
 
@@ -139,7 +146,7 @@ class SuperNodeSupervisor:
         """Command line of ``flower-supernode``."""
         c = self.config
         argv = [
-            flower_executable("flower-supernode"),
+            *supernode_command(),
             "--superlink", c.superlink,
             "--root-certificates", str(c.root_certificates),
             "--auth-supernode-private-key", str(c.private_key),
@@ -255,6 +262,10 @@ def _exit_reason(log_path: Path, offset: int) -> str:
             "the coordinator's TLS certificate does not verify against this kit's CA: "
             "this is another consortium's kit, or the wrong coordinator address"
         )
+    if CONNECTION_ENDED_TEXT in text:
+        errors = [line for line in text.splitlines() if "ERROR" in line]
+        cause = f": {errors[-1].strip()}" if errors else ""
+        return f"{CONNECTION_ENDED_TEXT}{cause}; reconnecting"
     found = list(_FLOWER_CODE.finditer(text)) or list(_EXIT_CODE.finditer(text))
     if found:
         return found[-1].group(0).strip()

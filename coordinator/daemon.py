@@ -105,12 +105,11 @@ class CoordinatorOptions:
 
 
 def _register_nodes(link: SuperLinkProcess, kit: Kit, store: RoundStore) -> None:
-    for hospital, pub in sorted(kit.node_public_key_paths().items()):
-        try:
-            node_id = link.control.register_node(pub)
-        except ControlApiError as exc:
-            if "already in use" not in str(exc):
-                raise
+    keys = dict(sorted(kit.node_public_key_paths().items()))
+    node_ids = link.control.register_nodes(list(keys.values()))
+    for hospital, pub in keys.items():
+        node_id = node_ids[pub]
+        if node_id is None:
             continue  # enrolled on an earlier start (the SuperLink database persists)
         store.append_audit(
             AuditEvent(

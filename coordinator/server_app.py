@@ -64,7 +64,10 @@ class CoordinatorSettings:
     public_context: HeContext | None = None  # he mode: public key only
     key_epoch: int = 0
     report_dir: Path | None = None
-    node_wait_s: float = 120.0
+    # How long to wait for a quorum of hospitals to connect, and for every
+    # key-ceremony reply; None: the job's round timeout (a ceremony is a round
+    # of messages to every hospital, so it gets the same window).
+    node_wait_s: float | None = None
     # Deployment: no public context up front; the custodian hospital creates it
     # in a key ceremony that the coordinator relays (see key_ceremony.py).
     key_directory: KeyDirectory | None = None
@@ -153,6 +156,9 @@ class _RoundRunner:
         self.job = settings.job
         self.key_epoch = settings.key_epoch
         self.public = settings.public_context
+        self.node_wait_s = (
+            self.job.round_timeout_s if settings.node_wait_s is None else settings.node_wait_s
+        )
         self.ceremony: KeyCeremony | None = None
         if self.job.secure_aggregation is SecureAggregation.HE and self.public is None:
             if settings.key_directory is None or not settings.custodian:
@@ -162,7 +168,7 @@ class _RoundRunner:
                 custodian=settings.custodian,
                 store=store,
                 job_id=job_id,
-                timeout_s=settings.node_wait_s,
+                timeout_s=self.node_wait_s,
             )
             self.key_epoch = self.ceremony.epoch
         self.strategy: SecureFedAvg | None = None
@@ -172,7 +178,7 @@ class _RoundRunner:
 
     def ensure_keys(self) -> None:
         """Every connected hospital holds the current key before a round starts."""
-        _wait_for_nodes(self.grid, self.job.quorum, self.settings.node_wait_s)
+        _wait_for_nodes(self.grid, self.job.quorum, self.node_wait_s)
         if self.ceremony is not None:
             self.public = self.ceremony.ensure(self.grid)
         if self.strategy is None:

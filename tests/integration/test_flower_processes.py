@@ -20,6 +20,7 @@ import ipaddress
 import json
 import os
 import signal
+import sqlite3
 import ssl
 import subprocess
 import time
@@ -34,6 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from fedvault.client import supernode as supernode_mod
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
+from fedvault.client.supernode_entry import CONNECTION_ENDED
 from fedvault.coordinator.superlink import (
     ControlApiError,
     ControlClient,
@@ -42,7 +44,7 @@ from fedvault.coordinator.superlink import (
 )
 from fedvault.flower_env import free_port, terminate_tree
 
-NODES = ("node1", "node2", "stranger", "late")
+NODES = ("node1", "node2", "stranger", "late", "flaky")
 
 APP_PYPROJECT = """\
 [build-system]
@@ -264,8 +266,15 @@ def _node(
 def test_two_node_tls_auth_run_completes_with_exact_fedavg(
     link: SuperLinkProcess, pki: dict[str, Path], app_dir: Path, tmp_path: Path
 ) -> None:
-    ids = {link.control.register_node(pki[f"{n}.pub"]) for n in ("node1", "node2")}
-    assert len(ids) == 2
+    keys = [pki[f"{n}.pub"] for n in ("node1", "node2")]
+    ids = link.control.register_nodes(keys)
+    assert set(ids) == set(keys) and len(set(ids.values())) == 2
+    statuses = link.control.node_statuses()
+    assert all(statuses[node_id] == "registered" for node_id in ids.values() if node_id)
+    # A restarted coordinator enrols the same keys again: "already registered", not an error.
+    assert link.control.register_nodes(keys) == dict.fromkeys(keys)
+    with pytest.raises(ControlApiError, match="not a readable OpenSSH public key"):
+        link.control.register_nodes([tmp_path / "missing.pub"])
     out_file = tmp_path / "result.json"
     nodes = [
         _node(pki, link, "node1", tmp_path, value=1.0, weight=1),
@@ -306,6 +315,44 @@ def test_unregistered_node_key_is_refused_and_restarted_with_reason(
     assert "Failed to activate SuperNode" in log
     assert "restart #1 in 0.50 s" in log
     assert link.control.node_statuses() == before  # nothing enrolled itself
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+def test_a_supernode_whose_fleet_loop_ends_exits_and_is_restarted(
+    link: SuperLinkProcess, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """The 100-hospital soak's silent SuperNode, reproduced.
+
+    Holding the SuperLink's database lock makes its Fleet API answer 500
+    ("database is locked"), which Flower's SuperNode does not retry: its message
+    loop ends. Stock ``flower-supernode`` then idles forever without polling;
+    through our entry point it exits with CONNECTION_ENDED, the supervisor says
+    why and restarts it, and the node is online again once the lock is gone.
+    """
+    node_id = link.control.register_node(pki["flaky.pub"])
+    with _node(pki, link, "flaky", tmp_path) as node:
+        _wait_for(lambda: link.control.node_statuses().get(node_id) == "online", 60, "online")
+        first_pid = node.pid
+        db = sqlite3.connect(link.config.database, timeout=30, isolation_level=None)
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+            _wait_for(lambda: node.restarts >= 1, 60, "the SuperNode to exit")
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        assert node.last_exit_code == CONNECTION_ENDED
+        assert node.last_exit_reason is not None
+        assert "connection to the SuperLink ended" in node.last_exit_reason
+        assert "500" in node.last_exit_reason or "locked" in node.last_exit_reason
+        _wait_for(
+            lambda: (
+                node.pid not in (None, first_pid)
+                and link.control.node_statuses().get(node_id) == "online"
+            ),
+            60,
+            "the restarted SuperNode to be online",
+        )
 
 
 @pytest.mark.e2e
@@ -355,7 +402,7 @@ def test_backoff_doubles_to_the_cap_and_reports_flower_code(
     fake = tmp_path / "fake-supernode"
     fake.write_text("#!/bin/sh\necho '[code: 2004] Failed to activate SuperNode.'\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(supernode_mod, "flower_executable", lambda name: str(fake))
+    monkeypatch.setattr(supernode_mod, "supernode_command", lambda: [str(fake)])
     for name in ("ca.pem", "key"):
         (tmp_path / name).write_text("x")
     config = SuperNodeConfig(

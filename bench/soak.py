@@ -283,8 +283,17 @@ class ProcessIsolatedSuperNode(SuperNodeSupervisor):
         return [*super().argv(), "--isolation", "process"]
 
 
+def _unique_port(taken: set[int]) -> int:
+    """A free loopback port no earlier hospital got: ``free_port`` alone can hand out
+    the same port twice before the first SuperNode binds it (seen at 100 nodes)."""
+    while (port := free_port()) in taken:
+        pass
+    taken.add(port)
+    return port
+
+
 def _start_hospital(
-    name: str, paths: dict[str, Path], work: Path
+    name: str, paths: dict[str, Path], work: Path, runtime_port: int
 ) -> tuple[SuperNodeSupervisor, dict[str, str]]:
     from fedvault.kit import Kit, KitKind
 
@@ -297,7 +306,7 @@ def _start_hospital(
         root_certificates=kit.ca_path,
         private_key=kit.node_key_path,
         state_dir=state / "supernode",
-        runtime_port=free_port(),
+        runtime_port=runtime_port,
         node_config={
             "kit": str(kit_dir.resolve()),
             "data": str((paths["data"] / name / "data.toml").resolve()),
@@ -357,6 +366,7 @@ def run_soak(
     max_children: int = 4,
     seed: int = 0,
     round_timeout: float = 900.0,
+    start_interval: float = 0.5,
 ) -> dict[str, Any]:
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
@@ -433,6 +443,7 @@ def run_soak(
             logs=logs,
             timeline=timeline,
             round_timeout=round_timeout,
+            start_interval=start_interval,
             t0=t0,
         )
     except KeyboardInterrupt:
@@ -474,10 +485,12 @@ def _drive(
     logs: Path,
     timeline: dict[str, float],
     round_timeout: float,
+    start_interval: float,
     t0: float,
 ) -> str:
     """Start each hospital as soon as its key is enrolled, then follow the job."""
     nodes: list[dict[str, str]] = []
+    ports: set[int] = set()
     progress = Progress(
         TextColumn("[bold]{task.description:<10}"),
         BarColumn(),
@@ -505,9 +518,15 @@ def _drive(
                 state = {"job": None, "rounds": [], "enrolled": [], "started_at": None}
             new = [n for n in state["enrolled"] if n not in supervisors]
             for name in new:
-                sup, node = _start_hospital(name, paths, work)
+                sup, node = _start_hospital(name, paths, work, _unique_port(ports))
                 supervisors[name] = sup
                 nodes.append(node)
+                progress.update(agents, completed=len(supervisors))
+                # Hospitals come online over a minute or so, not in one burst: 100
+                # SuperNodes importing Flower at once put 40 runnable processes on
+                # two cores, and activations timed out (then were refused as
+                # "still online" on retry).
+                time.sleep(start_interval)
             if new:
                 _write_nodes(nodes_file, nodes)
                 if len(supervisors) == hospitals:
@@ -694,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--round-timeout", type=float, default=900.0, help="give up after this long without a round"
     )
+    parser.add_argument(
+        "--start-interval", type=float, default=0.5, help="seconds between hospital starts"
+    )
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="fedvault-soak-"))
     console = Console()
@@ -713,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
             max_children=args.max_children,
             seed=args.seed,
             round_timeout=args.round_timeout,
+            start_interval=args.start_interval,
         )
     except FedvaultError as exc:
         console.print(f"[bold red]soak failed:[/bold red] {exc}")

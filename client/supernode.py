@@ -253,9 +253,23 @@ def _exit_reason(log_path: Path, offset: int) -> str:
             "are missed, about 60 s; retrying"
         )
     if _NOT_ENROLLED in _FLOWER_CODE.findall(text):
+        # Flower 1.41 logs the same words for both causes at the SuperNode; only the
+        # SuperLink's log has the detail. The second one is real under load: an
+        # activation that timed out at the SuperNode but succeeded at the SuperLink
+        # makes the retry find the node "still online" (seen in the soak).
         return (
-            "[code: 2004] the SuperLink refused this node's key: it is not registered; "
-            "ask the consortium operator to register this node's public key"
+            "[code: 2004] the SuperLink did not activate this node: its key is not "
+            "registered (ask the consortium operator to register this node's public "
+            "key), or its previous session still counts as online for up to ~60 s "
+            "(after a crash or a timed-out activation); retrying"
+        )
+    if "address already in use" in text:
+        port = re.search(r"address \('[^']*', (\d+)\)", text)
+        which = f"port {port.group(1)}" if port else "its port"
+        return (
+            f"the SuperNode's Runtime API could not bind {which}: another process holds "
+            "it; stop that process, or restart the hospital daemon (it picks a free "
+            "port when it starts)"
         )
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return (

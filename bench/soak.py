@@ -127,6 +127,8 @@ def prepare(work: Path, *, hospitals: int, rounds: int, records: int, seed: int)
         f'[job]\nname = "soak-{hospitals}h-{rounds}r"\nexample = "{EXAMPLE}"\n'
         f"hospitals = {hospitals}\nrounds = {rounds}\nepsilon = 3.0\nseed = {seed}\n"
         "local_epochs = 1\n"
+        # A lost reply costs a whole timeout; 100 hospitals' tasks take ~1-2 min here.
+        "round_timeout_s = 300\n"
     )
     return {"kits": work / "kits", "data": work / "data", "job": job, "state": work / "coordinator"}
 

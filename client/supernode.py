@@ -43,6 +43,7 @@ __all__ = ["SuperNodeConfig", "SuperNodeSupervisor"]
 _log = logging.getLogger(__name__)
 _FLOWER_CODE = re.compile(r"\[code: (\d+)\][^\n]*")
 _EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
 _NOT_ENROLLED = "2004"  # Flower's FLEET_NODE_ACTIVATION_FAILED: unknown key, or still online
 # ActivateNode's wording when the key is enrolled but its previous session has not expired.
 _STILL_ONLINE = "could not be activated"
@@ -245,7 +246,7 @@ def _exit_reason(log_path: Path, offset: int) -> str:
     """Summarise why the SuperNode exited, from what it logged since ``offset``."""
     with log_path.open("rb") as log:
         log.seek(max(offset, log.seek(0, 2) - 16_384))
-        text = log.read().decode("utf-8", errors="replace")
+        text = _ANSI.sub("", log.read().decode("utf-8", errors="replace"))
     if _NOT_ENROLLED in _FLOWER_CODE.findall(text) and _STILL_ONLINE in text:
         return (
             f"[code: 2004] the SuperLink says this node {_STILL_ONLINE}: its previous "

@@ -137,6 +137,16 @@ class FleetGateway:
             # 503 is what SuperNodes treat as "SuperLink restarting, retry".
             await _reply(send, 503, b"SuperLink unavailable\n")
             return
+        if upstream.status_code == 500:
+            # Flower answers any unexpected SuperLink error with a bare 500, and its
+            # SuperNode does not retry a 500: the message loop ends and the reply or
+            # instruction in flight is lost. Seen with 100 SuperNodes: "database is
+            # locked" (SQLite's 5 s busy timeout) on pull-messages and push-object.
+            # Such errors roll back, and a 503 makes the SuperNode retry with
+            # backoff and a fresh signature, as it does while the SuperLink restarts.
+            _log.warning("SuperLink error on %s (see its log); told the node to retry", path)
+            await _reply(send, 503, b"SuperLink error; retry\n")
+            return
         out_headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in upstream.headers.multi_items()

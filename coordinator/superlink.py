@@ -15,6 +15,7 @@ Deployment (facts verified with flwr 1.41, see ``docs/flower-deployment.md``):
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import ssl
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,34 +166,17 @@ class ControlClient:
         """Enrol many OpenSSH public keys over one connection; map each to its node id.
 
         ``None`` means the key was registered before (a key can be registered only
-        once, ever; on a coordinator restart every key is). The same Control API
-        request ``flwr supernode register`` sends, through Flower's own client, but
-        in this process: one ``flwr`` run per key costs 3-20 s of CLI start-up, 25
-        minutes for a 100-hospital consortium on a loaded 2-core host.
+        once, ever; on a coordinator restart every key is). The request is the one
+        ``flwr supernode register`` sends, through Flower's own client, in this
+        process: one ``flwr`` run per key cost 3-20 s of CLI start-up, 25 minutes for
+        a 100-hospital consortium on a loaded 2-core host.
         """
-        import httpx
         from cryptography.hazmat.primitives import serialization
-        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
         from flwr.proto.control_pb2 import RegisterNodeRequest
-        from flwr.supercore.control import ControlHttpClient
-        from flwr.supercore.error import FlowerError
-        from flwr.supercore.interceptors.http.runtime_version import (
-            RuntimeVersionHttpInterceptor,
-        )
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        cmd = "supernode register"
         out: dict[Path, int | None] = {}
-        client = ControlHttpClient.from_server_address(
-            server_address=self.address,
-            insecure=self._root is None,
-            root_certificates=None if self._root is None else str(self._root),
-            interceptors=[
-                CliClientHttpInterceptor(),
-                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
-            ],
-        )
-        with client:
+        with self._http() as client:
             for path in pubkey_paths:
                 try:
                     key = serialization.load_ssh_public_key(Path(path).read_bytes())
@@ -203,17 +187,13 @@ class ControlClient:
                         "re-provision the consortium's kits"
                     ) from None
                 try:
-                    response = client.RegisterNode(request)
-                except httpx.HTTPStatusError as exc:
-                    error = FlowerError.from_json(exc.response.text)
-                    text = error.message if error is not None else str(exc)
-                    if "already in use" in text:
-                        out[path] = None
-                        continue
-                    raise ControlApiError(_explain(cmd, self.address, text)) from None
-                except httpx.HTTPError as exc:
-                    raise ControlApiError(_explain(cmd, self.address, repr(exc))) from None
-                out[path] = int(response.node_id)
+                    out[path] = int(
+                        self._rpc("supernode register", client.RegisterNode, request).node_id
+                    )
+                except ControlApiError as exc:
+                    if "already in use" not in str(exc):
+                        raise
+                    out[path] = None
         return out
 
     def node_statuses(self) -> dict[int, str]:
@@ -242,12 +222,20 @@ class ControlClient:
         return int(out["run-id"])
 
     def run_status(self, run_id: int) -> RunStatus:
-        """Return the current status of ``run_id``."""
-        out = self._call("ls", "--run-id", str(run_id))
-        (run,) = out["runs"]
-        status, _, sub_status = str(run["status"]).partition(":")
-        details = str(run.get("status-details", ""))
-        return RunStatus(run_id, status, sub_status, "" if details == "N/A" else details)
+        """Return the current status of ``run_id``.
+
+        In this process, like :meth:`register_nodes`: the daemon asks every few
+        seconds for the whole job, and a ``flwr ls`` process each time cost the
+        coordinator host about a third of a core.
+        """
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        with self._http() as client:
+            out = self._rpc("ls", client.ListRuns, ListRunsRequest(run_id=run_id))
+        if run_id not in out.run_dict:
+            raise ControlApiError(f"the SuperLink at {self.address} knows no run {run_id}")
+        status = out.run_dict[run_id].status
+        return RunStatus(run_id, status.status, status.sub_status, status.details)
 
     def wait_run(self, run_id: int, *, timeout: float, poll_interval: float = 1.0) -> RunStatus:
         """Poll until ``run_id`` is finished; raise :class:`ControlApiError` on timeout."""
@@ -266,6 +254,41 @@ class ControlClient:
     def stop_run(self, run_id: int) -> None:
         """Ask the SuperLink to stop ``run_id`` (``flwr stop``)."""
         self._call("stop", str(run_id))
+
+    @contextlib.contextmanager
+    def _http(self) -> Iterator[Any]:
+        """Flower's Control API client, configured as the ``flwr`` CLI configures it."""
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors.http.runtime_version import (
+            RuntimeVersionHttpInterceptor,
+        )
+
+        client = ControlHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=self._root is None,
+            root_certificates=None if self._root is None else str(self._root),
+            interceptors=[
+                CliClientHttpInterceptor(),
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+            ],
+        )
+        with client:
+            yield client
+
+    def _rpc(self, cmd: str, method: Callable[[Any], Any], request: Any) -> Any:
+        """One Control API call; Flower's errors become :class:`ControlApiError`."""
+        import httpx
+        from flwr.supercore.error import FlowerError
+
+        try:
+            return method(request)
+        except httpx.HTTPStatusError as exc:
+            error = FlowerError.from_json(exc.response.text)
+            text = error.message if error is not None else str(exc)
+            raise ControlApiError(_explain(cmd, self.address, text)) from None
+        except httpx.HTTPError as exc:
+            raise ControlApiError(_explain(cmd, self.address, repr(exc))) from None
 
     def _call(self, *args: str) -> dict[str, Any]:
         # The connection is each command's last positional; click allows it after options.

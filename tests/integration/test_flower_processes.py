@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from fedvault.client import supernode as supernode_mod
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
-from fedvault.client.supernode_entry import CONNECTION_ENDED
+from fedvault.client.supernode_entry import CONNECTION_ENDED, CONNECTION_ENDED_TEXT
 from fedvault.coordinator.superlink import (
     ControlApiError,
     ControlClient,
@@ -44,7 +44,7 @@ from fedvault.coordinator.superlink import (
 )
 from fedvault.flower_env import free_port, terminate_tree
 
-NODES = ("node1", "node2", "stranger", "late", "flaky")
+NODES = ("node1", "node2", "stranger", "late", "direct", "gated")
 
 APP_PYPROJECT = """\
 [build-system]
@@ -244,11 +244,16 @@ def link(
 
 
 def _node(
-    pki: dict[str, Path], link: SuperLinkProcess, name: str, state: Path, **node_config: float
+    pki: dict[str, Path],
+    link: SuperLinkProcess,
+    name: str,
+    state: Path,
+    address: str | None = None,
+    **node_config: float,
 ) -> SuperNodeSupervisor:
     return SuperNodeSupervisor(
         SuperNodeConfig(
-            superlink=f"127.0.0.1:{link.config.fleet_port}",
+            superlink=address or f"127.0.0.1:{link.config.fleet_port}",
             root_certificates=pki["ca"],
             private_key=pki[name],
             state_dir=state / name,
@@ -289,6 +294,8 @@ def test_two_node_tls_auth_run_completes_with_exact_fedavg(
         status = link.control.wait_run(run_id, timeout=90, poll_interval=2.0)
         print(f"2-round run took {time.monotonic() - started:.1f} s")
         assert status.succeeded, status
+        with pytest.raises(ControlApiError, match="Run ID not found"):
+            link.control.run_status(run_id ^ 1)
         assert json.loads(out_file.read_text())["final"] == pytest.approx([6.5] * 3)
         assert all(node.restarts == 0 for node in nodes)
         trees = {pid: _tree(pid) for node in nodes if (pid := node.pid) is not None}
@@ -318,41 +325,55 @@ def test_unregistered_node_key_is_refused_and_restarted_with_reason(
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(150)
-def test_a_supernode_whose_fleet_loop_ends_exits_and_is_restarted(
+@pytest.mark.timeout(180)
+def test_a_locked_superlink_database_is_survived_through_the_gateway(
     link: SuperLinkProcess, pki: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The 100-hospital soak's silent SuperNode, reproduced.
+    """The 100-hospital soak's silent SuperNode, reproduced, and both defences.
 
-    Holding the SuperLink's database lock makes its Fleet API answer 500
-    ("database is locked"), which Flower's SuperNode does not retry: its message
-    loop ends. Stock ``flower-supernode`` then idles forever without polling;
-    through our entry point it exits with CONNECTION_ENDED, the supervisor says
-    why and restarts it, and the node is online again once the lock is gone.
+    Holding the SuperLink's database lock makes it answer Fleet calls with a bare
+    500 ("database is locked" in its log), which Flower's SuperNode does not retry:
+    its message loop ends, and stock ``flower-supernode`` then idles forever.
+
+    * A node dialling the SuperLink directly shows the second defence: through our
+      entry point it exits with CONNECTION_ENDED, the supervisor says why and
+      restarts it, and it is online again once the lock is gone.
+    * A node dialling the public gateway (as every hospital does) is told 503 and
+      retries until the lock is gone: no exit, same session, still online.
     """
-    node_id = link.control.register_node(pki["flaky.pub"])
-    with _node(pki, link, "flaky", tmp_path) as node:
-        _wait_for(lambda: link.control.node_statuses().get(node_id) == "online", 60, "online")
-        first_pid = node.pid
+    ids = link.control.register_nodes([pki["direct.pub"], pki["gated.pub"]])
+    direct_id, gated_id = ids[pki["direct.pub"]], ids[pki["gated.pub"]]
+    direct = _node(pki, link, "direct", tmp_path, address=link.config.control_address)
+    gated = _node(pki, link, "gated", tmp_path)
+    with direct, gated:
+
+        def online(*node_ids: int | None) -> bool:
+            statuses = link.control.node_statuses()
+            return all(statuses.get(n) == "online" for n in node_ids if n is not None)
+
+        _wait_for(lambda: online(direct_id, gated_id), 60, "both nodes online")
+        first = direct.pid, gated.pid
         db = sqlite3.connect(link.config.database, timeout=30, isolation_level=None)
         try:
             db.execute("BEGIN EXCLUSIVE")
-            _wait_for(lambda: node.restarts >= 1, 60, "the SuperNode to exit")
+            _wait_for(lambda: direct.restarts >= 1, 60, "the direct SuperNode to exit")
+            exit_code, reason = direct.last_exit_code, direct.last_exit_reason
+            time.sleep(8)  # the gated node polls every 3 s: several 503s by now
         finally:
             db.execute("ROLLBACK")
             db.close()
-        assert node.last_exit_code == CONNECTION_ENDED
-        assert node.last_exit_reason is not None
-        assert "connection to the SuperLink ended" in node.last_exit_reason
-        assert "500" in node.last_exit_reason or "locked" in node.last_exit_reason
+        assert exit_code == CONNECTION_ENDED
+        assert reason is not None and reason.startswith(CONNECTION_ENDED_TEXT)
+        assert "ERROR :     Server error '500 Internal Server Error'" in reason  # no colour codes
         _wait_for(
-            lambda: (
-                node.pid not in (None, first_pid)
-                and link.control.node_statuses().get(node_id) == "online"
-            ),
+            lambda: direct.pid not in (None, first[0]) and online(direct_id, gated_id),
             60,
-            "the restarted SuperNode to be online",
+            "the restarted direct SuperNode to be online",
         )
+        assert gated.restarts == 0 and gated.pid == first[1]
+        assert "retrying in" in gated.config.log_path.read_text()  # it did see the 503s
+    gateway_log = link.gateway_log.read_text()
+    assert "told the node to retry" in gateway_log
 
 
 @pytest.mark.e2e

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +121,11 @@ class KeyCeremony:
         store: RoundStore,
         job_id: int | None = None,
         timeout_s: float = 120.0,
+        enrolled: Mapping[int, str] | None = None,
     ) -> None:
         self.keys = keys
+        # Node id -> hospital from enrolment: a node answers only for its own hospital.
+        self.enrolled = None if enrolled is None else dict(enrolled)
         self.custodian = custodian
         self.store = store
         self.job_id = job_id
@@ -166,10 +169,19 @@ class KeyCeremony:
             if reply.has_error():
                 continue
             rec = reply.content.config_records[CEREMONY_KEY]
+            node, claimed = reply.metadata.src_node_id, str(rec["hospital"])
+            if self.enrolled is not None and self.enrolled.get(node) != claimed:
+                # E.g. a hospital posing as the custodian: ignored, and on the record.
+                enrolled = self.enrolled.get(node, "no hospital")
+                self._audit("node_identity_refused", claimed, node_id=node, enrolled_as=enrolled)
+                log.warning(
+                    "key ceremony: node %d claims %r, enrolled as %s", node, claimed, enrolled
+                )
+                continue
             nodes.append(
                 _Node(
-                    node_id=reply.metadata.src_node_id,
-                    hospital=str(rec["hospital"]),
+                    node_id=node,
+                    hospital=claimed,
                     epochs=tuple(int(e) for e in rec.get("epochs", [])),  # type: ignore[union-attr]
                     custodian=bool(rec.get("custodian", False)),
                 )
@@ -184,8 +196,14 @@ class KeyCeremony:
             return public
         deadline = time.monotonic() + self.timeout_s
         while True:
-            nodes = self._hello(grid, sorted(node_ids))
-            self.hospitals = {n.node_id: n.hospital for n in nodes}
+            ask = node_ids
+            if public is not None:
+                # Only nodes not yet confirmed, plus the custodian in case one of
+                # them needs an envelope sealed.
+                keeper = {n for n, h in self.hospitals.items() if h == self.custodian}
+                ask = (node_ids - self._checked) | (keeper & node_ids)
+            nodes = self._hello(grid, sorted(ask))
+            self.hospitals.update({n.node_id: n.hospital for n in nodes})
             custodian = [n for n in nodes if n.hospital == self.custodian and n.custodian]
             if custodian or public is not None:
                 break
@@ -205,8 +223,13 @@ class KeyCeremony:
                     f"{self.custodian!r} is not connected"
                 )
             public = self._from_custodian(grid, custodian[0], missing)
-        self._install(grid, need, public)
-        self._checked = node_ids
+        installed = self._install(grid, need, public)
+        # Confirmed: nodes that said they hold the key, and those that just installed
+        # it. A node that did not answer (e.g. its SuperNode was restarting) stays
+        # unconfirmed and is asked again before the next round or attempt; marking it
+        # done had it refuse every attempt of round 1 for want of a key (soak, 100).
+        held = {n.node_id for n in nodes if self.epoch in n.epochs or n.hospital == self.custodian}
+        self._checked = self._checked | held | installed
         return public
 
     def _from_custodian(self, grid: Grid, node: _Node, recipients: list[str]) -> HeContext:
@@ -236,10 +259,10 @@ class KeyCeremony:
         )
         return public
 
-    def _install(self, grid: Grid, nodes: list[_Node], public: HeContext) -> None:
-        """Relay every pending envelope in one round trip."""
+    def _install(self, grid: Grid, nodes: list[_Node], public: HeContext) -> set[int]:
+        """Relay every pending envelope in one round trip; the nodes that installed it."""
         if not nodes:
-            return
+            return set()
         messages = []
         for node in nodes:
             envelope = self.keys.envelope(self.epoch, node.hospital)
@@ -258,6 +281,7 @@ class KeyCeremony:
                 )
             )
         answered: set[str] = set()
+        ok: set[str] = set()
         for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
             if reply.has_error():
                 continue
@@ -265,6 +289,7 @@ class KeyCeremony:
             hospital = str(rec.get("hospital", ""))
             answered.add(hospital)
             if rec.get("status") == "ok":
+                ok.add(hospital)
                 self._audit("key_installed", hospital)
             else:
                 self._audit("key_install_refused", hospital, reason=str(rec.get("reason")))
@@ -277,3 +302,5 @@ class KeyCeremony:
         for node in nodes:
             if node.hospital not in answered:
                 self._audit("key_install_refused", node.hospital, reason="no reply")
+        # By node and by claimed name: the install reply's "hospital" must be the node's.
+        return {node.node_id for node in nodes if node.hospital in ok}

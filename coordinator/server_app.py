@@ -137,6 +137,19 @@ def _from_blob(blob: ModelBlob) -> ModelPayload:
     return ModelPayload(arrays=arrays_from_bytes(blob.blob))
 
 
+def _enrolled_nodes(store: RoundStore | None) -> dict[int, str] | None:
+    """Node id -> hospital from the coordinator's enrolment records; ``None`` when
+    nothing was enrolled (a simulation: Flower made the nodes, nobody claims a key)."""
+    if store is None:
+        return None
+    enrolled = {
+        int(e.detail["node_id"]): str(e.detail["hospital"])  # type: ignore[call-overload]
+        for e in store.audit_events()
+        if e.kind == "node_enrolled"
+    }
+    return enrolled or None
+
+
 def _wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while (connected := len(list(grid.get_node_ids()))) < needed:
@@ -159,6 +172,7 @@ class _RoundRunner:
         self.node_wait_s = (
             self.job.round_timeout_s if settings.node_wait_s is None else settings.node_wait_s
         )
+        self.enrolled = _enrolled_nodes(store)
         self.ceremony: KeyCeremony | None = None
         if self.job.secure_aggregation is SecureAggregation.HE and self.public is None:
             if settings.key_directory is None or not settings.custodian:
@@ -169,6 +183,7 @@ class _RoundRunner:
                 store=store,
                 job_id=job_id,
                 timeout_s=self.node_wait_s,
+                enrolled=self.enrolled,
             )
             self.key_epoch = self.ceremony.epoch
         self.strategy: SecureFedAvg | None = None
@@ -183,7 +198,10 @@ class _RoundRunner:
             self.public = self.ceremony.ensure(self.grid)
         if self.strategy is None:
             self.strategy = SecureFedAvg(
-                job=self.job, public_context=self.public, key_epoch=self.key_epoch
+                job=self.job,
+                public_context=self.public,
+                key_epoch=self.key_epoch,
+                enrolled=self.enrolled,
             )
 
     def _config(self, server_round: int) -> ConfigRecord:

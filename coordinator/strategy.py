@@ -86,10 +86,22 @@ class SecureFedAvg(Strategy):
         The consortium's HE context *without* its secret key (``he`` mode).
     key_epoch
         Current key epoch; updates under another epoch are rejected.
+    enrolled
+        Node id -> hospital, from enrolment (each hospital's node key is
+        registered by the coordinator under that hospital's name). When given, a
+        reply whose claimed hospital differs from its node's enrolment, or from a
+        node enrolled for no hospital, is rejected: otherwise one hospital could
+        reply in another's name, and since only a hospital's first reply of a
+        round counts, shut the real one out. ``None`` (simulation): no binding.
     """
 
     def __init__(
-        self, *, job: JobConfig, public_context: HeContext | None, key_epoch: int = 0
+        self,
+        *,
+        job: JobConfig,
+        public_context: HeContext | None,
+        key_epoch: int = 0,
+        enrolled: Mapping[int, str] | None = None,
     ) -> None:
         if job.secure_aggregation is SecureAggregation.HE:
             if public_context is None:
@@ -103,6 +115,7 @@ class SecureFedAvg(Strategy):
         self.job = job
         self.public_context = public_context
         self.key_epoch = key_epoch
+        self.enrolled = None if enrolled is None else dict(enrolled)
         # Layout of the model sent for a round (see expect_model): every update
         # must match it, so a hostile first reply cannot set the layout.
         self._expected: dict[int, _ModelLayout | None] = {}
@@ -210,6 +223,12 @@ class SecureFedAvg(Strategy):
             except FedvaultError as exc:
                 self._reject(outcome, f"node-{node}", node, str(exc), server_round)
                 continue
+            if (mismatch := self._identity_mismatch(node, reply.hospital)) is not None:
+                sender = (self.enrolled or {}).get(node, f"node-{node}")
+                if repeated or any(p.hospital == sender for p in outcome.participations):
+                    sender = f"node-{node}"  # the sender's own row is already taken
+                self._reject(outcome, sender, node, mismatch, server_round)
+                continue
             if repeated or any(p.hospital == reply.hospital for p in outcome.participations):
                 self._reject(
                     outcome,
@@ -312,6 +331,9 @@ class SecureFedAvg(Strategy):
             except FedvaultError as exc:
                 log.warning("round %d: evaluation reply rejected: %s", server_round, exc)
                 continue
+            if mismatch := self._identity_mismatch(msg.metadata.src_node_id, reply.hospital):
+                log.warning("round %d: evaluation reply rejected: %s", server_round, mismatch)
+                continue
             if reply.status is ReplyStatus.OK and reply.hospital not in evals:
                 evals[reply.hospital] = HospitalEval(
                     hospital=reply.hospital,
@@ -322,6 +344,24 @@ class SecureFedAvg(Strategy):
         return list(evals.values())
 
     # --- helpers ---------------------------------------------------------------
+
+    def _identity_mismatch(self, node: int, claimed: str) -> str | None:
+        """Why ``node`` may not speak for ``claimed``, or ``None`` if it may."""
+        if self.enrolled is None:
+            return None
+        enrolled = self.enrolled.get(node)
+        if enrolled is None:
+            return (
+                f"node {node} replied as {claimed!r} but no hospital enrolled that node; "
+                "the reply is discarded (was the node registered outside fedvault?)"
+            )
+        if enrolled != claimed:
+            return (
+                f"node {node} is enrolled as {enrolled!r} but replied as {claimed!r}; the "
+                f"reply is discarded: a hospital may speak only for itself (check {enrolled}'s "
+                "kit and data spec)"
+            )
+        return None
 
     def _messages(
         self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, message_type: str

@@ -90,6 +90,7 @@ CAP = 512 * 1024  # the job's max_update_bytes: a valid reply here is ~70 KB
 KEY_EPOCH = 3
 ROUND = 2  # the round under attack; round 1 is committed before it
 HOSPITALS = {"hospital-1": (101, 120), "hospital-2": (102, 300), "hospital-3": (103, 45)}
+ENROLLED = {node: hospital for hospital, (node, _) in HOSPITALS.items()}  # from enrolment
 VALID = ("hospital-1", "hospital-2")  # round 2's valid replies; hospital-3 turns hostile
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 JOB = JobConfig(
@@ -170,7 +171,7 @@ class World:
 
     def strategy(self, server_round: int) -> SecureFedAvg:
         """The coordinator's strategy, told the model it sent (as configure_train does)."""
-        s = SecureFedAvg(job=JOB, public_context=self.pub, key_epoch=KEY_EPOCH)
+        s = SecureFedAvg(job=JOB, public_context=self.pub, key_epoch=KEY_EPOCH, enrolled=ENROLLED)
         s.expect_model(server_round, payload_to_record(self.model_before(server_round)))
         return s
 
@@ -344,9 +345,15 @@ def _duplicate(w: World, r: int) -> Message:
     return reply("hospital-1", envelope=env, samples=HOSPITALS["hospital-3"][1])
 
 
-def _same_node(w: World, r: int) -> Message:
-    """hospital-3's valid update, sent from hospital-1's node."""
-    return reply("hospital-3", envelope=_envelope_of(w.valid("hospital-3", r)), node=101)
+def _in_another_name(w: World, r: int) -> Message:
+    """hospital-3's node replies as hospital-1: first, it would shut hospital-1 out."""
+    env = _envelope_of(w.valid("hospital-3", r))
+    return reply("hospital-1", envelope=env, samples=HOSPITALS["hospital-3"][1], node=103)
+
+
+def _unenrolled_node(w: World, r: int) -> Message:
+    """hospital-3's reply from a node no hospital enrolled."""
+    return reply("hospital-3", envelope=_envelope_of(w.valid("hospital-3", r)), node=999)
 
 
 def _oversized(w: World, r: int) -> Message:
@@ -525,7 +532,8 @@ KINDS = [
     Kind("metric-as-list", set_metric("train-loss", [0.1, 0.2]), "train-loss"),
     # --- protocol
     Kind("duplicate-reply", _duplicate, "duplicate", second=True, row=False),
-    Kind("second-reply-from-a-node", _same_node, "duplicate", second=True),
+    Kind("reply-in-another-hospitals-name", _in_another_name, "enrolled"),
+    Kind("reply-from-an-unenrolled-node", _unenrolled_node, "enrolled"),
     Kind("oversized-update", _oversized, "max_update_bytes"),
     Kind("oversized-config", edit_records(_huge_accountant_state), "max_update_bytes"),
     Kind("query-message-type", _message_type(MessageType.QUERY), "message type"),

@@ -292,7 +292,7 @@ class SecureFedAvg(Strategy):
                     if expected is not None:
                         expected.check(_envelope_layout(env))
                     _check_weight(env.sample_weight, reply.samples)
-                    aggregator.add(reply.update.envelope)
+                    aggregator.add(env)
                 else:
                     if reply.update.arrays is None:
                         raise MalformedUpdateError(

@@ -206,6 +206,10 @@ def parse_envelope(data: bytes) -> update_pb2.UpdateEnvelope:
             f"cannot parse the update envelope ({exc}); it is corrupt or truncated, "
             "the sender must resend it"
         ) from exc
+    return _check_header(env)
+
+
+def _check_header(env: update_pb2.UpdateEnvelope) -> update_pb2.UpdateEnvelope:
     if env.format_version != FORMAT_VERSION:
         raise MalformedUpdateError(
             f"update envelope format_version={env.format_version}, this fedvault reads "
@@ -355,8 +359,12 @@ class Aggregator:
         """Sum of the summed updates' sample weights."""
         return self._total_weight
 
-    def add(self, data: bytes) -> None:
-        """Validate one serialized update and add it to the running sum.
+    def add(self, data: bytes | update_pb2.UpdateEnvelope) -> None:
+        """Validate one update and add it to the running sum.
+
+        ``data`` is the serialized envelope, or the envelope :func:`parse_envelope`
+        already returned (the coordinator parses it once to check it against the
+        round's model first; a second parse of a multi-megabyte message is waste).
 
         Raises
         ------
@@ -366,7 +374,10 @@ class Aggregator:
             On anything else wrong with it. A rejected update leaves the
             running sum untouched.
         """
-        env = parse_envelope(data)
+        if isinstance(data, update_pb2.UpdateEnvelope):
+            env = _check_header(data)
+        else:
+            env = parse_envelope(data)
         _check_key(self._ctx, env, self._key_epoch)
         if self._job and env.job != self._job:
             raise MalformedUpdateError(

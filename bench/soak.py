@@ -18,7 +18,7 @@ What runs, all real processes on 127.0.0.1:
   it forks instead of exec'ing ``flwr-clientapp``).
 
 The job is the smallest example (breast-cancer logistic regression) with
-DP-SGD and CKKS encryption on; each hospital holds ``--records`` rows drawn
+DP-SGD and BFV encryption on; each hospital holds ``--records`` rows drawn
 from the example's training split (hospitals overlap: the soak is about the
 coordinator, not the model).
 
@@ -29,15 +29,17 @@ wall time and per-round median/p95 (also written after every round, so a run
 cut short still reports). Every process is stopped at the end, on error and on
 Ctrl-C; the soak stops itself if free memory falls under ``MIN_FREE_MB``.
 
-Sizing, measured on the 2-core / 24 GiB development box (shared, load 8-20):
-a SuperNode holds ~140 MB RSS (100: ~14 GB); a ClientApp task costs ~0.8 CPU-s
-with the forking SuperExec (vs ~3.6 s of imports alone per fresh
-``flwr-clientapp``); enrolment is one ``flwr supernode register`` per key,
-4-20 s each (100 keys: ~15 min); 80 idle SuperNodes cost ~0.75 of a core
-(SuperLink 0.25, gateway 0.18, SuperNodes 0.30). 10 hospitals x 5 rounds
-finishes in ~7 min (round ~50 s). At 100 hospitals the hospitals' share of
-two cores, not the coordinator, is the limit: 100 key-ceremony replies do not
-fit the coordinator's 120 s window. Use ``--hospitals``/``--rounds`` to fit.
+Sizing, measured on the 2-core / 24 GiB development box: a SuperNode holds
+~140 MB RSS (100: ~14 GB); a ClientApp task costs ~0.4-0.8 CPU-s with the
+forking SuperExec (vs ~3.6 s of imports alone per fresh ``flwr-clientapp``).
+Enrolment is one Control API connection for all keys (seconds for 100).
+Hospitals start ``--start-interval`` apart (default 1 s; at 0.5 s, a burst of
+SuperNodes importing Flower at once timed out some activations). With
+100 hospitals the machine is mostly busy being the hospitals: idle, the
+SuperLink takes ~0.45 of a core answering 100 SuperNodes' 3-second polls, the
+SuperNodes and this executor ~0.5 (the executor asks every node's Runtime API
+for work once a second, as Flower's SuperExec does), the gateway ~0.12, so a
+round of 100 one-epoch tasks takes ~2 min (10 hospitals: ~12 s).
 """
 
 from __future__ import annotations
@@ -368,7 +370,7 @@ def run_soak(
     max_children: int = 4,
     seed: int = 0,
     round_timeout: float = 900.0,
-    start_interval: float = 0.5,
+    start_interval: float = 1.0,
 ) -> dict[str, Any]:
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
@@ -716,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         "--round-timeout", type=float, default=900.0, help="give up after this long without a round"
     )
     parser.add_argument(
-        "--start-interval", type=float, default=0.5, help="seconds between hospital starts"
+        "--start-interval", type=float, default=1.0, help="seconds between hospital starts"
     )
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="fedvault-soak-"))

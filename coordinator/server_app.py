@@ -372,19 +372,23 @@ def run_job(
             )
             model = outcome.model
             _write_report(store, settings)
-            obs.on_round(_committed(store, job_row.id)[-1])
-        final = _committed(store, job_row.id)
-        if final and final[-1].eval_accuracy is None:
+            obs.on_round(_committed_round(store, job_row.id, number))
+        final = _committed_round(store, job_row.id, job.rounds)
+        if final.eval_accuracy is None:
             # The last model has no next round to carry its evaluation.
-            runner.evaluate(final[-1].number, model)
-            obs.on_round(_committed(store, job_row.id)[-1])
+            runner.evaluate(final.number, model)
+            obs.on_round(_committed_round(store, job_row.id, final.number))
         store.set_job_status(job_row.id, "finished")
         _write_report(store, settings)
         return "finished"
 
 
-def _committed(store: RoundStore, job_id: int) -> list[RoundView]:
-    return [v for v in store.rounds(job_id) if v.status == "committed"]
+def _committed_round(store: RoundStore, job_id: int, number: int) -> RoundView:
+    """Round ``number`` as committed, read alone: re-reading every round after
+    each one made a job's reads grow with rounds x hospitals."""
+    rounds = store.rounds(job_id, after=number - 1)
+    (view,) = [v for v in rounds if v.number == number and v.status == "committed"]
+    return view
 
 
 def _wait_while_paused(store: RoundStore, job_name: str, poll_s: float) -> str:

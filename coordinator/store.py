@@ -558,8 +558,9 @@ class RoundStore:
                 )
             return ModelBlob(row.round, row.kind, blob, row.total_weight)  # type: ignore[arg-type]
 
-    def rounds(self, job_id: int) -> list[RoundView]:
-        """Every committed round and failed attempt, by (number, attempt); 3 queries.
+    def rounds(self, job_id: int, *, after: int = 0) -> list[RoundView]:
+        """Every committed round and failed attempt numbered above ``after``, by
+        (number, attempt); 3 queries.
 
         A participation's ``accountant_state`` is ``None`` when it is encrypted
         at rest and this store was opened without the key (read-only tooling).
@@ -568,7 +569,7 @@ class RoundStore:
             self._job_row(s, job_id)
             rows = s.scalars(
                 select(RoundTable)
-                .where(RoundTable.job_id == job_id)
+                .where(RoundTable.job_id == job_id, RoundTable.number > after)
                 .order_by(RoundTable.number, RoundTable.attempt)
                 .options(selectinload(RoundTable.participations))
             ).all()
@@ -582,7 +583,7 @@ class RoundStore:
                         LedgerTable.round,
                         LedgerTable.accountant_state,
                         LedgerTable.at_rest,
-                    ).where(LedgerTable.job_id == job_id)
+                    ).where(LedgerTable.job_id == job_id, LedgerTable.round > after)
                 )
             }
             return [round_view(r, states) for r in rows]

@@ -110,6 +110,9 @@ def test_commit_round_stores_everything(store: RoundStore, data: Rounds) -> None
         assert view.eval_accuracy is None and view.evaluations == ()
         assert view.committed_at is not None and view.committed_at.tzinfo == UTC
     assert views[1].participations[2].reason == "budget exhausted"
+    # What the ServerApp reads after each round: that round alone, the same view.
+    assert store.rounds(job.id, after=1) == views[1:]
+    assert store.rounds(job.id, after=2) == []
 
 
 def test_ledger_has_ok_participations_only(store: RoundStore, data: Rounds) -> None:

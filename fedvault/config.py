@@ -200,6 +200,7 @@ class JobConfig:
         """A job on ``example`` with its tuned training defaults.
 
         ``overrides`` may set any :class:`TrainingConfig` field, ``max_grad_norm``,
+        ``accountant`` (``"prv"``, the default, or ``"rdp"``),
         ``min_hospitals``, ``round_timeout_s``, ``max_update_bytes`` or
         ``max_round_attempts``.
         """
@@ -212,11 +213,14 @@ class JobConfig:
         }
         top: dict[str, Any] = {}
         max_grad_norm = d.max_grad_norm
+        accountant = "prv"
         for key, value in overrides.items():
             if key in training:
                 training[key] = value
             elif key == "max_grad_norm":
                 max_grad_norm = value
+            elif key == "accountant":
+                accountant = value
             elif key in (
                 "min_hospitals",
                 "round_timeout_s",
@@ -237,7 +241,9 @@ class JobConfig:
             example=example.name,
             hospitals=hospitals,
             rounds=rounds,
-            privacy=PrivacyConfig(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm),
+            privacy=PrivacyConfig(
+                epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm, accountant=accountant
+            ),
             training=TrainingConfig(**training),
             partition=parts,
             secure_aggregation=mode,

@@ -1,0 +1,53 @@
+"""The operator's job file (``fedvault coordinator start --job job.toml``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedvault.config import JobConfig
+from fedvault.coordinator.daemon import load_job_file
+from fedvault.privacy.errors import InvalidConfigError
+
+HEAD = '[job]\nname = "oncology"\nexample = "breast-cancer"\nhospitals = 4\nrounds = 3\n'
+
+
+def _job(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(HEAD + extra)
+    return path
+
+
+def test_job_settings_reach_the_config_and_survive_the_store(tmp_path: Path) -> None:
+    extra = (
+        "min_hospitals = 3\nround_timeout_s = 900\nmax_round_attempts = 5\n"
+        'accountant = "rdp"\nepsilon = 2.0\n'
+    )
+    job = load_job_file(_job(tmp_path, extra))
+    assert (job.job, job.hospitals, job.rounds, job.quorum) == ("oncology", 4, 3, 3)
+    assert (job.round_timeout_s, job.max_round_attempts) == (900, 5)
+    assert (job.privacy.epsilon, job.privacy.accountant) == (2.0, "rdp")
+    assert JobConfig.from_json(job.to_json()) == job  # what the ServerApp receives
+    assert load_job_file(_job(tmp_path)).privacy.accountant == "prv"  # the default
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ('accountant = "gdp"\n', "accountant must be one of"),
+        ("round_timeout_s = 0\n", "round_timeout_s must be > 0"),
+        ("rounds_timeout = 5\n", "unknown job setting 'rounds_timeout'"),
+    ],
+)
+def test_a_bad_setting_is_named(tmp_path: Path, extra: str, match: str) -> None:
+    with pytest.raises(InvalidConfigError, match=match):
+        load_job_file(_job(tmp_path, extra))
+
+
+def test_missing_or_broken_files_say_so(tmp_path: Path) -> None:
+    with pytest.raises(InvalidConfigError, match="not found"):
+        load_job_file(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[job\n")
+    with pytest.raises(InvalidConfigError, match="not valid TOML"):
+        load_job_file(tmp_path / "bad.toml")

@@ -21,6 +21,7 @@ import logging
 import signal
 import threading
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,13 @@ from fedvault.flower_env import free_port
 from fedvault.kit import Kit, KitKind
 from fedvault.privacy.errors import FedvaultError, InvalidConfigError
 
-__all__ = ["CoordinatorOptions", "load_job_file", "run_coordinator", "write_app_dir"]
+__all__ = [
+    "CoordinatorOptions",
+    "enrol_nodes",
+    "load_job_file",
+    "run_coordinator",
+    "write_app_dir",
+]
 
 log = logging.getLogger("fedvault.coordinator")
 
@@ -104,12 +111,24 @@ class CoordinatorOptions:
     poll_s: float = 3.0
 
 
-def _register_nodes(link: SuperLinkProcess, kit: Kit, store: RoundStore) -> None:
-    keys = dict(sorted(kit.node_public_key_paths().items()))
+def enrol_nodes(link: SuperLinkProcess, keys: Mapping[str, Path], store: RoundStore) -> None:
+    """Register each hospital's node key; record each enrolment once.
+
+    Idempotent across restarts, and safe against a kill between registering a key
+    at the SuperLink and recording it here: every (hospital, node id) the store
+    does not hold yet is recorded, whether the key is new or was registered before.
+    The ServerApp binds replies to hospitals from these records.
+    """
+    keys = dict(sorted(keys.items()))
     node_ids = link.control.register_nodes(list(keys.values()))
+    recorded = {
+        (str(e.detail.get("hospital")), e.detail.get("node_id"))
+        for e in store.audit_events()
+        if e.kind == "node_enrolled"
+    }
     for hospital, pub in keys.items():
         node_id = node_ids[pub]
-        if node_id is None:
+        if (hospital, node_id) in recorded:
             continue  # enrolled on an earlier start (the SuperLink database persists)
         store.append_audit(
             AuditEvent(
@@ -159,7 +178,7 @@ def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = 
         link.start()
         link.wait_healthy()
         with RoundStore(store_url, at_rest_key=at_rest_key) as store:
-            _register_nodes(link, kit, store)
+            enrol_nodes(link, kit.node_public_key_paths(), store)
         api = serve(store_url, kit)
         log.info("operator API on %s", kit.operator_api_address)
         app_dir = write_app_dir(state / "app")

@@ -162,30 +162,36 @@ class ControlClient:
         out = self._call("supernode", "register", str(pubkey_path))
         return int(out["node-id"])
 
-    def register_nodes(self, pubkey_paths: Sequence[Path]) -> dict[Path, int | None]:
+    def register_nodes(self, pubkey_paths: Sequence[Path]) -> dict[Path, int]:
         """Enrol many OpenSSH public keys over one connection; map each to its node id.
 
-        ``None`` means the key was registered before (a key can be registered only
-        once, ever; on a coordinator restart every key is). The request is the one
-        ``flwr supernode register`` sends, through Flower's own client, in this
-        process: one ``flwr`` run per key cost 3-20 s of CLI start-up, 25 minutes for
-        a 100-hospital consortium on a loaded 2-core host.
+        A key can be registered only once, ever; one registered before (on a
+        coordinator restart every key is) maps to the node id the SuperLink already
+        holds for it, looked up by public key. So a caller can record enrolments
+        idempotently, even if it was killed between registering a key and
+        recording it. The request is the one ``flwr supernode register`` sends,
+        through Flower's own client, in this process: one ``flwr`` run per key cost
+        3-20 s of CLI start-up, 25 minutes for a 100-hospital consortium on a
+        loaded 2-core host.
         """
         from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
+        from flwr.supercore.constant import NodeStatus
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        out: dict[Path, int | None] = {}
+        out: dict[Path, int] = {}
+        known: dict[Path, bytes] = {}
         with self._http() as client:
             for path in pubkey_paths:
                 try:
                     key = serialization.load_ssh_public_key(Path(path).read_bytes())
-                    request = RegisterNodeRequest(public_key=public_key_to_bytes(key))  # type: ignore[arg-type]
+                    raw = public_key_to_bytes(key)  # type: ignore[arg-type]
                 except (OSError, ValueError, TypeError) as exc:
                     raise ControlApiError(
                         f"node key {path} is not a readable OpenSSH public key ({exc}); "
                         "re-provision the consortium's kits"
                     ) from None
+                request = RegisterNodeRequest(public_key=raw)
                 try:
                     out[path] = int(
                         self._rpc("supernode register", client.RegisterNode, request).node_id
@@ -193,8 +199,20 @@ class ControlClient:
                 except ControlApiError as exc:
                     if "already in use" not in str(exc):
                         raise
-                    out[path] = None
-        return out
+                    known[path] = raw
+            if known:
+                listed = self._rpc("supernode ls", client.ListNodes, ListNodesRequest())
+                by_key = {bytes(n.public_key): n for n in listed.nodes_info}
+                for path, raw in known.items():
+                    node = by_key.get(raw)
+                    if node is None or node.status == NodeStatus.UNREGISTERED:
+                        raise ControlApiError(
+                            f"node key {path} was registered at the SuperLink and has since "
+                            "been unregistered; a key can never be registered again: "
+                            "re-provision that hospital's node key"
+                        )
+                    out[path] = int(node.node_id)
+        return {path: out[path] for path in pubkey_paths}
 
     def node_statuses(self) -> dict[int, str]:
         """Map node id to status (``registered``, ``online``, ``offline``...)."""

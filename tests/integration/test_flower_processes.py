@@ -36,6 +36,8 @@ from cryptography.x509.oid import NameOID
 from fedvault.client import supernode as supernode_mod
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.client.supernode_entry import CONNECTION_ENDED, CONNECTION_ENDED_TEXT
+from fedvault.coordinator.daemon import enrol_nodes
+from fedvault.coordinator.store import RoundStore
 from fedvault.coordinator.superlink import (
     ControlApiError,
     ControlClient,
@@ -44,7 +46,7 @@ from fedvault.coordinator.superlink import (
 )
 from fedvault.flower_env import free_port, terminate_tree
 
-NODES = ("node1", "node2", "stranger", "late", "direct", "gated")
+NODES = ("node1", "node2", "stranger", "late", "direct", "gated", "enrol1", "enrol2")
 
 APP_PYPROJECT = """\
 [build-system]
@@ -276,8 +278,8 @@ def test_two_node_tls_auth_run_completes_with_exact_fedavg(
     assert set(ids) == set(keys) and len(set(ids.values())) == 2
     statuses = link.control.node_statuses()
     assert all(statuses[node_id] == "registered" for node_id in ids.values() if node_id)
-    # A restarted coordinator enrols the same keys again: "already registered", not an error.
-    assert link.control.register_nodes(keys) == dict.fromkeys(keys)
+    # A restarted coordinator enrols the same keys again: the same node ids, not an error.
+    assert link.control.register_nodes(keys) == ids
     with pytest.raises(ControlApiError, match="not a readable OpenSSH public key"):
         link.control.register_nodes([tmp_path / "missing.pub"])
     out_file = tmp_path / "result.json"
@@ -306,6 +308,30 @@ def test_two_node_tls_auth_run_completes_with_exact_fedavg(
             node.stop()
         print(f"stopping 2 SuperNodes took {time.monotonic() - t_stop:.1f} s")
     assert _alive(set(trees).union(*trees.values())) == set()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_enrolment_is_recorded_once_even_after_a_kill_between_register_and_record(
+    link: SuperLinkProcess, pki: dict[str, Path]
+) -> None:
+    keys = {"hospital-a": pki["enrol1.pub"], "hospital-b": pki["enrol2.pub"]}
+    # A coordinator killed after the SuperLink registered hospital-a's key, before the
+    # store recorded it: the restarted one must still bind that node to hospital-a.
+    early = link.control.register_nodes([keys["hospital-a"]])[keys["hospital-a"]]
+    with RoundStore("sqlite://") as store:
+        for _ in range(3):  # the crashed start's successor, then two more restarts
+            enrol_nodes(link, keys, store)
+        rows = [
+            (e.detail["hospital"], e.detail["node_id"])
+            for e in store.audit_events()
+            if e.kind == "node_enrolled"
+        ]
+        assert store.verify_audit_chain() is None
+    ids = link.control.register_nodes(list(keys.values()))
+    assert rows == [("hospital-a", early), ("hospital-b", ids[keys["hospital-b"]])]
+    assert early != ids[keys["hospital-b"]]
+    assert {early, ids[keys["hospital-b"]]} <= set(link.control.node_statuses())
 
 
 @pytest.mark.e2e

@@ -19,13 +19,15 @@ until all three hospitals are online, then:
   with hospital-1 (replaying its cached update: no second spend) and
   hospital-3 (a);
 * the operator pauses the job while hospital-2 restarts from the same kit and
-  state directory (``fedvault status`` is read meanwhile);
-* still paused, before round 4 is dispatched, the whole coordinator (daemon,
-  SuperLink, gateway, ServerApp) is SIGKILLed and ``fedvault coordinator
-  start`` is run again on the same kit, job file and state: it re-enrols
-  nothing, resumes after round 3, and the operator resumes the job (e);
-* round 4 — all three, hospital-2 included (b); its ledger still holds the
-  round-3 spend it booked before the kill, once.
+  state directory (``fedvault status`` is read meanwhile), and resumes it once
+  hospital-2 is back online;
+* round 4 — while the ServerApp waits for hospital-1's reply (trained, booked,
+  cached, held), the whole coordinator (daemon, SuperLink, gateway, ServerApp)
+  is SIGKILLed and ``fedvault coordinator start`` is run again on the same kit,
+  job file and state: it re-enrols nothing and resumes after round 3; every
+  hospital answers the re-sent round 4 by replaying its cached update (e).
+  Round 4 commits with all three, hospital-2 included (b); its ledger still
+  holds the round-3 spend it booked before the kill, once.
 
 Faults are injected by a test-only ``sitecustomize`` hook (:data:`FAULT_HOOK`)
 in the ClientApp processes of the hospital named by ``$FEDVAULT_TEST_FAULT``,
@@ -305,7 +307,7 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
             return False
 
         _until(enrolled, 120, "the coordinator to enrol the hospitals", explain)
-        procs["hospital-1"] = start_hospital("hospital-1")
+        procs["hospital-1"] = start_hospital("hospital-1", f"hold:{ROUNDS}")
         procs[KILLED] = start_hospital(KILLED, f"hold:{KILL_ROUND}")
         procs[STRAGGLER] = start_hospital(STRAGGLER, f"hold:{STRAGGLE_ROUND}")
         # Hold round 1 until every hospital is online (the job needs only two).
@@ -352,22 +354,27 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
         _until(lambda: online(KILLED, offsets[KILLED]), 120, f"{KILLED} back online", explain)
         mark("hospital-2 back online")
 
-        # Still paused, round 4 not dispatched: kill -9 the whole coordinator (daemon,
-        # SuperLink, gateway, ServerApp) and start it again on the same kit, job file
-        # and state, as an operator would after a power cut.
+        control("resume", "hospital-2 is back")
+
+        # Round 4: hospital-1 trained, booked and cached its reply; while the ServerApp
+        # waits for it, kill -9 the whole coordinator (daemon, SuperLink, gateway,
+        # ServerApp) and start it again on the same kit, job file and state.
+        held = fault_dirs["hospital-1"] / f"hold-{ROUNDS}"
+        _until(held.exists, 4 * ROUND_TIMEOUT_S, f"hospital-1 in round {ROUNDS}", explain)
         old = procs["coordinator"]
-        victims = _tree(old.pid, paths["state"]) | _tree(old.pid, paths["kits"] / "coordinator")
-        _kill9(victims)
-        out.coordinator_killed = victims
+
+        def coordinator_tree() -> set[int]:
+            return _tree(old.pid, paths["state"]) | _tree(old.pid, paths["kits"] / "coordinator")
+
+        out.coordinator_killed = coordinator_tree()
+        _kill9(out.coordinator_killed)
         old.wait(timeout=10)
         time.sleep(0.5)
-        out.left_after_coordinator_kill = (
-            _tree(old.pid, paths["state"]) | _tree(old.pid, paths["kits"] / "coordinator")
-        ) - {old.pid}
+        out.left_after_coordinator_kill = coordinator_tree() - {old.pid}
+        (fault_dirs["hospital-1"] / "release").touch()  # its reply has nowhere to go now
         procs["coordinator-killed"] = old
         procs["coordinator"] = spawn(coordinator, env=base_env, log_path=logs / "coordinator-2.log")
-        mark("coordinator killed and restarted")
-        _until(lambda: control("resume", "hospital-2 is back"), 120, "operator API", explain)
+        mark("coordinator killed in round 4 and restarted")
         _until(
             lambda: procs["coordinator"].poll() is not None,
             SCENARIO_TIMEOUT_S - (time.monotonic() - started),
@@ -532,7 +539,7 @@ def test_no_process_left_behind(faults: Faults) -> None:
     assert faults.left_at_end == set()
 
 
-def test_coordinator_killed_before_dispatch_resumes_after_the_last_committed_round(
+def test_coordinator_killed_waiting_for_replies_resumes_after_the_last_committed_round(
     faults: Faults,
 ) -> None:
     # Daemon, SuperLink, gateway, ServerApp and what Flower detached: all SIGKILLed.
@@ -544,10 +551,15 @@ def test_coordinator_killed_before_dispatch_resumes_after_the_last_committed_rou
     enrolled = [e.detail["hospital"] for e in faults.store_audit if e.kind == "node_enrolled"]
     assert sorted(enrolled) == list(NAMES)
     # The restarted ServerApp went on after round 3 (rounds 1-3 are not redone: the
-    # exact attempt list is checked above), and round 4 ran once, with all three.
+    # exact attempt list is checked above); the killed round 4 left no attempt row,
+    # and its re-run committed once, with all three.
     resumed = [e.detail["after_round"] for e in faults.audit if e.kind == "job_resumed"]
     assert resumed == [KILL_ROUND]
     assert [e.kind for e in faults.audit].count("job_started") == 1
+    assert faults.statuses(ROUNDS, 1) == dict.fromkeys(NAMES, "ok")
+    # hospital-1 trained round 4 once: the re-sent round got its cached update.
+    assert [(e.server_round, e.attempt) for e in faults.ledgers["hospital-1"]][-1] == (ROUNDS, 1)
+    assert len(faults.ledgers["hospital-1"]) == ROUNDS
     # No privacy spend counted twice or lost by the coordinator's ledger.
     booked = [(r.hospital, r.round) for r in faults.store_ledger]
     assert len(booked) == len(set(booked))

@@ -67,7 +67,14 @@ from rich.table import Table
 
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
-from fedvault.flower_env import flower_env, free_port, spawn, terminate_tree
+from fedvault.flower_env import (
+    descendants,
+    flower_env,
+    free_port,
+    process_children,
+    spawn,
+    terminate_tree,
+)
 from fedvault.privacy.errors import FedvaultError
 
 __all__ = ["main", "run_soak"]
@@ -86,42 +93,23 @@ def prepare(work: Path, *, hospitals: int, rounds: int, records: int, seed: int)
     """Kits, one small CSV data set per hospital, and the job file."""
     import numpy as np
 
-    from fedvault.client.data import write_csv_partition, write_spec
+    from fedvault.demo import provision_loopback, write_hospital_data
     from fedvault.examples import get_example
-    from fedvault.provision import provision
 
     names = _names(hospitals)
-    toml = work / "consortium.toml"
-    toml.write_text(
-        "[consortium]\n"
-        'name = "soak-consortium"\n'
-        f'coordinator = "127.0.0.1:{free_port()}"\n'
-        f'operator_api = "127.0.0.1:{free_port()}"\n'
-        f'custodian = "{names[0]}"\n'
-        + "".join(f'\n[[hospitals]]\nname = "{n}"\n' for n in names)
-        + '\n[[operators]]\nname = "operator"\nrole = "admin"\n'
-    )
-    provision(toml, work / "kits")
+    provision_loopback(work, "soak-consortium", names, {"operator": "admin"})
     train, test = get_example(EXAMPLE).load_data(seed)
     x_train, y_train = (t.numpy() for t in train.tensors)  # type: ignore[attr-defined]
     x_test, y_test = (t.numpy() for t in test.tensors)  # type: ignore[attr-defined]
-    features = [f"f{i}" for i in range(x_train.shape[1])]
     n_test = max(8, records // 4)
     for i, name in enumerate(names):
         rng = np.random.default_rng(seed * 100_003 + i)
         tr = rng.choice(len(y_train), size=min(records, len(y_train)), replace=False)
         te = rng.choice(len(y_test), size=min(n_test, len(y_test)), replace=False)
-        d = work / "data" / name
-        write_csv_partition(d / "train.csv", x_train[tr], y_train[tr], feature_names=features)
-        write_csv_partition(d / "test.csv", x_test[te], y_test[te], feature_names=features)
-        write_spec(
-            d / "data.toml",
-            format="csv",
-            train="train.csv",
-            test="test.csv",
-            label="label",
-            features=features,
-            labels=[0, 1],
+        write_hospital_data(
+            work / "data" / name,
+            (x_train[tr], y_train[tr]),
+            (x_test[te], y_test[te]),
             min_records=min(20, records),
         )
     job = work / "job.toml"
@@ -141,27 +129,8 @@ def prepare(work: Path, *, hospitals: int, rounds: int, records: int, seed: int)
 # --- memory sampling (/proc; psutil is not a dependency) ------------------------
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
 def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
-    out, stack = [root], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
+    return [root, *descendants(root, children)]
 
 
 def _rss_kb(pid: int) -> int:
@@ -240,7 +209,7 @@ class MemorySampler:
         return self._last.get(key, 0.0)
 
     def sample(self) -> None:
-        children = _children_map()
+        children = process_children()
         now: dict[str, float] = {}
         if self.coordinator_pid is not None:
             total = 0

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from fedvault.partition import Partition
-from fedvault.privacy.dp import PrivacyConfig
+from fedvault.privacy.dp import AccountantName, PrivacyConfig
 from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = [
@@ -213,7 +213,7 @@ class JobConfig:
         }
         top: dict[str, Any] = {}
         max_grad_norm = d.max_grad_norm
-        accountant = "prv"
+        accountant: AccountantName = "prv"
         for key, value in overrides.items():
             if key in training:
                 training[key] = value

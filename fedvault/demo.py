@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,33 +27,69 @@ from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlit
 from fedvault.flower_env import free_port, spawn, terminate_tree
 from fedvault.privacy.errors import FedvaultError
 
-__all__ = ["prepare_consortium", "run_demo"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["prepare_consortium", "provision_loopback", "run_demo", "write_hospital_data"]
 
 JOB_NAME = "demo-breast-cancer"
+
+
+def provision_loopback(
+    work: Path, consortium: str, names: Sequence[str], operators: Mapping[str, str]
+) -> Path:
+    """Provision ``names`` (the first is the key custodian) and ``operators`` (name ->
+    role) as a consortium on free 127.0.0.1 ports; the kits go to ``work/kits``."""
+    from fedvault.provision import provision
+
+    toml = work / "consortium.toml"
+    toml.write_text(
+        "[consortium]\n"
+        f'name = "{consortium}"\n'
+        f'coordinator = "127.0.0.1:{free_port()}"\n'
+        f'operator_api = "127.0.0.1:{free_port()}"\n'
+        f'custodian = "{names[0]}"\n'
+        + "".join(f'\n[[hospitals]]\nname = "{n}"\n' for n in names)
+        + "".join(f'\n[[operators]]\nname = "{n}"\nrole = "{r}"\n' for n, r in operators.items())
+    )
+    provision(toml, work / "kits")
+    return work / "kits"
+
+
+def write_hospital_data(
+    directory: Path,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    min_records: int = 20,
+) -> Path:
+    """One hospital's breast-cancer share as CSV files plus their data spec; the spec's path."""
+    from fedvault.client.data import write_csv_partition, write_spec
+
+    features = [f"f{i}" for i in range(train[0].shape[1])]
+    write_csv_partition(directory / "train.csv", *train, feature_names=features)
+    write_csv_partition(directory / "test.csv", *test, feature_names=features)
+    return write_spec(
+        directory / "data.toml",
+        format="csv",
+        train="train.csv",
+        test="test.csv",
+        label="label",
+        features=features,
+        labels=[0, 1],
+        min_records=min_records,
+    )
 
 
 def prepare_consortium(
     work: Path, *, hospitals: int, rounds: int, epsilon: float, seed: int = 0
 ) -> dict[str, Path]:
     """Kits, per-hospital data and the job file under ``work``; returns their paths."""
-    from fedvault.client.data import write_csv_partition, write_spec
     from fedvault.examples import get_example
     from fedvault.partition import Partition, partition_indices
-    from fedvault.provision import provision
 
     names = [f"hospital-{i + 1}" for i in range(hospitals)]
-    toml = work / "consortium.toml"
-    toml.write_text(
-        "[consortium]\n"
-        'name = "demo-consortium"\n'
-        f'coordinator = "127.0.0.1:{free_port()}"\n'
-        f'operator_api = "127.0.0.1:{free_port()}"\n'
-        f'custodian = "{names[0]}"\n'
-        + "".join(f'\n[[hospitals]]\nname = "{n}"\n' for n in names)
-        + '\n[[operators]]\nname = "operator"\nrole = "admin"\n'
-        + '\n[[operators]]\nname = "visitor"\nrole = "guest"\n'
-    )
-    provision(toml, work / "kits")
+    provision_loopback(work, "demo-consortium", names, {"operator": "admin", "visitor": "guest"})
     example = get_example("breast-cancer")
     train, test = example.load_data(seed)
     x_train, y_train = (t.numpy() for t in train.tensors)  # type: ignore[attr-defined]
@@ -60,20 +97,9 @@ def prepare_consortium(
     iid = Partition(kind="iid")
     train_parts = partition_indices(y_train, hospitals, iid, seed=seed)
     test_parts = partition_indices(y_test, hospitals, iid, seed=seed, min_size=1)
-    features = [f"f{i}" for i in range(x_train.shape[1])]
     for name, tr, te in zip(names, train_parts, test_parts, strict=True):
-        d = work / "data" / name
-        write_csv_partition(d / "train.csv", x_train[tr], y_train[tr], feature_names=features)
-        write_csv_partition(d / "test.csv", x_test[te], y_test[te], feature_names=features)
-        write_spec(
-            d / "data.toml",
-            format="csv",
-            train="train.csv",
-            test="test.csv",
-            label="label",
-            features=features,
-            labels=[0, 1],
-            min_records=20,
+        write_hospital_data(
+            work / "data" / name, (x_train[tr], y_train[tr]), (x_test[te], y_test[te])
         )
     job = work / "job.toml"
     job.write_text(

@@ -40,10 +40,12 @@ from fedvault.privacy.errors import FedvaultError, InvalidConfigError
 __all__ = [
     "ConfigValue",
     "FlowerProcessError",
+    "descendants",
     "flower_env",
     "flower_executable",
     "free_port",
     "log_tail",
+    "process_children",
     "spawn",
     "terminate_tree",
     "toml_table",
@@ -239,14 +241,14 @@ def terminate_tree(proc: subprocess.Popen[bytes], *, grace: float) -> int:
     if proc.poll() is not None:
         return int(proc.returncode)
     deadline = time.monotonic() + grace
-    tree = _descendants(proc.pid)
+    tree = descendants(proc.pid)
     _kill_group(proc.pid, signal.SIGTERM)
     for pid in tree:
         _kill(pid, signal.SIGTERM)
     try:
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        tree |= _descendants(proc.pid)
+        tree |= descendants(proc.pid)
         _kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
     tree = _wait_gone(tree, timeout=max(0.0, deadline - time.monotonic()))
@@ -275,13 +277,13 @@ def log_tail(path: Path, *, max_bytes: int = 4000) -> str:
         return ""
 
 
-def _descendants(root: int) -> set[int]:
-    """All live descendants of ``root`` (Linux ``/proc``; empty elsewhere)."""
+def process_children() -> dict[int, list[int]]:
+    """Parent pid -> child pids of every process (Linux ``/proc``; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return set()
+        return children
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -292,6 +294,13 @@ def _descendants(root: int) -> set[int]:
         # Field 4 (ppid) follows the ")" that closes the command name.
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(root: int, children: Mapping[int, list[int]] | None = None) -> set[int]:
+    """All descendants of ``root``, from ``children`` (one :func:`process_children`
+    read can serve many roots) or a fresh read of ``/proc``."""
+    children = process_children() if children is None else children
     found: set[int] = set()
     stack = [root]
     while stack:

@@ -19,9 +19,15 @@ is timed in wall time.
 from __future__ import annotations
 
 import gc
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -116,3 +122,45 @@ def make_updates(
     ]
     weights = [float(100 + 37 * k) for k in range(count)]
     return updates, weights
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """How a child measurement process ended (see :func:`run_child`)."""
+
+    returncode: int | None  # None: killed at the time limit
+    stdout: str
+    stderr: str
+    wall_s: float
+
+    def last_json(self) -> dict[str, Any]:
+        """The JSON object a child prints as its last line of output."""
+        out: dict[str, Any] = json.loads(self.stdout.strip().splitlines()[-1])
+        return out
+
+
+def run_child(module: str, args: list[str], timeout_s: float) -> ChildRun:
+    """Run ``python -m module *args`` in its own process group, killed whole at ``timeout_s``.
+
+    A fresh process per configuration lets Ray start and stop cleanly; the group
+    takes Ray's processes with it on a hang (seen under heavy load: the raylet
+    died and the simulation waited forever).
+    """
+    root = str(Path(__file__).resolve().parents[1])  # for Ray's workers, after the caller's
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), root) if p)
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started, nothing else
+        stdout, stderr = proc.communicate()
+        return ChildRun(None, stdout, stderr, time.perf_counter() - start)
+    return ChildRun(proc.returncode, stdout, stderr, time.perf_counter() - start)

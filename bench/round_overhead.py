@@ -27,16 +27,14 @@ import argparse
 import itertools
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, Section
+from bench.common import Row, Section, run_child
 
 __all__ = ["run"]
 
@@ -353,12 +351,6 @@ def _set_pull_interval(grid: Any, seconds: float | None) -> None:
         grid.pull_interval = seconds
 
 
-def _pythonpath() -> str:
-    """The repository root for Ray's workers, after any path the caller already set."""
-    root = str(Path(__file__).resolve().parents[1])
-    return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), root) if p)
-
-
 def _durations(ends: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(ends)]
 
@@ -370,38 +362,15 @@ def _child(mode: str, hospitals: int, rounds: int, pull_s: float | None = None) 
     simulation waited forever) is returned as ``{"error": ...}``, so one
     configuration does not lose the others' results.
     """
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.round_overhead",
-        "--mode",
-        mode,
-        "--hospitals",
-        str(hospitals),
-        "--rounds",
-        str(rounds),
-        *(["--pull-interval", str(pull_s)] if pull_s is not None else []),
-    ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # its own process group: Ray's processes go with it
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started, nothing else
-        proc.communicate()
+    args = ["--mode", mode, "--hospitals", str(hospitals), "--rounds", str(rounds)]
+    args += ["--pull-interval", str(pull_s)] if pull_s is not None else []
+    run = run_child("bench.round_overhead", args, TIMEOUT_S)
+    if run.returncode is None:
         return {"mode": mode, "error": f"no result within {TIMEOUT_S} s"}
-    if proc.returncode != 0:
-        return {"mode": mode, "error": stderr[-2000:]}
-    out: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    out["wall_s"] = time.perf_counter() - start
+    if run.returncode != 0:
+        return {"mode": mode, "error": run.stderr[-2000:]}
+    out = run.last_json()
+    out["wall_s"] = run.wall_s
     return out
 
 

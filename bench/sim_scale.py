@@ -17,8 +17,6 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, Section
+from bench.common import Row, Section, run_child
 
 __all__ = ["ReplicatedData", "run"]
 
@@ -139,30 +137,10 @@ def _child(hospitals: int, patched: bool = False) -> dict[str, Any]:
     }
 
 
-def _pythonpath() -> str:
-    """The repository root for Ray's workers, after any path the caller already set."""
-    root = str(Path(__file__).resolve().parents[1])
-    return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), root) if p)
-
-
 def _attempt(hospitals: int, cap_s: float, patched: bool = False) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
-    cmd = [sys.executable, "-m", "bench.sim_scale", "--child", str(hospitals)]
-    cmd += ["--patched"] if patched else []
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # its own process group: Ray's workers go with it
-    )
-    try:
-        out, err = proc.communicate(timeout=cap_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started, nothing else
-        proc.communicate()
+    args = ["--child", str(hospitals), *(["--patched"] if patched else [])]
+    run = run_child("bench.sim_scale", args, cap_s)
+    if run.returncode is None:
         return {
             "hospitals": hospitals,
             "patched": patched,
@@ -170,18 +148,17 @@ def _attempt(hospitals: int, cap_s: float, patched: bool = False) -> dict[str, A
             "ok": False,
             "reason": "time cap",
         }
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    if run.returncode != 0:
         return {
             "hospitals": hospitals,
             "patched": patched,
-            "seconds": seconds,
+            "seconds": run.wall_s,
             "ok": False,
-            "reason": err[-2000:],
+            "reason": run.stderr[-2000:],
         }
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    ok = result["status"] == "finished" and result["rounds"] == ROUNDS and seconds <= cap_s
-    return {**result, "patched": patched, "wall_s": seconds, "ok": ok}
+    result = run.last_json()
+    ok = result["status"] == "finished" and result["rounds"] == ROUNDS and run.wall_s <= cap_s
+    return {**result, "patched": patched, "wall_s": run.wall_s, "ok": ok}
 
 
 def _search(sizes: tuple[int, ...], patched: bool) -> tuple[int, list[dict[str, Any]]]:

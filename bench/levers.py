@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ import tenseal.sealapi as sealapi
 
 from bench.common import Row, Section, best_of, make_updates
 from bench.he_path import dp_noise_std
-from fedvault.privacy import he, seal_bytes
+from fedvault.privacy import seal_bytes
 from fedvault.privacy.fixed_point import FixedPoint
 from fedvault.privacy.he import Aggregator, decrypt_update, encrypt_update, parse_envelope
 from fedvault.privacy.he_context import HeContext
@@ -146,9 +146,11 @@ def _processes_per_core(ctx: HeContext, size: int) -> dict[str, float]:
     }
 
 
-def _aggregate(public: HeContext, envelopes: list[bytes]) -> float:
+def _aggregate(
+    public: HeContext, envelopes: list[bytes], loader_threads: int | None = None
+) -> float:
     def run() -> bytes:
-        agg = Aggregator(public)
+        agg = Aggregator(public, loader_threads=loader_threads)
         for env in envelopes:
             agg.add(env)
         return agg.result()
@@ -159,14 +161,7 @@ def _aggregate(public: HeContext, envelopes: list[bytes]) -> float:
 
 def _loader_threads(public: HeContext, envelopes: list[bytes]) -> dict[str, float]:
     threaded = _aggregate(public, envelopes)
-    original = he._loader
-    one = ThreadPoolExecutor(max_workers=1)
-    he._loader = lambda: one  # type: ignore[assignment]
-    try:
-        single = _aggregate(public, envelopes)
-    finally:
-        he._loader = original  # type: ignore[assignment]
-        one.shutdown()
+    single = _aggregate(public, envelopes, loader_threads=1)
     return {"threads": os.cpu_count() or 1, "threaded_s": threaded, "one_thread_s": single}
 
 

@@ -236,20 +236,24 @@ def _check_key(ctx: HeContext, env: update_pb2.UpdateEnvelope, key_epoch: int | 
         )
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
-def _loader() -> ThreadPoolExecutor:
-    """This process's chunk-loading pool (a forked child gets its own: threads don't fork)."""
-    pid = os.getpid()
-    if pid not in _pools:
-        _pools[pid] = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="fedvault-he"
-        )
-    return _pools[pid]
+def _loader(threads: int | None = None) -> ThreadPoolExecutor:
+    """This process's chunk-loading pool of ``threads`` (default: one per core); a
+    forked child gets its own, since threads don't fork."""
+    key = (os.getpid(), threads or os.cpu_count() or 1)
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="fedvault-he")
+    return _pools[key]
 
 
-def _load_chunks(ctx: HeContext, env: update_pb2.UpdateEnvelope, layout: Layout) -> list[Any]:
+def _load_chunks(
+    ctx: HeContext,
+    env: update_pb2.UpdateEnvelope,
+    layout: Layout,
+    loader_threads: int | None = None,
+) -> list[Any]:
     """Deserialize and validate every chunk (count, size, level, shape)."""
     params = ctx.params
     slots = params.slots
@@ -276,7 +280,7 @@ def _load_chunks(ctx: HeContext, env: update_pb2.UpdateEnvelope, layout: Layout)
             return exc
 
     # SEAL releases the GIL while it parses and expands seeds: use every core.
-    loaded = list(_loader().map(load, env.chunks))
+    loaded = list(_loader(loader_threads).map(load, env.chunks))
     cts = []
     for i, ct in enumerate(loaded):
         if isinstance(ct, BaseException):
@@ -322,6 +326,9 @@ class Aggregator:
         Key epoch every update must carry.
     job, server_round
         When given (non-empty / not None), every update must carry them.
+    loader_threads
+        Threads that parse an update's chunks (SEAL releases the GIL); default:
+        one per core.
     """
 
     def __init__(
@@ -331,7 +338,12 @@ class Aggregator:
         key_epoch: int = 0,
         job: str = "",
         server_round: int | None = None,
+        loader_threads: int | None = None,
     ) -> None:
+        if loader_threads is not None and loader_threads < 1:
+            raise InvalidConfigError(
+                f"loader_threads={loader_threads} must be >= 1 (or None: one per core)"
+            )
         if ctx.is_private:
             raise SecretKeyExposureError(
                 "Aggregator was given a context holding the secret key; the coordinator "
@@ -348,6 +360,7 @@ class Aggregator:
         self._total_weight = 0.0
         self._result_round = 0 if server_round is None else server_round
         self._result_job = job
+        self._loader_threads = loader_threads
 
     @property
     def count(self) -> int:
@@ -412,7 +425,7 @@ class Aggregator:
                 f"fixed-point encoding sums exactly at scale 2**-{spec.scale_bits}; the update "
                 "was left out (lower scale_bits for consortia this large)"
             )
-        cts = _load_chunks(self._ctx, env, layout)
+        cts = _load_chunks(self._ctx, env, layout, self._loader_threads)
 
         # Everything is validated: from here on nothing can fail half-way.
         if self._sum is None:

@@ -124,6 +124,20 @@ def test_million_value_layer(ctx: HeContext, pub: HeContext) -> None:
     np.testing.assert_allclose(avg, expected, rtol=1e-6, atol=SUM_ATOL / sum(weights))
 
 
+def test_loader_threads_do_not_change_the_sum(ctx: HeContext, pub: HeContext) -> None:
+    rng = np.random.default_rng(11)
+    updates = [encrypt_update(ctx, _model(3 * SLOTS + 5, 1.0, rng), weight=w) for w in WEIGHTS]
+    results = []
+    for threads in (None, 1, 3):
+        agg = Aggregator(pub, loader_threads=threads)
+        for data in updates:
+            agg.add(data)
+        results.append(agg.result())
+    assert results[0] == results[1] == results[2]  # exact: chunk order is kept
+    with pytest.raises(InvalidConfigError, match="loader_threads=0 must be >= 1"):
+        Aggregator(pub, loader_threads=0)
+
+
 def test_single_update_decrypts_to_itself(ctx: HeContext) -> None:
     update = {"x": np.linspace(-1.0, 1.0, 10)}
     data = encrypt_update(ctx, update, weight=4.0)

@@ -22,7 +22,8 @@ DP-SGD and BFV encryption on; each hospital holds ``--records`` rows drawn
 from the example's training split (hospitals overlap: the soak is about the
 coordinator, not the model).
 
-Output: a progress display, a result table and ``OUT/soak.json``: rounds
+Output: a progress display, a result table, ``OUT/soak.png`` (seconds per round,
+coordinator memory over time: :mod:`bench.soak_plot`) and ``OUT/soak.json``: rounds
 committed and failed, coordinator peak RSS (SuperLink, ServerApp, gateway,
 daemon; sampled from ``/proc``), committed rounds read back from the store,
 wall time and per-round median/p95 (also written after every round, so a run
@@ -65,6 +66,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.soak_plot import plot_soak
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.flower_env import (
@@ -192,6 +194,9 @@ class MemorySampler:
     # CPU seconds per process (last value seen), and of the daemon's reaped children
     cpu: dict[int, tuple[str, float]] = field(default_factory=dict)
     reaped_cpu_s: float = 0.0
+    # (seconds since start, coordinator MB, hospitals MB) per sample, for the plot
+    series: list[tuple[float, float, float]] = field(default_factory=list)
+    _t0: float = field(default_factory=time.monotonic)
     _last: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -236,6 +241,21 @@ class MemorySampler:
             self.peak_mb[key] = max(self.peak_mb.get(key, 0.0), value)
         self._last = now
         self.samples += 1
+        self.series.append(
+            (
+                round(time.monotonic() - self._t0, 1),
+                round(now.get("coordinator.total", 0.0), 1),
+                round(now["hospitals.total"], 1),
+            )
+        )
+
+    def thinned_series(self, most: int = 600) -> list[tuple[float, float, float]]:
+        """At most ``most`` samples, evenly spaced, the last one kept (soak.json stays small)."""
+        step = max(1, -(-len(self.series) // most))
+        out = self.series[::step]
+        if out and out[-1] != self.series[-1]:
+            out.append(self.series[-1])
+        return out
 
     def cpu_by_role(self) -> dict[str, float]:
         out: dict[str, float] = {"coordinator.flwr-cli-calls": self.reaped_cpu_s}
@@ -441,6 +461,8 @@ def run_soak(
     result["executor"] = json.loads(stats.read_text()) if stats.exists() else None
     result["out_dir"] = str(out)
     (out / "soak.json").write_text(json.dumps(result, indent=2, default=str))
+    with contextlib.suppress(Exception):  # a plot never costs the measured result
+        result["plot"] = str(plot_soak(result, out / "soak.png"))
     return result
 
 
@@ -632,6 +654,7 @@ def _result(
         "round_p95_s": round(_percentile(steady, 0.95), 2) if steady else None,
         "round_max_s": round(max(steady), 2) if steady else None,
         "round_s": [round(d, 2) for d in durations],
+        "rss_series": sampler.thinned_series() if sampler.series else [],
         "load_average": os.getloadavg(),
         "cpus": os.cpu_count(),
     }
@@ -672,6 +695,8 @@ def print_result(result: dict[str, Any], console: Console) -> None:
         table.add_row(k, v)
     console.print(table)
     console.print(f"details: {Path(result['out_dir']) / 'soak.json'}")
+    if result.get("plot"):
+        console.print(f"plot: {result['plot']}")
 
 
 def main(argv: list[str] | None = None) -> int:

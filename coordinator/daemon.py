@@ -28,7 +28,6 @@ from typing import Any
 
 from fedvault.config import JobConfig
 from fedvault.coordinator.records import AuditEvent
-from fedvault.coordinator.server_app import RUN_CONFIG_KEYS
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.coordinator.superlink import ControlApiError, SuperLinkConfig, SuperLinkProcess
 from fedvault.flower_env import free_port
@@ -36,6 +35,7 @@ from fedvault.kit import Kit, KitKind
 from fedvault.privacy.errors import FedvaultError, InvalidConfigError
 
 __all__ = [
+    "RUN_CONFIG_KEYS",
     "CoordinatorOptions",
     "enrol_nodes",
     "load_job_file",
@@ -44,6 +44,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedvault.coordinator")
+
+#: What the daemon passes the ServerApp as Flower run config (read back by
+#: ``server_app.settings_from_run_config``). Defined here, not there, so the daemon
+#: (a supervisor) never imports the ServerApp's torch and TenSEAL stack.
+RUN_CONFIG_KEYS = ("job-config", "store", "state-dir", "custodian", "kit")
 
 APP_PYPROJECT = """\
 [build-system]
@@ -82,7 +87,7 @@ def write_app_dir(path: Path) -> Path:
 
 def load_job_file(path: Path) -> JobConfig:
     """A job TOML: ``[job]`` with name, example, hospitals, rounds, epsilon, ... ."""
-    from fedvault.examples import get_example
+    from fedvault.examples import example_spec
 
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -92,7 +97,7 @@ def load_job_file(path: Path) -> JobConfig:
         raise InvalidConfigError(f"job file {path} is not valid TOML: {exc}") from None
     fields: dict[str, Any] = dict(data.get("job", {}))
     try:
-        example = get_example(str(fields.pop("example")))
+        example = example_spec(str(fields.pop("example")))
         hospitals = int(fields.pop("hospitals"))
         rounds = int(fields.pop("rounds"))
     except KeyError as exc:

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedvault.config import JobConfig, SecureAggregation
+from fedvault.coordinator.daemon import RUN_CONFIG_KEYS
 from fedvault.coordinator.key_ceremony import KeyCeremony, KeyDirectory
 from fedvault.coordinator.operator_api import requested_control
 from fedvault.coordinator.records import (
@@ -420,8 +421,6 @@ def make_server_app(
 
 
 # --- deployment: the ServerApp `flwr run` starts on the SuperLink -------------
-
-RUN_CONFIG_KEYS = ("job-config", "store", "state-dir", "custodian", "kit")
 
 
 def settings_from_run_config(context: Context) -> CoordinatorSettings:

@@ -14,18 +14,63 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from fedvault.examples.task import Example, TrainingDefaults
 from fedvault.privacy.errors import InvalidConfigError
 
-__all__ = ["EXAMPLES", "Example", "TrainingDefaults", "get_example"]
+__all__ = [
+    "DEFAULTS",
+    "EXAMPLES",
+    "Example",
+    "ExampleSpec",
+    "TrainingDefaults",
+    "example_spec",
+    "get_example",
+]
 
 _MODULES = {
     "breast-cancer": "fedvault.examples.breast_cancer",
     "digits": "fedvault.examples.digits",
 }
+
+#: Each example's tuned training defaults, kept here rather than in its module so a
+#: job file can be read (by the coordinator daemon, say) without importing torch.
+DEFAULTS: Mapping[str, TrainingDefaults] = MappingProxyType(
+    {
+        "breast-cancer": TrainingDefaults(
+            batch_size=256, learning_rate=4.0, local_epochs=2, max_grad_norm=1.0, momentum=0.0
+        ),
+        "digits": TrainingDefaults(
+            batch_size=512, learning_rate=4.0, local_epochs=3, max_grad_norm=1.0, momentum=0.0
+        ),
+    }
+)
+
+
+@dataclass(frozen=True)
+class ExampleSpec:
+    """A built-in example's name and defaults: what a job configuration needs of it."""
+
+    name: str
+    defaults: TrainingDefaults
+
+
+def example_spec(name: str) -> ExampleSpec:
+    """The name and training defaults of the built-in example ``name``, without
+    importing its model or data (no torch, no scikit-learn).
+
+    Raises
+    ------
+    InvalidConfigError
+        If there is none, naming the choices.
+    """
+    if name not in DEFAULTS:
+        raise InvalidConfigError(f"unknown example {name!r}: choose one of {', '.join(_MODULES)}")
+    return ExampleSpec(name, DEFAULTS[name])
+
 
 #: The built-in examples by name (read-only; built on first access).
 EXAMPLES: Mapping[str, Example]

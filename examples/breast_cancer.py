@@ -23,7 +23,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedvault.examples.task import Example, TrainingDefaults, run_cli
+from fedvault.examples import DEFAULTS
+from fedvault.examples.task import Example, run_cli
 
 __all__ = ["EXAMPLE", "build_model", "load_data", "main"]
 
@@ -68,9 +69,7 @@ EXAMPLE = Example(
     build_model=build_model,
     load_data=load_data,
     num_classes=NUM_CLASSES,
-    defaults=TrainingDefaults(
-        batch_size=256, learning_rate=4.0, local_epochs=2, max_grad_norm=1.0, momentum=0.0
-    ),
+    defaults=DEFAULTS["breast-cancer"],
     description="logistic regression on the Wisconsin breast-cancer data (569 records)",
 )
 

@@ -27,7 +27,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedvault.examples.task import Example, TrainingDefaults, run_cli
+from fedvault.examples import DEFAULTS
+from fedvault.examples.task import Example, run_cli
 
 __all__ = ["EXAMPLE", "build_model", "load_data", "main"]
 
@@ -78,9 +79,7 @@ EXAMPLE = Example(
     build_model=build_model,
     load_data=load_data,
     num_classes=NUM_CLASSES,
-    defaults=TrainingDefaults(
-        batch_size=512, learning_rate=4.0, local_epochs=3, max_grad_norm=1.0, momentum=0.0
-    ),
+    defaults=DEFAULTS["digits"],
     description="small CNN on scikit-learn's 8x8 handwritten digits (1,797 images)",
 )
 

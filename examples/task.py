@@ -10,11 +10,13 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+
+if TYPE_CHECKING:  # torch loads with a task's model and data, not with its defaults
+    from torch import nn
+    from torch.utils.data import Dataset
 
 __all__ = ["Example", "TrainingDefaults", "run_cli"]
 
@@ -93,6 +95,8 @@ class Example:
 
 
 def _labels(dataset: Dataset[Any]) -> np.ndarray:
+    from torch.utils.data import Subset, TensorDataset
+
     if isinstance(dataset, TensorDataset):
         return _as_int64(dataset.tensors[-1])
     if isinstance(dataset, Subset):
@@ -105,6 +109,8 @@ def _labels(dataset: Dataset[Any]) -> np.ndarray:
 
 
 def _as_int64(values: Any) -> np.ndarray:
+    from torch import Tensor
+
     if isinstance(values, Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values).reshape(-1).astype(np.int64)

@@ -26,10 +26,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-
 from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 
 __all__ = [
@@ -56,9 +52,14 @@ def _is_number(value: object) -> bool:
 
 
 if TYPE_CHECKING:  # opacus costs ~2 s to import: only the training path loads it
+    # torch too (~270 MB): the job configuration (and with it the coordinator
+    # daemon, the CLI and the operator tools) needs PrivacyConfig, not training.
+    import torch
     from opacus import GradSampleModule, PrivacyEngine
     from opacus.accountants import IAccountant
     from opacus.optimizers import DPOptimizer
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 
 def _require_positive(name: str, value: object, hint: str) -> None:

@@ -19,6 +19,7 @@ from fedvault.examples import (
     breast_cancer,
     custom_model,
     digits,
+    example_spec,
     get_example,
 )
 from fedvault.privacy.errors import InvalidConfigError
@@ -36,6 +37,15 @@ def test_unknown_example() -> None:
     message = "unknown example 'x': choose one of breast-cancer, digits"
     with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
         get_example("x")
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        example_spec("x")
+
+
+def test_spec_carries_each_examples_own_defaults() -> None:
+    # What a job file is resolved with (no torch) is what the example trains with.
+    for name, example in EXAMPLES.items():
+        spec = example_spec(name)
+        assert (spec.name, spec.defaults) == (example.name, example.defaults)
 
 
 def test_breast_cancer_data() -> None:

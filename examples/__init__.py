@@ -67,9 +67,16 @@ def example_spec(name: str) -> ExampleSpec:
     InvalidConfigError
         If there is none, naming the choices.
     """
-    if name not in DEFAULTS:
-        raise InvalidConfigError(f"unknown example {name!r}: choose one of {', '.join(_MODULES)}")
+    _module(name)
     return ExampleSpec(name, DEFAULTS[name])
+
+
+def _module(name: str) -> str:
+    """The module of the built-in example ``name``; one check of the name for both lookups."""
+    module = _MODULES.get(name)
+    if module is None:
+        raise InvalidConfigError(f"unknown example {name!r}: choose one of {', '.join(_MODULES)}")
+    return module
 
 
 #: The built-in examples by name (read-only; built on first access).
@@ -84,10 +91,7 @@ def get_example(name: str) -> Example:
     InvalidConfigError
         If there is none, naming the choices.
     """
-    module = _MODULES.get(name)
-    if module is None:
-        raise InvalidConfigError(f"unknown example {name!r}: choose one of {', '.join(_MODULES)}")
-    example: Example = importlib.import_module(module).EXAMPLE
+    example: Example = importlib.import_module(_module(name)).EXAMPLE
     return example
 
 

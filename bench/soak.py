@@ -306,6 +306,7 @@ def _start_hospital(
         node_config={
             "kit": str(kit_dir.resolve()),
             "data": str((paths["data"] / name / "data.toml").resolve()),
+            "policy": str((paths["data"] / name / "policy.toml").resolve()),
             "state-dir": str(state),
         },
     )

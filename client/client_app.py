@@ -2,7 +2,11 @@
 
 Order of a train round (each step can refuse, with a reason sent back):
 
-1. parse and validate the instruction (job config, round, key epoch);
+1. parse and validate the instruction (job config, round, key epoch); resolve
+   the job's task in this hospital's own environment and check consent: the
+   coordinator's task fingerprint must equal this hospital's, and the
+   hospital's site policy must allow the task, its version, ε, δ and the
+   number of records (nothing is trained otherwise);
 2. decrypt the global model with the hospital's secret HE context — a
    fingerprint or epoch mismatch is refused before any arithmetic;
 3. ask the local ledger whether this round's DP-SGD steps fit the budget;
@@ -23,14 +27,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedvault.client.archive import ModelArchive
 from fedvault.client.keys import custodian_ceremony, install_sealed_key
 from fedvault.client.ledger import LocalLedger
 from fedvault.client.sent import SentUpdates
 from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
 from fedvault.config import JobConfig, SecureAggregation
+from fedvault.fingerprint import TaskFingerprint
 from fedvault.messages import (
     CEREMONY_KEY,
+    SUMMARY_KEY,
     EvalReply,
     ModelPayload,
     ReplyStatus,
@@ -38,7 +45,12 @@ from fedvault.messages import (
     TrainReply,
 )
 from fedvault.privacy.dp import DpPlan, PrivacyConfig, plan_dp
-from fedvault.privacy.errors import FedvaultError, KeyMismatchError, MalformedUpdateError
+from fedvault.privacy.errors import (
+    FedvaultError,
+    KeyMismatchError,
+    MalformedUpdateError,
+    TaskMismatchError,
+)
 from fedvault.privacy.he import decrypt_average, encrypt_update, parse_envelope
 
 __all__ = ["app", "make_client_app"]
@@ -98,13 +110,66 @@ def _plan(site: HospitalSite, job: JobConfig, n: int, batch_size: int) -> DpPlan
     return plan
 
 
+def _check_task(site: HospitalSite, instr: RoundInstruction) -> None:
+    """The coordinator's task must be this hospital's, byte for byte and tensor for tensor."""
+    if not instr.task_fingerprint:
+        raise TaskMismatchError(
+            "the coordinator sent no task fingerprint; refusing to train a task whose code "
+            "cannot be compared with this hospital's (upgrade the coordinator's fedvault)"
+        )
+    try:
+        theirs = TaskFingerprint.from_json(instr.task_fingerprint)
+    except MalformedUpdateError as exc:
+        raise TaskMismatchError(f"the coordinator's task fingerprint is malformed: {exc}") from exc
+    theirs.check_matches(site.fingerprint)
+
+
+def _consent(site: HospitalSite, instr: RoundInstruction, ledger: LocalLedger) -> None:
+    """Refuse, before any training, a task or job this hospital has not agreed to."""
+    _check_task(site, instr)
+    if site.policy is None:
+        return
+    job = instr.job
+    site.policy.check(
+        task=site.task.name,
+        version=site.fingerprint.version,
+        fingerprint=site.fingerprint.digest,
+        epsilon=job.privacy.epsilon,
+        delta=job.privacy.delta,
+        records=len(site.train_data),  # type: ignore[arg-type]
+        spent_elsewhere=ledger.spent_elsewhere(job.job, delta=job.privacy.delta),
+    )
+
+
+def _archive(site: HospitalSite, instr: RoundInstruction, server_round: int) -> None:
+    """Keep the global model version received (ciphertext stays ciphertext) for export."""
+    archive = ModelArchive(site.state_dir)
+    archive.put_model(
+        instr.job.job,
+        server_round,
+        instr.model,
+        job_config=instr.job.to_json(),
+        task_fingerprint=instr.task_fingerprint,
+    )
+    if instr.summary:
+        archive.put_summary(instr.job.job, json.loads(instr.summary))
+
+
+def _evaluation(site: HospitalSite, model: object) -> tuple[float, float, int, str]:
+    """(accuracy, loss, records, metrics JSON) of ``model`` on the held-out data."""
+    result = evaluate(model, site.test_data, task=site.task, device=site.device)  # type: ignore[arg-type]
+    accuracy = float(result.metrics.get("accuracy", 0.0))
+    return accuracy, result.loss, result.samples, result.to_json()
+
+
 def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
     job = instr.job
     n = len(site.train_data)  # type: ignore[arg-type]
     batch_size = min(job.training.batch_size, n)
-    plan = _plan(site, job, n, batch_size)
     ledger = LocalLedger(site.ledger_path, hospital=site.name)
     try:
+        _consent(site, instr, ledger)
+        plan = _plan(site, job, n, batch_size)
         ledger.check_round(
             job=job.job,
             server_round=instr.server_round,
@@ -116,14 +181,14 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         )
         model = site.build_model()
         set_weights(model, _global_model(site, instr))
-        eval_loss, eval_accuracy, eval_samples = 0.0, 0.0, 0
+        _archive(site, instr, instr.server_round - 1)
+        eval_accuracy, eval_loss, eval_samples, evaluation = 0.0, 0.0, 0, ""
         if instr.server_round > 1:  # the previous round's aggregate, on held-out data
-            eval_loss, eval_accuracy, eval_samples = evaluate(
-                model, site.test_data, device=site.device
-            )
+            eval_accuracy, eval_loss, eval_samples, evaluation = _evaluation(site, model)
         result = train_private(
             model,
             site.train_data,
+            task=site.task,
             training=job.training,
             max_grad_norm=job.privacy.max_grad_norm,
             batch_size=batch_size,
@@ -172,6 +237,7 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         eval_accuracy=eval_accuracy,
         eval_loss=eval_loss,
         eval_samples=eval_samples,
+        evaluation=evaluation,
     )
 
 
@@ -209,6 +275,22 @@ def _ceremony(who: HospitalIdentity, request: ConfigRecord) -> ConfigRecord:
     raise MalformedUpdateError(f"unknown key-ceremony action {action!r}")
 
 
+def _keep_summary(who: HospitalIdentity, msg: Message) -> Message:
+    """The job ended: keep its final report beside the model versions, for export."""
+    record = msg.content.config_records[SUMMARY_KEY]
+    reply = ConfigRecord({"hospital": who.name, "status": "ok", "reason": ""})
+    try:
+        job = str(record["job"])
+        summary = json.loads(str(record["summary"]))
+        if not isinstance(summary, dict):
+            raise ValueError("the summary is not a JSON object")
+        ModelArchive(who.state_dir).put_summary(job, summary)
+    except (FedvaultError, KeyError, ValueError) as exc:
+        log.warning("%s: job summary not kept: %s", who.name, exc)
+        reply["status"], reply["reason"] = "refused", f"{type(exc).__name__}: {exc}"
+    return Message(RecordDict({SUMMARY_KEY: reply}), reply_to=msg)
+
+
 def make_client_app(sites: SiteProvider) -> ClientApp:
     """A ClientApp serving the hospitals that ``sites`` resolves."""
     app = ClientApp()
@@ -216,9 +298,12 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         instr = RoundInstruction.from_message(msg)
-        site = sites.site(context, instr.job)
-        sent = SentUpdates(site.state_dir)
+        name = sites.identity(context).name
         try:
+            # Inside the try: a task this hospital cannot load, a policy it has not
+            # written or data that does not fit is a refusal with its reason.
+            site = sites.site(context, instr.job)
+            sent = SentUpdates(site.state_dir)
             reply = sent.get(instr)
             if reply is not None:
                 log.info(
@@ -228,9 +313,9 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
                 reply = _train(site, instr)
                 sent.put(instr, reply)
         except FedvaultError as exc:
-            log.warning("%s refused round %d: %s", site.name, instr.server_round, exc)
+            log.warning("%s refused round %d: %s", name, instr.server_round, exc)
             reply = TrainReply(
-                hospital=site.name,
+                hospital=name,
                 status=ReplyStatus.REFUSED,
                 reason=f"{type(exc).__name__}: {exc}",
                 delta=instr.job.privacy.delta,
@@ -240,25 +325,37 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:
         instr = RoundInstruction.from_message(msg)
-        site = sites.site(context, instr.job)
+        name = sites.identity(context).name
         try:
+            site = sites.site(context, instr.job)
+            ledger = LocalLedger(site.ledger_path, hospital=site.name)
+            try:
+                _consent(site, instr, ledger)
+            finally:
+                ledger.close()
             model = site.build_model()
             set_weights(model, _global_model(site, instr))
-            loss, accuracy, seen = evaluate(model, site.test_data, device=site.device)
+            _archive(site, instr, instr.server_round)
+            accuracy, loss, seen, evaluation = _evaluation(site, model)
             reply = EvalReply(
                 hospital=site.name,
                 status=ReplyStatus.OK,
                 accuracy=accuracy,
                 loss=loss,
                 samples=seen,
+                evaluation=evaluation,
             )
         except FedvaultError as exc:
-            reply = EvalReply(hospital=site.name, status=ReplyStatus.REFUSED, reason=str(exc))
+            reply = EvalReply(
+                hospital=name, status=ReplyStatus.REFUSED, reason=f"{type(exc).__name__}: {exc}"
+            )
         return Message(reply.to_content(), reply_to=msg)
 
     @app.query()
     def key_ceremony(msg: Message, context: Context) -> Message:
         who = sites.identity(context)
+        if SUMMARY_KEY in msg.content.config_records:
+            return _keep_summary(who, msg)
         try:
             request = msg.content.config_records[CEREMONY_KEY]
             reply = _ceremony(who, request)

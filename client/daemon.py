@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedvault.client.data import DataSpec, load_hospital_data
+from fedvault.client.policy import POLICY_FILE, SitePolicy
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.client.training import pick_device
 from fedvault.flower_env import free_port
@@ -31,19 +32,24 @@ class ClientOptions:
     state_dir: Path
     runtime_port: int = 0  # 0: pick a free loopback port
     epsilon_budget: float | None = None
+    policy: Path | None = None  # None: state_dir / policy.toml
 
 
 def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
     """Run until ``stop`` is set."""
     kit = Kit.load(opts.kit_dir, expected_kind=KitKind.HOSPITAL)
-    data = load_hospital_data(DataSpec.load(opts.data))
+    spec = DataSpec.load(opts.data)
+    data = load_hospital_data(spec, regression=not spec.labels)
     log.info("%s: data ok: %s; device %s", kit.party, data.summary, pick_device())
     state = opts.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    policy_path = Path(opts.policy).resolve() if opts.policy else state / POLICY_FILE
+    _announce_policy(kit.party, policy_path)
     node_config: dict[str, str | float] = {
         "kit": str(Path(opts.kit_dir).resolve()),
         "data": str(Path(opts.data).resolve()),
         "state-dir": str(state),
+        "policy": str(policy_path),
     }
     if opts.epsilon_budget is not None:
         node_config["epsilon-budget"] = float(opts.epsilon_budget)
@@ -60,3 +66,17 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
     with supervisor:
         log.info("%s: SuperNode connecting to %s", kit.party, kit.coordinator_address)
         stop.wait()
+
+
+def _announce_policy(hospital: str, path: Path) -> None:
+    """Check the site policy before the first round: a file that does not parse stops
+    the daemon (exit 2); a missing one is allowed, but nothing will train until it exists."""
+    from fedvault.privacy.errors import PolicyRefusalError
+
+    try:
+        policy = SitePolicy.load(path)
+    except PolicyRefusalError as exc:
+        log.warning("%s: %s", hospital, exc)
+        return
+    allowed = ", ".join(t.name for t in policy.tasks) or "no task"
+    log.info("%s: site policy %s allows %s", hospital, path, allowed)

@@ -31,11 +31,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from fedvault.privacy.errors import DataError
+from fedvault.task import Task
 
 __all__ = [
     "DataSpec",
     "HospitalData",
     "load_hospital_data",
+    "load_task_data",
     "validate_against_model",
     "write_csv_partition",
     "write_spec",
@@ -84,8 +86,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "allow_missing_labels": (lambda v: isinstance(v, bool), "true or false"),
 }
 _REQUIRED = {
-    "table": ("format", "labels", "train", "label", "features"),
-    "entrypoint": ("format", "labels", "entry_point"),
+    # ``labels`` too, for a classification task: checked when the data is loaded
+    # for a task (load_task_data), since only the task knows its kind.
+    "table": ("format", "train", "label", "features"),
+    "entrypoint": ("format", "entry_point"),
 }
 _TABLE_ONLY = ("train", "test", "holdout", "label", "features")
 _README = "examples/hospital-data/README.md"
@@ -108,7 +112,7 @@ class DataSpec:
     seed: int = 0
     label: str | None = None
     features: tuple[str, ...] = ()
-    labels: tuple[int, ...]
+    labels: tuple[int, ...] = ()  # class indices; empty for a regression task
     min_records: int = 20
     entry_point: str | None = None
     dtype: str = "float32"
@@ -174,7 +178,7 @@ class DataSpec:
             seed=raw.get("seed", 0),
             label=raw.get("label"),
             features=tuple(features),
-            labels=tuple(raw["labels"]),
+            labels=tuple(raw.get("labels", ())),
             min_records=raw.get("min_records", 20),
             entry_point=raw.get("entry_point"),
             dtype=raw.get("dtype", "float32"),
@@ -189,29 +193,59 @@ class HospitalData:
     train: Dataset[Any]
     test: Dataset[Any]
     num_features: int | tuple[int, ...]
-    labels: tuple[int, ...]
+    labels: tuple[int, ...]  # empty for a regression task
     summary: str  # e.g. "455 training / 114 held-out records, 30 features, labels {0: 170, 1: 285}"
 
 
-def load_hospital_data(spec: DataSpec) -> HospitalData:
+def load_task_data(task: Task, spec: DataSpec) -> HospitalData:
+    """The hospital's declared data as ``task`` reads it, validated.
+
+    A task with its own ``site_data`` turns the spec into data sets itself
+    (images stored as rows, say); the records are then checked like an entry
+    point's. Otherwise the generic reader applies, with real-valued targets
+    for a regression task and class indices otherwise.
+    """
+    regression = not task.is_classification
+    if task.site_data is None:
+        return load_hospital_data(spec, regression=regression)
+    try:
+        result = task.site_data(spec)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"task {task.name!r} could not read the data spec {spec.base_dir}: "
+            f"{type(exc).__name__}: {exc}; check the data against the task's documentation"
+        ) from exc
+    return _from_datasets(spec, f"task {task.name!r}", result, regression=regression)
+
+
+def load_hospital_data(spec: DataSpec, *, regression: bool = False) -> HospitalData:
     """Read and validate the data ``spec`` declares; refuse with a :class:`DataError`.
 
     Without a ``test`` file, a stratified ``holdout`` fraction of the training
     file (seeded by ``spec.seed``) is held out, so evaluation sees every class
-    and the split is the same on every restart.
+    and the split is the same on every restart. ``regression``: targets are
+    real numbers (no label set), and the held-out part is a plain random one.
     """
+    if not regression and not spec.labels:
+        raise DataError(
+            "the data spec declares no labels, and this task is a classification: set "
+            f"labels = [0, 1, ...] (the class indices) in the data spec (see {_README})"
+        )
     if spec.format == "entrypoint":
-        train, test, num_features, y_train = _load_entrypoint(spec)
+        train, test, num_features, y_train = _load_entrypoint(spec, regression=regression)
         n_test = len(cast(Any, test))
     else:
         if spec.train is None or spec.label is None:
             raise DataError("data spec has no train file or label column; see " + _README)
-        x, y = _read_table(spec, spec.train)
+        x, y = _read_table(spec, spec.train, regression=regression)
         if spec.test is not None:
-            x_test, y_test = _read_table(spec, spec.test)
+            x_test, y_test = _read_table(spec, spec.test, regression=regression)
             train_idx = np.arange(len(y))
         else:
-            train_idx, test_idx = _stratified_split(y, spec.holdout, spec.seed)
+            strata = np.zeros(len(y), dtype=np.int64) if regression else y
+            train_idx, test_idx = _stratified_split(strata, spec.holdout, spec.seed)
             x_test, y_test = x[test_idx], y[test_idx]
             if len(train_idx) < spec.min_records:
                 raise DataError(
@@ -221,7 +255,8 @@ def load_hospital_data(spec: DataSpec) -> HospitalData:
                     "file, or lower holdout"
                 )
         y_train = y[train_idx]
-        train, test = _tensors(spec, x[train_idx], y_train), _tensors(spec, x_test, y_test)
+        train = _tensors(spec, x[train_idx], y_train, regression=regression)
+        test = _tensors(spec, x_test, y_test, regression=regression)
         num_features, n_test = len(spec.features), len(y_test)
     where = spec.train.name if spec.train else str(spec.entry_point)
     if len(y_train) < spec.min_records:
@@ -230,6 +265,18 @@ def load_hospital_data(spec: DataSpec) -> HospitalData:
             f"{spec.min_records}; too few records give DP-SGD almost no signal under its noise. "
             "Add records, or lower min_records in the data spec if the consortium agrees"
         )
+    if n_test == 0:
+        raise DataError(
+            f"{where}: the held-out test set is empty; provide test records (or a larger "
+            "holdout) so the hospital can evaluate the global model"
+        )
+    feats = num_features if isinstance(num_features, int) else "x".join(map(str, num_features))
+    if regression:
+        summary = (
+            f"{len(y_train)} training / {n_test} held-out records, {feats} features, "
+            f"targets in [{float(np.min(y_train)):.4g}, {float(np.max(y_train)):.4g}]"
+        )
+        return HospitalData(train, test, num_features, (), summary)
     counts = {lab: int(np.count_nonzero(y_train == lab)) for lab in spec.labels}
     absent = [lab for lab, c in counts.items() if c == 0]
     if absent and not spec.allow_missing_labels:
@@ -239,16 +286,33 @@ def load_hospital_data(spec: DataSpec) -> HospitalData:
             "towards the classes present. Add records of those classes, or set "
             "allow_missing_labels = true in the data spec if the consortium accepts it"
         )
-    if n_test == 0:
-        raise DataError(
-            f"{where}: the held-out test set is empty; provide test records (or a larger "
-            "holdout) so the hospital can evaluate the global model"
-        )
-    feats = num_features if isinstance(num_features, int) else "x".join(map(str, num_features))
     summary = (
         f"{len(y_train)} training / {n_test} held-out records, {feats} features, labels {counts}"
     )
     return HospitalData(train, test, num_features, spec.labels, summary)
+
+
+def _from_datasets(
+    spec: DataSpec, source: str, result: Any, *, regression: bool
+) -> HospitalData:
+    """Validate data sets a task built itself from the spec, like an entry point's."""
+    if not regression and not spec.labels:
+        raise DataError(
+            f"the data spec declares no labels, and {source} is a classification: set "
+            f"labels = [0, 1, ...] in the data spec (see {_README})"
+        )
+    train, test, num_features, y_train = _checked_datasets(
+        spec, source, result, regression=regression
+    )
+    n_test = len(cast(Any, test))
+    if len(y_train) < spec.min_records or n_test == 0:
+        raise DataError(
+            f"{source}: {len(y_train)} training and {n_test} held-out records; it needs at "
+            f"least min_records = {spec.min_records} to train on and one to evaluate on"
+        )
+    feats = num_features if isinstance(num_features, int) else "x".join(map(str, num_features))
+    summary = f"{len(y_train)} training / {n_test} held-out records, {feats} features"
+    return HospitalData(train, test, num_features, () if regression else spec.labels, summary)
 
 
 def validate_against_model(data: HospitalData, model: nn.Module) -> None:
@@ -284,6 +348,14 @@ def validate_against_model(data: HospitalData, model: nn.Module) -> None:
         ) from exc
     finally:
         model.train(was_training)
+    if not data.labels:  # regression: one prediction per record
+        if not isinstance(out, torch.Tensor) or out.shape[0] != n or out.numel() != n:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(
+                f"model returned {shape} for a batch of {n}; a regression model returns one "
+                "value per record, (batch, 1) or (batch,)"
+            )
+        return
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise DataError(f"model returned {shape} for a batch of {n}; expected (batch, logits)")
@@ -359,8 +431,11 @@ def _toml_char(c: str) -> str:
     return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
 
 
-def _read_table(spec: DataSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Declared columns of ``path`` as float64 features ``(n, f)`` and int64 labels."""
+def _read_table(
+    spec: DataSpec, path: Path, *, regression: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Declared columns of ``path`` as float64 features ``(n, f)`` and int64 labels
+    (float64 targets for ``regression``)."""
     if not path.is_file():
         raise DataError(f"data file {path} (named in the data spec) not found; fix the path")
     label = cast(str, spec.label)
@@ -393,6 +468,8 @@ def _read_table(spec: DataSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
             "impute or drop those records before joining (fedvault does not impute)"
         )
     y = values[:, -1]
+    if regression:
+        return values[:, :-1], y
     fractional = np.flatnonzero(y != np.round(y))
     if fractional.size:
         i = int(fractional[0])
@@ -516,17 +593,20 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     return np.setdiff1d(np.arange(len(y)), test_idx), test_idx
 
 
-def _tensors(spec: DataSpec, x: np.ndarray, y: np.ndarray) -> TensorDataset:
+def _tensors(
+    spec: DataSpec, x: np.ndarray, y: np.ndarray, *, regression: bool = False
+) -> TensorDataset:
     features = torch.as_tensor(x, dtype=_DTYPES[spec.dtype])
     if not torch.isfinite(features).all():
         raise DataError(
             f"some feature values overflow {spec.dtype}; rescale them or set dtype = 'float64'"
         )
-    return TensorDataset(features, torch.as_tensor(y, dtype=torch.int64))
+    targets = torch.as_tensor(y, dtype=torch.float32 if regression else torch.int64)
+    return TensorDataset(features, targets)
 
 
 def _load_entrypoint(
-    spec: DataSpec,
+    spec: DataSpec, *, regression: bool = False
 ) -> tuple[Dataset[Any], Dataset[Any], int | tuple[int, ...], np.ndarray]:
     entry = cast(str, spec.entry_point)
     module_name, _, func_name = entry.partition(":")
@@ -550,25 +630,32 @@ def _load_entrypoint(
             f"entry_point {entry!r} raised {type(exc).__name__}: {exc}; fix the loader "
             "(it is called with the data spec's directory)"
         ) from exc
+    return _checked_datasets(spec, f"entry_point {entry!r}", result, regression=regression)
+
+
+def _checked_datasets(
+    spec: DataSpec, entry: str, result: Any, *, regression: bool
+) -> tuple[Dataset[Any], Dataset[Any], int | tuple[int, ...], np.ndarray]:
+    """Check a loader's ``(train, test)`` item by item (``entry`` names the loader)."""
     if not (
         isinstance(result, tuple)
         and len(result) == 2
         and all(hasattr(d, "__len__") and hasattr(d, "__getitem__") for d in result)
     ):
         raise DataError(
-            f"entry_point {entry!r} returned {type(result).__name__}; it must return a tuple "
+            f"{entry} returned {type(result).__name__}; it must return a tuple "
             "(train Dataset, test Dataset) of (features tensor, int64 label) pairs"
         )
     shapes: list[tuple[int, ...]] = []
     y_train = np.array([])
     for part, dataset in zip(("train", "test"), result, strict=True):
-        y = np.empty(len(dataset), dtype=np.int64)
+        y = np.empty(len(dataset), dtype=np.float64 if regression else np.int64)
         for i in range(len(dataset)):
-            y[i] = _check_item(spec, entry, part, i, dataset[i], shapes)
-        outside = np.flatnonzero(~np.isin(y, spec.labels))
+            y[i] = _check_item(spec, entry, part, i, dataset[i], shapes, regression=regression)
+        outside = np.flatnonzero(~np.isin(y, spec.labels)) if not regression else np.array([])
         if outside.size:
             raise DataError(
-                f"entry_point {entry!r}: {part} labels {sorted(set(y[outside].tolist()))} are "
+                f"{entry}: {part} labels {sorted(set(y[outside].tolist()))} are "
                 f"outside the declared labels {list(spec.labels)} (items "
                 f"{outside[:_SHOW].tolist()}); fix the data or the labels in the data spec"
             )
@@ -579,10 +666,17 @@ def _load_entrypoint(
 
 
 def _check_item(
-    spec: DataSpec, entry: str, part: str, i: int, item: Any, shapes: list[tuple[int, ...]]
-) -> int:
-    """Check one ``(features, label)`` item of an entry point's data set; return the label."""
-    where = f"entry_point {entry!r}: {part} item {i}"
+    spec: DataSpec,
+    entry: str,
+    part: str,
+    i: int,
+    item: Any,
+    shapes: list[tuple[int, ...]],
+    *,
+    regression: bool = False,
+) -> float:
+    """Check one ``(features, target)`` item of a loader's data set; return the target."""
+    where = f"{entry}: {part} item {i}"
     if not isinstance(item, tuple | list) or len(item) != 2:
         raise DataError(f"{where} is {type(item).__name__}; items must be (features, label)")
     x, lab = item
@@ -598,6 +692,13 @@ def _check_item(
         shapes.append(tuple(x.shape))
     if not torch.isfinite(x).all():
         raise DataError(f"{where}: features contain NaN or infinite values; clean them first")
+    if regression:
+        value = lab.item() if isinstance(lab, torch.Tensor) and lab.numel() == 1 else lab
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise DataError(f"{where}: target {lab!r} is not a number")
+        if not math.isfinite(float(value)):
+            raise DataError(f"{where}: target {value!r} is not finite; clean it first")
+        return float(value)
     if isinstance(lab, torch.Tensor) and lab.numel() == 1 and not lab.is_floating_point():
         lab = lab.item()
     if isinstance(lab, np.integer):

@@ -1,9 +1,15 @@
-"""A real hospital as its ClientApp sees it: the provisioned kit, its data, its state.
+"""A real hospital as its ClientApp sees it: the provisioned kit, its data, its policy, its state.
 
-The hospital daemon starts the SuperNode with ``--node-config`` naming three
-paths (``kit``, ``data``, ``state-dir``); Flower starts a fresh ClientApp process
-per message, so everything is re-read and re-verified each time — a kit that
-was tampered with while the daemon ran is refused at the next message.
+The hospital daemon starts the SuperNode with ``--node-config`` naming the
+paths (``kit``, ``data``, ``state-dir``, ``policy``); Flower starts a fresh
+ClientApp process per message, so everything is re-read and re-verified each
+time: a kit that was tampered with while the daemon ran is refused at the
+next message, and an edited site policy applies from the next message on.
+
+The job's task is resolved here, in the hospital's own environment (the
+coordinator never ships code): an unknown task, one that fails to import, a
+missing or unparsable policy, or data that does not fit the task's model is a
+refusal with its reason, before anything trains.
 """
 
 from __future__ import annotations
@@ -11,13 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedvault.client.data import DataSpec, load_hospital_data, validate_against_model
+from fedvault.client.data import DataSpec, load_task_data, validate_against_model
 from fedvault.client.keys import KeyStore
+from fedvault.client.policy import POLICY_FILE, SitePolicy
 from fedvault.client.site import HospitalIdentity, HospitalSite
 from fedvault.client.training import pick_device
 from fedvault.config import JobConfig
+from fedvault.fingerprint import fingerprint_task
 from fedvault.kit import Kit, KitKind
 from fedvault.privacy.errors import InvalidConfigError
+from fedvault.task_registry import load_task
 
 __all__ = ["NODE_CONFIG_KEYS", "KitSites"]
 
@@ -31,7 +40,9 @@ def _paths(context: Any) -> dict[str, Path]:
         raise InvalidConfigError(
             f"node config lacks {missing}; start hospitals with `fedvault client start`"
         )
-    return {k: Path(str(cfg[k])) for k in NODE_CONFIG_KEYS}
+    paths = {k: Path(str(cfg[k])) for k in NODE_CONFIG_KEYS}
+    paths["policy"] = Path(str(cfg.get("policy", "") or paths["state-dir"] / POLICY_FILE))
+    return paths
 
 
 class KitSites:
@@ -43,22 +54,24 @@ class KitSites:
         return HospitalIdentity(name=kit.party, keys=KeyStore(paths["state-dir"]), kit=kit)
 
     def site(self, context: Any, job: JobConfig) -> HospitalSite:
-        from fedvault.examples import get_example
-
         who = self.identity(context)
         paths = _paths(context)
-        data = load_hospital_data(DataSpec.load(paths["data"]))
-        build_model = get_example(job.example).build_model
-        validate_against_model(data, build_model())
+        policy = SitePolicy.load(paths["policy"])  # no policy: nothing is allowed
+        loaded = load_task(job.task)
+        task = loaded.task
+        data = load_task_data(task, DataSpec.load(paths["data"]))
+        validate_against_model(data, task.build_model())
         budget = context.node_config.get("epsilon-budget")
         return HospitalSite(
             name=who.name,
             state_dir=paths["state-dir"],
             train_data=data.train,
             test_data=data.test,
-            build_model=build_model,
+            task=task,
+            fingerprint=fingerprint_task(task, loaded.module),
             keys=who.keys,
             device=pick_device(),
             epsilon_budget=float(budget) if budget else None,
             kit=who.kit,
+            policy=policy,
         )

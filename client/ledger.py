@@ -233,6 +233,12 @@ class LocalLedger:
         """Epsilon spent over all jobs at ``delta``."""
         return self.total_state().epsilon(delta)
 
+    def spent_elsewhere(self, job: str, *, delta: float) -> float:
+        """Epsilon spent over every job but ``job`` at ``delta`` (what a site
+        policy's total limit adds a new job's budget to)."""
+        others = [state for name, state in self._read().items() if name != job]
+        return _compose(self._accountant, others).epsilon(delta) if others else 0.0
+
     def entries(self, job: str | None = None) -> list[LedgerEntry]:
         """Recorded runs, oldest first, optionally for one job."""
         query = select(_rounds).order_by(_rounds.c.id)

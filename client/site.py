@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from flwr.app import Context
@@ -21,6 +21,11 @@ from torch.utils.data import Dataset
 from fedvault.client.keys import KeyStore
 from fedvault.config import JobConfig
 from fedvault.kit import Kit
+from fedvault.task import Task
+
+if TYPE_CHECKING:
+    from fedvault.client.policy import SitePolicy
+    from fedvault.fingerprint import TaskFingerprint
 
 __all__ = ["HospitalIdentity", "HospitalSite", "SiteProvider"]
 
@@ -28,14 +33,22 @@ __all__ = ["HospitalIdentity", "HospitalSite", "SiteProvider"]
 @dataclass(frozen=True)
 class HospitalSite:
     name: str
-    state_dir: Path  # the hospital's own ledger lives here
+    state_dir: Path  # the hospital's own ledger, keys and model versions live here
     train_data: Dataset
     test_data: Dataset
-    build_model: Callable[[], nn.Module]
+    task: Task
+    fingerprint: TaskFingerprint  # this hospital's own fingerprint of the job's task
     keys: KeyStore  # secret HE contexts by key epoch
     device: torch.device
     epsilon_budget: float | None = None  # the hospital's own cap; None: the job's target
     kit: Kit | None = None  # deployment only: enables the key ceremony
+    # What this hospital agreed to train. None only for the virtual hospitals of
+    # `fedvault simulate`, which belong to the researcher who runs them.
+    policy: SitePolicy | None = None
+
+    @property
+    def build_model(self) -> Callable[[], nn.Module]:
+        return self.task.build_model
 
     @property
     def ledger_path(self) -> Path:
@@ -49,6 +62,10 @@ class HospitalIdentity:
     name: str
     keys: KeyStore
     kit: Kit | None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.keys.root.parent  # the KeyStore lives in the state directory
 
 
 class SiteProvider(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 from fedvault.config import TrainingConfig
 from fedvault.privacy.dp import AccountantState, DpPlan, make_private
 from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.task import Task
+
+if TYPE_CHECKING:
+    from fedvault.metrics import EvalResult
 
 __all__ = ["LocalResult", "evaluate", "get_weights", "pick_device", "set_weights", "train_private"]
 
@@ -67,6 +72,7 @@ def train_private(
     model: nn.Module,
     data: Dataset,
     *,
+    task: Task,
     training: TrainingConfig,
     max_grad_norm: float,
     batch_size: int,
@@ -91,7 +97,7 @@ def train_private(
         max_grad_norm=max_grad_norm,
         state=state,
     )
-    criterion = nn.CrossEntropyLoss()
+    criterion = task.criterion()
     total_loss, total_seen, steps = 0.0, 0, 0
     for _ in range(training.local_epochs):
         for features, labels in private.data_loader:
@@ -116,18 +122,40 @@ def train_private(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, *, device: torch.device) -> tuple[float, float, int]:
-    """(mean cross-entropy, accuracy, number of records) on ``data``."""
+def evaluate(model: nn.Module, data: Dataset, *, task: Task, device: torch.device) -> EvalResult:
+    """The task's loss and metrics of ``model`` on ``data`` (see :mod:`fedvault.metrics`).
+
+    Also returns the sufficient statistics (confusion counts, score histograms,
+    error sums) the coordinator pools into consortium-wide metrics.
+
+    Raises
+    ------
+    DataError
+        If ``data`` is empty: there is nothing to evaluate.
+    """
+    from fedvault.metrics import evaluate_scores
+    from fedvault.privacy.errors import DataError
+
     model.to(device).eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss, correct, seen = 0.0, 0, 0
+    criterion = task.criterion()
+    loss, seen = 0.0, 0
+    targets: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
     for features, labels in DataLoader(data, batch_size=1024):
         features, labels = features.to(device), labels.to(device)
-        logits = model(features)
-        loss += float(criterion(logits, labels))
-        correct += int((logits.argmax(dim=1) == labels).sum())
+        outputs = model(features)
+        loss += float(criterion(outputs, labels)) * len(labels)
         seen += len(labels)
+        targets.append(labels.cpu().numpy())
+        scores.append(task.scores(outputs).double().cpu().numpy())
     model.to("cpu")
     if seen == 0:
-        return 0.0, 0.0, 0
-    return loss / seen, correct / seen, seen
+        raise DataError("the held-out set is empty: there is nothing to evaluate the model on")
+    return evaluate_scores(
+        task.kind,
+        np.concatenate(targets),
+        np.concatenate(scores),
+        loss=loss / seen,
+        num_classes=task.num_classes,
+        extra=task.metrics,
+    )

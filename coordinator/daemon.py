@@ -86,8 +86,14 @@ def write_app_dir(path: Path) -> Path:
 
 
 def load_job_file(path: Path) -> JobConfig:
-    """A job TOML: ``[job]`` with name, example, hospitals, rounds, epsilon, ... ."""
-    from fedvault.examples import example_spec
+    """A job TOML: ``[job]`` with name, task, hospitals, rounds, epsilon, ... .
+
+    ``task`` names the task (an installed entry point or ``module:attribute``;
+    ``example`` is accepted as its older name). Its training defaults come from
+    the task itself, read in a child process (:func:`fedvault.task_registry.describe`)
+    so this supervisor never loads torch.
+    """
+    from fedvault.task_registry import describe
 
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -96,14 +102,24 @@ def load_job_file(path: Path) -> JobConfig:
     except tomllib.TOMLDecodeError as exc:
         raise InvalidConfigError(f"job file {path} is not valid TOML: {exc}") from None
     fields: dict[str, Any] = dict(data.get("job", {}))
+    if "task" in fields and "example" in fields:
+        raise InvalidConfigError(f"job file {path}: give either task or example, not both")
+    reference = fields.pop("task", None) or fields.pop("example", None)
+    if not reference:
+        raise InvalidConfigError(
+            f"job file {path}: [job] needs task (an installed task's name, such as "
+            '"breast-cancer", or "module:attribute")'
+        )
     try:
-        example = example_spec(str(fields.pop("example")))
         hospitals = int(fields.pop("hospitals"))
         rounds = int(fields.pop("rounds"))
     except KeyError as exc:
         raise InvalidConfigError(f"job file {path}: [job] needs {exc}") from None
+    task = describe(str(reference))
     name = fields.pop("name", None)
-    return JobConfig.for_example(example, hospitals=hospitals, rounds=rounds, job=name, **fields)
+    return JobConfig.for_task(
+        task, hospitals=hospitals, rounds=rounds, job=name, reference=str(reference), **fields
+    )
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,9 @@ class RoundCommit:
     # Hospitals evaluate the model they received (round ``number - 1``) in the
     # same message; committing it here means a crash cannot lose it.
     previous_evaluations: tuple[HospitalEval, ...] = ()
+    # The consortium-wide metrics of that model, pooled from the hospitals'
+    # statistics (fedvault.metrics.pool); the store keeps them as given.
+    previous_pooled: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.number >= 1, "RoundCommit.number", self.number, ">= 1")
@@ -155,12 +158,17 @@ class RoundCommit:
 
 @dataclass(frozen=True, kw_only=True)
 class HospitalEval:
-    """A hospital's evaluation of a round's global model on its held-out data."""
+    """A hospital's evaluation of a round's global model on its held-out data.
+
+    ``accuracy`` is ``None`` for a regression task; ``metrics`` are the
+    hospital's own values of its task's metrics (see :mod:`fedvault.metrics`).
+    """
 
     hospital: str
-    accuracy: float
+    accuracy: float | None
     loss: float
     samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         name = f"evaluation of {self.hospital!r}"
@@ -168,6 +176,8 @@ class HospitalEval:
         _check_float(f"{name}: accuracy", self.accuracy, low=0.0, high=1.0)
         _check_float(f"{name}: loss", self.loss)
         _check(self.samples >= 1, f"{name}: samples", self.samples, ">= 1")
+        for key, value in self.metrics.items():
+            _check_float(f"{name}: {key}", value)
 
 
 @dataclass(frozen=True)
@@ -186,7 +196,8 @@ class RoundView:
 
     ``participations`` are the hospitals asked to train; ``evaluations`` every
     hospital that evaluated the round's model (possibly others).
-    ``eval_accuracy``/``eval_loss`` are sample-weighted over ``evaluations``.
+    ``eval_accuracy``/``eval_loss`` are sample-weighted over ``evaluations``;
+    ``eval_metrics`` are the task's metrics pooled across them.
     """
 
     number: int
@@ -201,6 +212,7 @@ class RoundView:
     committed_at: datetime | None
     participations: tuple[Participation, ...]
     evaluations: tuple[HospitalEval, ...]
+    eval_metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,13 @@
 Both are derived from the round store alone, so a report can be rebuilt at any
 time, by any process that can read the store, and always agrees with it.
 
+Metrics: ``rounds[].metrics`` and ``final.metrics`` are the task's metrics
+*pooled* across hospitals (from their confusion counts, score histograms or
+error sums; see :mod:`fedvault.metrics`), equal to the metric on the union of
+their held-out sets; ``hospital_metrics`` are each hospital's own values
+beside them. ``accuracy`` and ``loss`` are kept for classification reports
+written before tasks (``accuracy`` is ``None`` for a regression task).
+
 Privacy numbers are cumulative: each hospital's ε for a round is its latest
 ledger entry up to that round (carried forward over rounds it sat out), and its
 ``steps`` are all the DP-SGD steps it took in the job, so
@@ -24,7 +31,7 @@ from fedvault.privacy.errors import StoreError
 from .records import LedgerRow
 from .store import RoundStore
 
-__all__ = ["REPORT_JSON", "REPORT_PNG", "build_report", "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_PNG", "build_report", "summarise", "write_report"]
 
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
@@ -72,6 +79,8 @@ def build_report(store: RoundStore, job_name: str) -> dict[str, Any]:
                 "round": r.number,
                 "accuracy": r.eval_accuracy,
                 "loss": r.eval_loss,
+                "metrics": dict(r.eval_metrics),
+                "hospital_metrics": {e.hospital: dict(e.metrics) for e in r.evaluations},
                 "epsilon": {h: latest[h].epsilon for h in sorted(latest)},
                 "participants": sorted(p.hospital for p in r.participations if p.status == "ok"),
                 **by_status,
@@ -93,6 +102,8 @@ def build_report(store: RoundStore, job_name: str) -> dict[str, Any]:
     final = {
         "accuracy": last.eval_accuracy if last else None,
         "loss": last.eval_loss if last else None,
+        "metrics": rounds[-1]["metrics"] if rounds else {},
+        "hospital_metrics": rounds[-1]["hospital_metrics"] if rounds else {},
         "epsilon_max": max((row.epsilon for row in latest.values()), default=None),
         "delta": max(deltas, default=None),
         "rounds_completed": len(committed),
@@ -106,14 +117,37 @@ def build_report(store: RoundStore, job_name: str) -> dict[str, Any]:
     }
 
 
-def write_report(store: RoundStore, job_name: str, out_dir: Path) -> Path:
+def summarise(report: dict[str, Any], *, consortium: str = "") -> dict[str, Any]:
+    """The part of a report hospitals keep beside their model versions (model cards).
+
+    Per round only the pooled metrics and each hospital's ε (no participant
+    lists or byte counts), so it stays small for a large consortium.
+    """
+    return {
+        "consortium": consortium,
+        "job": report["config"].get("job"),
+        "task": report["config"].get("task"),
+        "rounds": [
+            {"round": r["round"], "metrics": r["metrics"], "epsilon": r["epsilon"]}
+            for r in report["rounds"]
+        ],
+        "final": report["final"],
+        "hospitals": report["hospitals"],
+    }
+
+
+def write_report(
+    store: RoundStore, job_name: str, out_dir: Path, *, report: dict[str, Any] | None = None
+) -> Path:
     """Write ``out_dir/report.json`` and ``out_dir/report.png``; return the JSON path.
+
+    ``report``: the job's report if the caller built it already.
 
     Each file is written to a temporary file in ``out_dir`` and moved into
     place with :func:`os.replace`, so a reader (or a crash) never sees half a
     report: the old one stays until the new one is complete.
     """
-    report = build_report(store, job_name)
+    report = report if report is not None else build_report(store, job_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
@@ -139,7 +173,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 
 def _plot(report: dict[str, Any], out: IO[bytes]) -> None:
-    """Two panels: test accuracy per round; cumulative ε per hospital vs the target."""
+    """Two panels: the task's pooled test metrics per round; cumulative ε per hospital
+    against the target."""
     # Imported here: matplotlib is slow to import and only the report needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -149,11 +184,19 @@ def _plot(report: dict[str, Any], out: IO[bytes]) -> None:
     FigureCanvasAgg(fig)  # headless Agg, never a GUI backend
     acc_ax, eps_ax = fig.subplots(1, 2)
     rounds = report["rounds"]
-    points = [(r["round"], r["accuracy"]) for r in rounds if r["accuracy"] is not None]
-    if points:
-        acc_ax.plot(*zip(*points, strict=True), marker="o")
-    acc_ax.set(title="Test accuracy (sample-weighted)", xlabel="round", ylabel="accuracy")
-    acc_ax.set_ylim(0.0, 1.02)
+    names = sorted({k for r in rounds for k in r.get("metrics", {})} - {"loss"})
+    if not names:  # a report without task metrics (written before tasks)
+        points = [(r["round"], r["accuracy"]) for r in rounds if r["accuracy"] is not None]
+        if points:
+            acc_ax.plot(*zip(*points, strict=True), marker="o", label="accuracy")
+    for name in names:
+        points = [(r["round"], r["metrics"][name]) for r in rounds if name in r["metrics"]]
+        acc_ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    acc_ax.set(title="Test metrics, pooled over hospitals", xlabel="round", ylabel="value")
+    if acc_ax.get_legend_handles_labels()[0]:
+        acc_ax.legend(fontsize="small")
+    if not {"mae", "rmse"} & set(names):  # classification scores live in [0, 1]
+        acc_ax.set_ylim(0.0, 1.02)
     for hospital in report["hospitals"]:
         points = [(r["round"], r["epsilon"][hospital]) for r in rounds if hospital in r["epsilon"]]
         if points:

@@ -10,18 +10,19 @@ audit events — or not at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
-from torch import nn
 
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.coordinator.daemon import RUN_CONFIG_KEYS
@@ -34,14 +35,16 @@ from fedvault.coordinator.records import (
     RoundCommit,
     RoundView,
 )
-from fedvault.coordinator.report import write_report
+from fedvault.coordinator.report import build_report, summarise, write_report
 from fedvault.coordinator.store import RoundStore
-from fedvault.coordinator.strategy import RoundOutcome, SecureFedAvg
-from fedvault.messages import ModelPayload, payload_to_record
+from fedvault.coordinator.strategy import EvalSpec, RoundOutcome, SecureFedAvg
+from fedvault.fingerprint import TaskFingerprint, fingerprint_task
+from fedvault.messages import SUMMARY_KEY, ModelPayload, payload_to_record
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
 from fedvault.privacy.errors import StoreError
 from fedvault.privacy.he import encrypt_update
 from fedvault.privacy.he_context import HeContext
+from fedvault.task_registry import LoadedTask, load_task
 
 __all__ = [
     "CoordinatorSettings",
@@ -61,7 +64,7 @@ class CoordinatorSettings:
 
     job: JobConfig
     store_url: str
-    build_model: Callable[[], nn.Module]  # the initial global model's architecture
+    task: LoadedTask  # the initial model's architecture, the metrics, the fingerprint
     public_context: HeContext | None = None  # he mode: public key only
     key_epoch: int = 0
     report_dir: Path | None = None
@@ -76,6 +79,19 @@ class CoordinatorSettings:
     pause_poll_s: float = 5.0
     # AES-256-GCM key for blobs that are not already ciphertext (from the coordinator kit).
     at_rest_key: bytes | None = field(default=None, repr=False)
+    consortium: str = ""  # named in the job summary hospitals keep with their models
+
+    @cached_property
+    def fingerprint(self) -> TaskFingerprint:
+        """The coordinator's fingerprint of the job's task; every hospital must match it."""
+        return fingerprint_task(self.task.task, self.task.module)
+
+    @property
+    def eval_spec(self) -> EvalSpec:
+        task = self.task.task
+        return EvalSpec(
+            kind=task.kind, num_classes=task.num_classes, extra_metrics=tuple(task.metrics)
+        )
 
 
 class RoundObserver(Protocol):
@@ -107,7 +123,8 @@ def _initial_model(
 ) -> ModelPayload:
     """The seeded initial model; in ``he`` mode encrypted under the public key."""
     torch.manual_seed(settings.job.seed)
-    weights = {k: v.detach().cpu().numpy() for k, v in settings.build_model().state_dict().items()}
+    model = settings.task.task.build_model()
+    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if settings.job.secure_aggregation is SecureAggregation.HE:
         assert public is not None
         return ModelPayload(
@@ -188,6 +205,9 @@ class _RoundRunner:
             )
             self.key_epoch = self.ceremony.epoch
         self.strategy: SecureFedAvg | None = None
+        self.eval_spec = settings.eval_spec
+        self.fingerprint_json = settings.fingerprint.to_json()
+        self.summary = ""  # the job's report so far, compact (see report.summarise)
         # Every hospital the key ceremony ever saw (node id -> name): one that is
         # offline when a round starts is not asked, but recorded as missing.
         self.known: dict[int, str] = {}
@@ -203,6 +223,7 @@ class _RoundRunner:
                 public_context=self.public,
                 key_epoch=self.key_epoch,
                 enrolled=self.enrolled,
+                eval_spec=self.eval_spec,
             )
 
     def _config(self, server_round: int) -> ConfigRecord:
@@ -211,6 +232,8 @@ class _RoundRunner:
                 "job-config": self.job.to_json(),
                 "server-round": server_round,
                 "key-epoch": self.key_epoch,
+                "task-fingerprint": self.fingerprint_json,
+                "summary": self.summary,
             }
         )
 
@@ -294,7 +317,28 @@ class _RoundRunner:
         )
         replies, _ = self._send_and_receive(messages)
         evals = self.strategy.collect_evaluate(number, replies)
-        self.store.record_evaluation(self.job_id, number, evaluations=evals)
+        self.store.record_evaluation(
+            self.job_id, number, evaluations=evals.hospitals, pooled=evals.pooled(self.eval_spec)
+        )
+
+    def announce(self, summary: str) -> None:
+        """Hand every connected hospital the job's final report, to keep beside its
+        model versions (the model card of an export). Best effort: a hospital that
+        is offline now keeps the summary of the last round it took part in."""
+        nodes = list(self.grid.get_node_ids())
+        if not nodes or not summary:
+            return
+        messages = []
+        for node in nodes:
+            record = ConfigRecord({"job": self.job.job, "summary": summary})
+            msg = Message(
+                RecordDict({SUMMARY_KEY: record}), dst_node_id=node, message_type=MessageType.QUERY
+            )
+            msg.metadata.ttl = self.job.round_timeout_s
+            messages.append(msg)
+        replies = self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s)
+        kept = sum(1 for r in replies if not r.has_error())
+        log.info("job %s: final summary handed to %d of %d hospitals", self.job.job, kept, len(nodes))
 
 
 def run_job(
@@ -314,11 +358,18 @@ def run_job(
             AuditEvent(
                 kind="job_resumed" if done else "job_started",
                 actor="coordinator",
-                detail={"after_round": done, "mode": job.secure_aggregation.value},
+                detail={
+                    "after_round": done,
+                    "mode": job.secure_aggregation.value,
+                    "task": job.task,
+                    "task_fingerprint": settings.fingerprint.digest,
+                    "task_version": settings.fingerprint.version,
+                },
             ),
             job_id=job_row.id,
         )
         runner = _RoundRunner(grid, settings, store, job_row.id)
+        runner.summary = _summary(store, settings)
         runner.ensure_keys()
         latest = store.latest_model(job_row.id)
         if latest is None:
@@ -353,8 +404,8 @@ def run_job(
                 for event in candidate.audit:
                     store.append_audit(event, job_id=job_row.id)
                 obs.on_round_failed(number, attempt, reason)
-                if budget_bound and all("BudgetExhaustedError" in p.reason for p in budget_bound):
-                    break  # spent budgets do not come back: retrying cannot help
+                if budget_bound and all(_final_refusal(p.reason) for p in budget_bound):
+                    break  # spent budgets and refused consent do not come back
             if outcome is None:
                 store.set_job_status(job_row.id, "failed")
                 _write_report(store, settings)
@@ -368,19 +419,20 @@ def run_job(
                     participations=tuple(outcome.participations),
                     train_loss=outcome.train_loss,
                     audit=tuple(outcome.audit),
-                    previous_evaluations=tuple(outcome.evaluations),
+                    previous_evaluations=tuple(outcome.evaluations.hospitals),
+                    previous_pooled=outcome.evaluations.pooled(runner.eval_spec),
                 ),
             )
             model = outcome.model
-            _write_report(store, settings)
+            runner.summary = _write_report(store, settings) or _summary(store, settings)
             obs.on_round(_committed_round(store, job_row.id, number))
         final = _committed_round(store, job_row.id, job.rounds)
-        if final.eval_accuracy is None:
+        if not final.evaluations:
             # The last model has no next round to carry its evaluation.
             runner.evaluate(final.number, model)
             obs.on_round(_committed_round(store, job_row.id, final.number))
         store.set_job_status(job_row.id, "finished")
-        _write_report(store, settings)
+        runner.announce(_write_report(store, settings) or _summary(store, settings))
         return "finished"
 
 
@@ -399,9 +451,28 @@ def _wait_while_paused(store: RoundStore, job_name: str, poll_s: float) -> str:
     return control
 
 
-def _write_report(store: RoundStore, settings: CoordinatorSettings) -> None:
-    if settings.report_dir is not None:
-        write_report(store, settings.job.job, settings.report_dir)
+# Refusals that retrying a round cannot change: a spent budget, a task a hospital
+# does not run or has not allowed.
+_FINAL_REFUSALS = ("BudgetExhaustedError", "PolicyRefusalError", "TaskMismatchError")
+
+
+def _final_refusal(reason: str) -> bool:
+    return reason.startswith(_FINAL_REFUSALS) or "unknown task" in reason
+
+
+def _summary(store: RoundStore, settings: CoordinatorSettings) -> str:
+    """The compact job report hospitals keep with their model versions (JSON)."""
+    report = build_report(store, settings.job.job)
+    return json.dumps(summarise(report, consortium=settings.consortium), allow_nan=False)
+
+
+def _write_report(store: RoundStore, settings: CoordinatorSettings) -> str:
+    """Write report.json/.png where configured; return the compact summary it implies."""
+    if settings.report_dir is None:
+        return ""
+    report = build_report(store, settings.job.job)
+    write_report(store, settings.job.job, settings.report_dir, report=report)
+    return json.dumps(summarise(report, consortium=settings.consortium), allow_nan=False)
 
 
 def make_server_app(
@@ -425,8 +496,6 @@ def make_server_app(
 
 def settings_from_run_config(context: Context) -> CoordinatorSettings:
     """Settings the coordinator daemon passes as Flower run config (see daemon.py)."""
-    from fedvault.examples import get_example
-
     cfg = context.run_config
     missing = [k for k in RUN_CONFIG_KEYS if not str(cfg.get(k, ""))]
     if missing:
@@ -442,11 +511,12 @@ def settings_from_run_config(context: Context) -> CoordinatorSettings:
     return CoordinatorSettings(
         job=job,
         store_url=str(cfg["store"]),
-        build_model=get_example(job.example).build_model,
+        task=load_task(job.task),
         report_dir=state_dir,
         key_directory=KeyDirectory(state_dir / "keys"),
         custodian=str(cfg["custodian"]),
         at_rest_key=kit.at_rest_key(),
+        consortium=kit.consortium,
     )
 
 

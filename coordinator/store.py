@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -384,7 +385,9 @@ class RoundStore:
             append_audit_events(s, job, [committed, *commit.audit])
             if commit.previous_evaluations and commit.number > 1:
                 s.flush()
-                self._evaluate(s, job, commit.number - 1, commit.previous_evaluations)
+                self._evaluate(
+                    s, job, commit.number - 1, commit.previous_evaluations, commit.previous_pooled
+                )
 
     def _add_model(self, s: Session, job: JobTable, number: int, model: ModelBlob, now: Any) -> str:
         """Add a model row (sealed at rest unless already ciphertext); returns its SHA-256."""
@@ -460,7 +463,12 @@ class RoundStore:
             )
 
     def record_evaluation(
-        self, job_id: int, number: int, *, evaluations: Sequence[HospitalEval]
+        self,
+        job_id: int,
+        number: int,
+        *,
+        evaluations: Sequence[HospitalEval],
+        pooled: Mapping[str, float] | None = None,
     ) -> None:
         """Store the hospitals' evaluation of committed round ``number``.
 
@@ -471,10 +479,15 @@ class RoundStore:
         none (no hospital answered) leaves the round unevaluated.
         """
         with self._session(f"record the evaluation of round {number}", write=True) as s:
-            self._evaluate(s, self._job_row(s, job_id), number, evaluations)
+            self._evaluate(s, self._job_row(s, job_id), number, evaluations, pooled or {})
 
     def _evaluate(
-        self, s: Session, job: JobTable, number: int, evaluations: Sequence[HospitalEval]
+        self,
+        s: Session,
+        job: JobTable,
+        number: int,
+        evaluations: Sequence[HospitalEval],
+        pooled: Mapping[str, float],
     ) -> None:
         hospitals = [e.hospital for e in evaluations]
         if len(set(hospitals)) != len(hospitals):
@@ -505,6 +518,7 @@ class RoundStore:
                 rnd.participations.remove(row)  # delete-orphan
             else:
                 row.eval_accuracy = row.eval_loss = row.eval_samples = None
+                row.eval_metrics = None
         for e in evaluations:
             row = rows.get(e.hospital) or ParticipationTable(
                 hospital=e.hospital, status="evaluated"
@@ -512,12 +526,17 @@ class RoundStore:
             if e.hospital not in rows:
                 rnd.participations.append(row)
             row.eval_accuracy, row.eval_loss, row.eval_samples = e.accuracy, e.loss, e.samples
+            row.eval_metrics = _metrics_json(e.metrics)
         total = sum(e.samples for e in evaluations)  # each >= 1: 0 only when empty
-        if total:
-            rnd.eval_accuracy = sum(e.accuracy * e.samples for e in evaluations) / total
-            rnd.eval_loss = sum(e.loss * e.samples for e in evaluations) / total
-        else:
-            rnd.eval_accuracy = rnd.eval_loss = None
+        scored = [e for e in evaluations if e.accuracy is not None]  # none for regression
+        scored_total = sum(e.samples for e in scored)
+        rnd.eval_accuracy = (
+            sum(e.accuracy * e.samples for e in scored if e.accuracy is not None) / scored_total
+            if scored_total
+            else None
+        )
+        rnd.eval_loss = sum(e.loss * e.samples for e in evaluations) / total if total else None
+        rnd.eval_metrics = _metrics_json(pooled) if total else None
         rnd.evaluated_at = utcnow()
         self._log(
             s,
@@ -527,6 +546,7 @@ class RoundStore:
             hospitals=sorted(wanted),
             accuracy=rnd.eval_accuracy,
             loss=rnd.eval_loss,
+            metrics=dict(pooled) if total else {},
         )
 
     def latest_model(self, job_id: int) -> ModelBlob | None:
@@ -557,6 +577,47 @@ class RoundStore:
                     "SHA-256: the store was corrupted or tampered with; restore it from a backup"
                 )
             return ModelBlob(row.round, row.kind, blob, row.total_weight)  # type: ignore[arg-type]
+
+    def model(self, job_id: int, number: int) -> ModelBlob | None:
+        """The global model of round ``number`` (0: the initial model), or ``None``.
+
+        Every committed round keeps its model, so any of them can be exported
+        later; it is integrity-checked exactly as :meth:`latest_model` checks
+        the newest one.
+
+        Raises
+        ------
+        StoreError
+            The model was corrupted or tampered with, or it is encrypted at rest
+            and this store has no key.
+        KeyMismatchError
+            It was encrypted under another key.
+        """
+        with self._session(f"read the model of round {number} of job {job_id}") as s:
+            self._job_row(s, job_id)
+            row = s.scalars(
+                select(ModelTable).where(ModelTable.job_id == job_id, ModelTable.round == number)
+            ).one_or_none()
+            if row is None:
+                return None
+            blob = self._sealer.open(row.blob, row.at_rest, model_context(job_id, row.round))
+            if hashlib.sha256(blob).hexdigest() != row.sha256:
+                raise StoreError(
+                    f"the stored model of round {row.round} (job {job_id}) does not match its "
+                    "SHA-256: the store was corrupted or tampered with; restore it from a backup"
+                )
+            return ModelBlob(row.round, row.kind, blob, row.total_weight)  # type: ignore[arg-type]
+
+    def model_rounds(self, job_id: int) -> list[int]:
+        """The rounds whose model the store holds, ascending (0: the initial model)."""
+        with self._session(f"list the models of job {job_id}") as s:
+            self._job_row(s, job_id)
+            rounds = s.scalars(
+                select(ModelTable.round)
+                .where(ModelTable.job_id == job_id)
+                .order_by(ModelTable.round)
+            ).all()
+            return [int(r) for r in rounds]
 
     def rounds(self, job_id: int, *, after: int = 0) -> list[RoundView]:
         """Every committed round and failed attempt numbered above ``after``, by
@@ -635,3 +696,15 @@ class RoundStore:
                         if value is not None:
                             data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
                             yield f"{table.name}.{column.name}#{row[0]}", data
+
+
+def _metrics_json(metrics: Mapping[str, float]) -> str | None:
+    """Metrics as JSON text (``None`` when there are none); NaN cannot be stored."""
+    if not metrics:
+        return None
+    for name, value in metrics.items():
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise StoreError(
+                f"metric {name!r} = {value!r} is not a finite number; drop it before storing"
+            )
+    return json.dumps(dict(sorted(metrics.items())), allow_nan=False)

@@ -227,6 +227,8 @@ class RoundTable(Base):
     train_loss: Mapped[float | None] = mapped_column(Float)
     eval_accuracy: Mapped[float | None] = mapped_column(Float)
     eval_loss: Mapped[float | None] = mapped_column(Float)
+    # The task's metrics pooled across the hospitals' evaluations, as JSON.
+    eval_metrics: Mapped[str | None] = mapped_column(Text)
     evaluated_at: Mapped[datetime | None]
 
     participations: Mapped[list[ParticipationTable]] = relationship(
@@ -267,6 +269,8 @@ class ParticipationTable(Base):
     eval_accuracy: Mapped[float | None] = mapped_column(Float)
     eval_loss: Mapped[float | None] = mapped_column(Float)
     eval_samples: Mapped[int | None] = mapped_column(Integer)
+    # This hospital's own values of the task's metrics, as JSON.
+    eval_metrics: Mapped[str | None] = mapped_column(Text)
 
 
 class ModelTable(Base):
@@ -415,6 +419,7 @@ def round_view(r: RoundTable, states: Mapping[tuple[str, int], str | None]) -> R
         train_loss=r.train_loss,
         eval_accuracy=r.eval_accuracy,
         eval_loss=r.eval_loss,
+        eval_metrics=json.loads(r.eval_metrics) if r.eval_metrics else {},
         committed_at=r.committed_at,
         participations=tuple(
             participation_record(p, states.get((p.hospital, r.number)) if committed else None)
@@ -427,11 +432,10 @@ def round_view(r: RoundTable, states: Mapping[tuple[str, int], str | None]) -> R
                 accuracy=p.eval_accuracy,
                 loss=p.eval_loss,
                 samples=p.eval_samples,
+                metrics=json.loads(p.eval_metrics) if p.eval_metrics else {},
             )
             for p in sorted(r.participations, key=lambda p: p.hospital)
-            if p.eval_accuracy is not None
-            and p.eval_loss is not None
-            and p.eval_samples is not None
+            if p.eval_loss is not None and p.eval_samples is not None
         ),
     )
 

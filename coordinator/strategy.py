@@ -35,14 +35,70 @@ from fedvault.messages import (
     TrainReply,
     payload_to_record,
 )
+from fedvault.metrics import EvalResult, pool
 from fedvault.privacy.errors import FedvaultError, InvalidConfigError, MalformedUpdateError
 from fedvault.privacy.he import Aggregator, parse_envelope
 from fedvault.privacy.he_context import HeContext
 from fedvault.proto import update_pb2
+from fedvault.task import TaskKind
 
-__all__ = ["RoundOutcome", "SecureFedAvg"]
+__all__ = ["EvalSpec", "Evaluations", "RoundOutcome", "SecureFedAvg"]
 
 log = logging.getLogger("fedvault.coordinator")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What the coordinator knows of the task's metrics: enough to check and pool
+    the hospitals' evaluations (:mod:`fedvault.metrics`), nothing that trains."""
+
+    kind: TaskKind = "multiclass"
+    num_classes: int = 2
+    extra_metrics: tuple[str, ...] = ()
+
+    def parse(self, text: str, hospital: str) -> EvalResult:
+        try:
+            return EvalResult.from_json(
+                text,
+                kind=self.kind,
+                num_classes=self.num_classes,
+                extra_metrics=self.extra_metrics,
+            )
+        except MalformedUpdateError as exc:
+            raise MalformedUpdateError(f"{hospital}'s evaluation: {exc}") from exc
+
+
+@dataclass
+class Evaluations:
+    """Hospitals' evaluations of one model, and the metrics pooled across them."""
+
+    hospitals: list[HospitalEval] = field(default_factory=list)
+    results: list[EvalResult] = field(default_factory=list)
+
+    def add(self, evaluation: HospitalEval, result: EvalResult | None) -> None:
+        self.hospitals.append(evaluation)
+        if result is not None:
+            self.results.append(result)
+
+    def pooled(self, spec: EvalSpec) -> dict[str, float]:
+        return pool(spec.kind, self.results, num_classes=spec.num_classes)
+
+
+def _hospital_eval(
+    spec: EvalSpec, hospital: str, text: str, accuracy: float, loss: float, samples: int
+) -> tuple[HospitalEval, EvalResult | None]:
+    """A hospital's evaluation record, from its metrics JSON when it sent one."""
+    if not text:
+        return HospitalEval(hospital=hospital, accuracy=accuracy, loss=loss, samples=samples), None
+    result = spec.parse(text, hospital)
+    evaluation = HospitalEval(
+        hospital=hospital,
+        accuracy=result.metrics.get("accuracy") if spec.kind != "regression" else None,
+        loss=result.loss,
+        samples=result.samples,
+        metrics=dict(result.metrics),
+    )
+    return evaluation, result
 
 
 @dataclass
@@ -55,7 +111,7 @@ class RoundOutcome:
     participations: list[Participation] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
     # Hospitals' evaluation of the model they received (the previous round's).
-    evaluations: list[HospitalEval] = field(default_factory=list)
+    evaluations: Evaluations = field(default_factory=Evaluations)
 
     @property
     def accepted(self) -> int:
@@ -102,6 +158,7 @@ class SecureFedAvg(Strategy):
         public_context: HeContext | None,
         key_epoch: int = 0,
         enrolled: Mapping[int, str] | None = None,
+        eval_spec: EvalSpec | None = None,
     ) -> None:
         if job.secure_aggregation is SecureAggregation.HE:
             if public_context is None:
@@ -116,6 +173,7 @@ class SecureFedAvg(Strategy):
         self.public_context = public_context
         self.key_epoch = key_epoch
         self.enrolled = None if enrolled is None else dict(enrolled)
+        self.eval_spec = eval_spec or EvalSpec()
         # Layout of the model sent for a round (see expect_model): every update
         # must match it, so a hostile first reply cannot set the layout.
         self._expected: dict[int, _ModelLayout | None] = {}
@@ -148,16 +206,12 @@ class SecureFedAvg(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         evals = self.collect_evaluate(server_round, replies)
-        total = sum(e.samples for e in evals)
+        total = sum(e.samples for e in evals.hospitals)
         if not total:
             return None
-        return MetricRecord(
-            {
-                "accuracy": sum(e.accuracy * e.samples for e in evals) / total,
-                "loss": sum(e.loss * e.samples for e in evals) / total,
-                "num-examples": total,
-            }
-        )
+        pooled = {k: float(v) for k, v in evals.pooled(self.eval_spec).items()}
+        pooled.setdefault("loss", sum(e.loss * e.samples for e in evals.hospitals) / total)
+        return MetricRecord({**pooled, "num-examples": total})
 
     def summary(self) -> None:
         log.info(
@@ -273,11 +327,13 @@ class SecureFedAvg(Strategy):
                     bytes_received=reply.update.nbytes,
                 )
                 evaluation = (
-                    HospitalEval(
-                        hospital=reply.hospital,
-                        accuracy=reply.eval_accuracy,
-                        loss=reply.eval_loss,
-                        samples=reply.eval_samples,
+                    _hospital_eval(
+                        self.eval_spec,
+                        reply.hospital,
+                        reply.evaluation,
+                        reply.eval_accuracy,
+                        reply.eval_loss,
+                        reply.eval_samples,
                     )
                     if reply.eval_samples
                     else None
@@ -307,7 +363,7 @@ class SecureFedAvg(Strategy):
                 continue
             loss_sum += reply.train_loss * reply.samples
             if evaluation is not None:
-                outcome.evaluations.append(evaluation)
+                outcome.evaluations.add(*evaluation)
             outcome.record(participation)
         if aggregator.count:
             if isinstance(aggregator, Aggregator):
@@ -318,8 +374,9 @@ class SecureFedAvg(Strategy):
             outcome.train_loss = loss_sum / aggregator.total_weight
         return outcome
 
-    def collect_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[HospitalEval]:
-        evals: dict[str, HospitalEval] = {}
+    def collect_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluations:
+        evals = Evaluations()
+        seen: set[str] = set()
         for msg in replies:
             if msg.has_error():
                 log.warning(
@@ -334,14 +391,22 @@ class SecureFedAvg(Strategy):
             if mismatch := self._identity_mismatch(msg.metadata.src_node_id, reply.hospital):
                 log.warning("round %d: evaluation reply rejected: %s", server_round, mismatch)
                 continue
-            if reply.status is ReplyStatus.OK and reply.hospital not in evals:
-                evals[reply.hospital] = HospitalEval(
-                    hospital=reply.hospital,
-                    accuracy=reply.accuracy,
-                    loss=reply.loss,
-                    samples=reply.samples,
-                )
-        return list(evals.values())
+            if reply.status is ReplyStatus.OK and reply.hospital not in seen:
+                try:
+                    evaluation = _hospital_eval(
+                        self.eval_spec,
+                        reply.hospital,
+                        reply.evaluation,
+                        reply.accuracy,
+                        reply.loss,
+                        reply.samples,
+                    )
+                except FedvaultError as exc:
+                    log.warning("round %d: evaluation reply rejected: %s", server_round, exc)
+                    continue
+                seen.add(reply.hospital)
+                evals.add(*evaluation)
+        return evals
 
     # --- helpers ---------------------------------------------------------------
 

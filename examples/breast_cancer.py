@@ -23,10 +23,10 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedvault.examples import DEFAULTS
-from fedvault.examples.task import Example, run_cli
+from fedvault.examples.task import run_cli
+from fedvault.task import Task, TrainingDefaults
 
-__all__ = ["EXAMPLE", "build_model", "load_data", "main"]
+__all__ = ["EXAMPLE", "TASK", "build_model", "load_data", "main"]
 
 NUM_FEATURES = 30
 NUM_CLASSES = 2
@@ -64,19 +64,25 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
     )
 
 
-EXAMPLE = Example(
+TASK = Task(
+    kind="binary",
     name="breast-cancer",
     build_model=build_model,
     load_data=load_data,
-    num_classes=NUM_CLASSES,
-    defaults=DEFAULTS["breast-cancer"],
+    num_outputs=NUM_CLASSES,
+    defaults=TrainingDefaults(
+        batch_size=256, learning_rate=4.0, local_epochs=2, max_grad_norm=1.0, momentum=0.0
+    ),
     description="logistic regression on the Wisconsin breast-cancer data (569 records)",
 )
+
+#: The name earlier releases used; the same object.
+EXAMPLE = TASK
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Simulate a 3-hospital consortium on this example (``--help`` for options)."""
-    return run_cli(EXAMPLE, argv, hospitals=3, rounds=10)
+    return run_cli(TASK, argv, hospitals=3, rounds=10)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Plug in your own model and data set: a template to copy.
 
-A federated task is an :class:`~fedvault.examples.task.Example`: a function
+A federated task is a :class:`~fedvault.task.Task`: a function
 that builds your ``nn.Module``, a function that returns ``(train, test)``
 ``Dataset`` objects, and DP-SGD training defaults. Here: a two-layer MLP on a
 generated classification problem, held in a hand-written ``Dataset`` subclass
@@ -23,7 +23,7 @@ from sklearn.datasets import make_classification
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from fedvault.examples.task import Example, TrainingDefaults
+from fedvault.task import Task, TrainingDefaults
 
 __all__ = ["TASK", "TabularDataset", "build_model", "load_data", "main"]
 
@@ -59,11 +59,12 @@ def load_data(seed: int) -> tuple[Dataset[Any], Dataset[Any]]:
     return TabularDataset(x[:1500], y[:1500]), TabularDataset(x[1500:], y[1500:])
 
 
-TASK = Example(
+TASK = Task(
+    kind="multiclass",
     name="custom-mlp",
     build_model=build_model,
     load_data=load_data,
-    num_classes=3,
+    num_outputs=3,
     defaults=TrainingDefaults(batch_size=125, learning_rate=1.0, local_epochs=2),
     description="a two-layer MLP on a generated 3-class problem",
 )
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("runs/custom-mlp"))
     args = parser.parse_args(argv)
 
-    config = JobConfig.for_example(TASK, hospitals=3, rounds=5)
-    report: dict[str, Any] = simulate(config, example=TASK, out_dir=args.out)
+    config = JobConfig.for_task(TASK, hospitals=3, rounds=5)
+    report: dict[str, Any] = simulate(config, task=TASK, out_dir=args.out)
     final = report["final"]
     print(f"accuracy {final['accuracy']:.3f} at epsilon {final['epsilon_max']:.2f}")
     return report

@@ -27,10 +27,10 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedvault.examples import DEFAULTS
-from fedvault.examples.task import Example, run_cli
+from fedvault.examples.task import run_cli
+from fedvault.task import Task, TrainingDefaults
 
-__all__ = ["EXAMPLE", "build_model", "load_data", "main"]
+__all__ = ["EXAMPLE", "TASK", "build_model", "load_data", "main"]
 
 NUM_CLASSES = 10
 
@@ -74,19 +74,25 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
     return TensorDataset(images, torch.as_tensor(y, dtype=torch.int64))
 
 
-EXAMPLE = Example(
+TASK = Task(
+    kind="multiclass",
     name="digits",
     build_model=build_model,
     load_data=load_data,
-    num_classes=NUM_CLASSES,
-    defaults=DEFAULTS["digits"],
+    num_outputs=NUM_CLASSES,
+    defaults=TrainingDefaults(
+        batch_size=512, learning_rate=4.0, local_epochs=3, max_grad_norm=1.0, momentum=0.0
+    ),
     description="small CNN on scikit-learn's 8x8 handwritten digits (1,797 images)",
 )
+
+#: The name earlier releases used; the same object.
+EXAMPLE = TASK
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Simulate a 4-hospital consortium on this example (``--help`` for options)."""
-    return run_cli(EXAMPLE, argv, hospitals=4, rounds=10)
+    return run_cli(TASK, argv, hospitals=4, rounds=10)
 
 
 if __name__ == "__main__":

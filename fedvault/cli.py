@@ -36,18 +36,24 @@ def _fail(exc: FedvaultError) -> None:
 
 
 def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> None:
-    """The readable end of a run: per-round accuracy, per-hospital privacy spend."""
-    rounds = Table(title="Rounds", show_lines=False)
-    for col in ("round", "accuracy", "loss", "max ε", "participants", "bytes received"):
+    """The readable end of a run: per-round pooled metrics, per-hospital privacy spend."""
+    names = sorted({k for r in report["rounds"] for k in r.get("metrics", {})} - {"loss"})
+    if not names and any(r.get("accuracy") is not None for r in report["rounds"]):
+        names = ["accuracy"]
+    rounds = Table(title="Rounds (test metrics pooled over hospitals)", show_lines=False)
+    for col in ("round", *names, "loss", "max ε", "participants", "bytes received"):
         rounds.add_column(col, justify="right")
     for r in report["rounds"]:
         eps = max(r["epsilon"].values(), default=0.0)
-        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-        loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
+        metrics = {
+            **({"accuracy": r["accuracy"]} if "accuracy" in r else {}),
+            **r.get("metrics", {}),
+        }
+        loss = r["loss"] if r.get("loss") is not None else metrics.get("loss")
         rounds.add_row(
             str(r["round"]),
-            acc,
-            loss,
+            *("n/a" if metrics.get(n) is None else f"{metrics[n]:.4f}" for n in names),
+            "n/a" if loss is None else f"{loss:.4f}",
             f"{eps:.3f}",
             str(len(r["participants"])),
             f"{r.get('bytes_received', 0):,}",
@@ -72,8 +78,12 @@ def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> No
     def num(value: float | None, fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
 
+    shown = final.get("metrics") or {"accuracy": final.get("accuracy")}
+    metrics = "   ".join(
+        f"[bold]{k}[/bold] {num(v, '.4f')}" for k, v in sorted(shown.items()) if k != "loss"
+    )
     console.print(
-        f"[bold]final accuracy[/bold] {num(final.get('accuracy'), '.4f')}   "
+        f"{metrics}   "
         f"[bold]max ε[/bold] {num(final.get('epsilon_max'), '.3f')} "
         f"at δ={num(final.get('delta'), 'g')}   "
         f"[bold]rounds[/bold] {final['rounds_completed']}   status {final['status']}"
@@ -83,7 +93,14 @@ def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> No
 
 @app.command()
 def simulate(
-    example: Annotated[str, typer.Option(help="breast-cancer | digits")] = "breast-cancer",
+    task: Annotated[
+        str | None,
+        typer.Option(help="task: an installed task's name or MODULE:ATTR (default breast-cancer)"),
+    ] = None,
+    example: Annotated[
+        str | None,
+        typer.Option(help="a built-in task by name: breast-cancer | digits | diabetes | imaging"),
+    ] = None,
     hospitals: Annotated[int, typer.Option(help="number of virtual hospitals")] = 3,
     rounds: Annotated[int, typer.Option(help="federated rounds")] = 10,
     partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA")] = "iid",
@@ -102,15 +119,24 @@ def simulate(
         str | None, typer.Option(help="job name (default: derived from settings)")
     ] = None,
 ) -> None:
-    """Simulate a consortium of virtual hospitals with the production apps."""
+    """Simulate a consortium of virtual hospitals with the production apps.
+
+    OUT holds report.json, report.png and model/ (the final model, safetensors,
+    with its model card).
+    """
     try:
         from fedvault.config import JobConfig
-        from fedvault.examples import get_example
+        from fedvault.privacy.errors import InvalidConfigError
         from fedvault.simulation import simulate as run
+        from fedvault.task_registry import load_task
 
-        task = get_example(example)
-        config = JobConfig.for_example(
-            task,
+        if task is not None and example is not None:
+            raise InvalidConfigError("give --task or --example, not both")
+        reference = task or example or "breast-cancer"
+        loaded = load_task(reference)
+        config = JobConfig.for_task(
+            loaded.task,
+            reference=reference,
             hospitals=hospitals,
             rounds=rounds,
             epsilon=epsilon,
@@ -121,7 +147,7 @@ def simulate(
             job=job,
         )
         console = Console()
-        report = run(config, example=task, out_dir=out, store_url=store, console=console)
+        report = run(config, task=loaded.task, out_dir=out, store_url=store, console=console)
         print_summary(report, console, out.resolve())
     except FedvaultError as exc:
         _fail(exc)
@@ -132,9 +158,13 @@ def simulate(
 coordinator_app = typer.Typer(no_args_is_help=True, help="The consortium operator's daemon.")
 client_app = typer.Typer(no_args_is_help=True, help="A hospital's daemon.")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
+model_app = typer.Typer(no_args_is_help=True, help="Trained model versions: list and export.")
+task_app = typer.Typer(no_args_is_help=True, help="Installed tasks and their fingerprints.")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
+app.add_typer(model_app, name="model")
+app.add_typer(task_app, name="task")
 
 
 def _daemon_logging() -> None:
@@ -241,6 +271,13 @@ def client_start(
     epsilon_budget: Annotated[
         float | None, typer.Option(help="this hospital's own ε cap over all jobs")
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="site policy TOML: the tasks and limits this hospital allows "
+            "(default STATE/policy.toml; none: nothing is allowed)"
+        ),
+    ] = None,
 ) -> None:
     """Validate the hospital's data, then run its SuperNode (outbound only) until stopped."""
     import threading
@@ -253,7 +290,13 @@ def client_start(
     install_signal_handlers(stop)
     try:
         run_client(
-            ClientOptions(kit_dir=kit, data=data, state_dir=state, epsilon_budget=epsilon_budget),
+            ClientOptions(
+                kit_dir=kit,
+                data=data,
+                state_dir=state,
+                epsilon_budget=epsilon_budget,
+                policy=policy,
+            ),
             stop=stop,
         )
     except FedvaultError as exc:
@@ -318,6 +361,146 @@ def audit_verify(
         "it or its predecessor was altered"
     )
     raise typer.Exit(code=1)
+
+
+_StoreOpt = Annotated[
+    str | None,
+    typer.Option(help="coordinator side: the round store URL (plaintext jobs only)"),
+]
+_KitOpt = Annotated[
+    Path | None,
+    typer.Option(help="a hospital's kit (with --state) or the coordinator's (with --store)"),
+]
+_StateOpt = Annotated[
+    Path | None, typer.Option(help="hospital side: the hospital daemon's state directory")
+]
+
+
+def _sides(kit: Path | None, state: Path | None, store: str | None) -> None:
+    from fedvault.privacy.errors import InvalidConfigError
+
+    if (state is None) == (store is None):
+        raise InvalidConfigError(
+            "give --state (a hospital's state directory: decrypts any version) or --store "
+            "(the coordinator's round store: plaintext jobs only), not both and not neither"
+        )
+
+
+def _at_rest_key(kit: Path | None) -> bytes | None:
+    if kit is None:
+        return None
+    from fedvault.kit import Kit, KitKind
+
+    return Kit.load(kit, expected_kind=KitKind.COORDINATOR).at_rest_key()
+
+
+@model_app.command("list")
+def model_list(
+    kit: _KitOpt = None,
+    state: _StateOpt = None,
+    store: _StoreOpt = None,
+    job: Annotated[str | None, typer.Option(help="only this job")] = None,
+) -> None:
+    """The model versions (job, round) you can export, with their pooled metrics."""
+    try:
+        from fedvault.model_export import list_versions_hospital, list_versions_store
+
+        _sides(kit, state, store)
+        if state is not None:
+            versions = list_versions_hospital(state, job)
+        else:
+            versions = list_versions_store(str(store), job, at_rest_key=_at_rest_key(kit))
+    except FedvaultError as exc:
+        _fail(exc)
+    console = Console()
+    if not versions:
+        console.print("no model versions held")
+        return
+    for name, rows in sorted(versions.items()):
+        names = sorted({k for v in rows for k in v.metrics})
+        table = Table(title=f"Model versions of job {name}")
+        for col in ("round", *names):
+            table.add_column(col, justify="right")
+        for v in rows:
+            table.add_row(
+                str(v.round),
+                *("" if n not in v.metrics else f"{v.metrics[n]:.4f}" for n in names),
+            )
+        console.print(table)
+
+
+@model_app.command("export")
+def model_export(
+    job: Annotated[str, typer.Option(help="the job's name")],
+    out: Annotated[Path, typer.Option(help="new directory for the weights and the card")],
+    kit: _KitOpt = None,
+    state: _StateOpt = None,
+    store: _StoreOpt = None,
+    round_: Annotated[
+        str,
+        typer.Option("--round", help="latest | best (by the job's best_metric) | a round number"),
+    ] = "latest",
+) -> None:
+    """Write a model version as safetensors plus a model card (JSON and text).
+
+    A hospital exports any version it holds (it decrypts with its own HE key);
+    the coordinator only plaintext jobs, since it cannot decrypt.
+    """
+    try:
+        from fedvault.model_export import export_from_hospital, export_from_store
+
+        _sides(kit, state, store)
+        if state is not None:
+            path = export_from_hospital(
+                state_dir=state, job=job, selector=round_, out=out, kit_dir=kit
+            )
+        else:
+            path = export_from_store(
+                store_url=str(store),
+                job=job,
+                selector=round_,
+                out=out,
+                at_rest_key=_at_rest_key(kit),
+            )
+    except FedvaultError as exc:
+        _fail(exc)
+    Console().print(f"exported job {job} ({round_}) to {path}")
+
+
+@task_app.command("list")
+def task_list() -> None:
+    """Tasks installed in this environment (entry points of the fedvault.tasks group)."""
+    from fedvault.task_registry import installed_tasks
+
+    table = Table(title="Installed tasks")
+    table.add_column("name")
+    table.add_column("module:attribute")
+    for name, target in sorted(installed_tasks().items()):
+        table.add_row(name, target)
+    Console().print(table)
+
+
+@task_app.command("show")
+def task_show(
+    task: Annotated[str, typer.Argument(help="an installed task's name or MODULE:ATTR")],
+) -> None:
+    """A task's kind, defaults and fingerprint: what a site policy pins."""
+    try:
+        from fedvault.fingerprint import fingerprint_task
+        from fedvault.task_registry import load_task
+
+        loaded = load_task(task)
+        fp = fingerprint_task(loaded.task, loaded.module)
+    except FedvaultError as exc:
+        _fail(exc)
+    t = loaded.task
+    console = Console()
+    console.print(f"[bold]{t.name}[/bold] ({t.kind}, {t.num_outputs} outputs): {t.description}")
+    console.print(f"  from        {loaded.module}")
+    console.print(f"  defaults    {t.defaults}")
+    console.print(f"  best metric {t.best_metric}")
+    console.print(f"  identity    {fp.describe()}")
+    console.print(f"  fingerprint {fp.digest}", highlight=False)
 
 
 def main() -> None:

@@ -96,14 +96,18 @@ class TrainingConfig:
         )
 
 
-class _ExampleLike(Protocol):
-    """What :meth:`JobConfig.for_example` reads of an example task."""
+class _TaskLike(Protocol):
+    """What :meth:`JobConfig.for_task` reads of a task (a :class:`~fedvault.task.Task`,
+    or the torch-free :class:`~fedvault.task_registry.TaskDescription`)."""
 
     @property
     def name(self) -> str: ...
 
     @property
     def defaults(self) -> Any: ...
+
+    @property
+    def best_metric(self) -> str: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +119,10 @@ class JobConfig:
     """
 
     job: str
-    example: str
+    # How the job names its task: an entry-point name of the ``fedvault.tasks``
+    # group (the built-in examples) or ``module:attribute``. Each party resolves
+    # it in its own environment; the task fingerprint proves they agree.
+    task: str
     hospitals: int
     rounds: int
     privacy: PrivacyConfig
@@ -131,6 +138,8 @@ class JobConfig:
     # A round with fewer than `quorum` good replies is recorded as failed and
     # tried again with the same model, at most this many times in all.
     max_round_attempts: int = 3
+    # The validation metric `fedvault model export --round best` picks by.
+    best_metric: str = "loss"
 
     def __post_init__(self) -> None:
         _require(
@@ -139,8 +148,12 @@ class JobConfig:
             "or '-', starting with a letter or digit",
         )
         _require(
-            isinstance(self.example, str) and bool(self.example),
-            "example must be a non-empty name",
+            isinstance(self.task, str) and bool(self.task.strip()),
+            "task must be a non-empty name or module:attribute",
+        )
+        _require(
+            isinstance(self.best_metric, str) and bool(re.fullmatch(r"\w{1,64}", self.best_metric)),
+            f"best_metric must be a metric name such as 'auroc' or 'rmse' (got {self.best_metric!r})",
         )
         _require(
             _is_int(self.hospitals) and self.hospitals >= 1,
@@ -183,9 +196,9 @@ class JobConfig:
         return self.min_hospitals or self.hospitals
 
     @classmethod
-    def for_example(
+    def for_task(
         cls,
-        example: _ExampleLike,
+        task: _TaskLike,
         *,
         hospitals: int,
         rounds: int,
@@ -195,23 +208,26 @@ class JobConfig:
         secure_aggregation: str | SecureAggregation = "he",
         seed: int = 0,
         job: str | None = None,
+        reference: str | None = None,
         **overrides: Any,
     ) -> JobConfig:
-        """A job on ``example`` with its tuned training defaults.
+        """A job on ``task`` with its tuned training defaults.
 
-        ``overrides`` may set any :class:`TrainingConfig` field, ``max_grad_norm``,
-        ``accountant`` (``"prv"``, the default, or ``"rdp"``),
-        ``min_hospitals``, ``round_timeout_s``, ``max_update_bytes`` or
-        ``max_round_attempts``.
+        ``reference`` is how parties find the task (default: its name, which
+        is its entry-point name for installed tasks). ``overrides`` may set any
+        :class:`TrainingConfig` field, ``max_grad_norm``, ``accountant``
+        (``"prv"``, the default, or ``"rdp"``), ``min_hospitals``,
+        ``round_timeout_s``, ``max_update_bytes``, ``max_round_attempts`` or
+        ``best_metric`` (default: the task's).
         """
-        d = example.defaults
+        d = task.defaults
         training = {
             "batch_size": d.batch_size,
             "learning_rate": d.learning_rate,
             "local_epochs": d.local_epochs,
             "momentum": d.momentum,
         }
-        top: dict[str, Any] = {}
+        top: dict[str, Any] = {"best_metric": task.best_metric}
         max_grad_norm = d.max_grad_norm
         accountant: AccountantName = "prv"
         for key, value in overrides.items():
@@ -226,6 +242,7 @@ class JobConfig:
                 "round_timeout_s",
                 "max_update_bytes",
                 "max_round_attempts",
+                "best_metric",
             ):
                 top[key] = value
             else:
@@ -237,8 +254,8 @@ class JobConfig:
             else SecureAggregation.parse(secure_aggregation)
         )
         return cls(
-            job=job or f"{example.name}-{hospitals}h-{rounds}r-seed{seed}",
-            example=example.name,
+            job=job or f"{task.name}-{hospitals}h-{rounds}r-seed{seed}",
+            task=reference or task.name,
             hospitals=hospitals,
             rounds=rounds,
             privacy=PrivacyConfig(
@@ -268,6 +285,8 @@ class JobConfig:
         """Parse and validate; :class:`InvalidConfigError` names what is wrong."""
         try:
             fields = dict(data)
+            if "example" in fields and "task" not in fields:  # jobs stored before tasks
+                fields["task"] = fields.pop("example")
             privacy = PrivacyConfig(**dict(fields.pop("privacy")))
             training = TrainingConfig(**dict(fields.pop("training")))
             partition = Partition.parse(str(fields.pop("partition", "iid")))
@@ -299,3 +318,6 @@ class JobConfig:
 
     def with_job(self, job: str) -> JobConfig:
         return replace(self, job=job)
+
+    #: Earlier name of :meth:`for_task`.
+    for_example = for_task

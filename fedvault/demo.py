@@ -62,9 +62,24 @@ def write_hospital_data(
     test: tuple[np.ndarray, np.ndarray],
     *,
     min_records: int = 20,
+    task: str = "breast-cancer",
+    epsilon: float = 3.0,
 ) -> Path:
-    """One hospital's breast-cancer share as CSV files plus their data spec; the spec's path."""
+    """One hospital's breast-cancer share as CSV files plus their data spec; the spec's path.
+
+    Beside them, ``policy.toml``: the hospital's site policy, allowing ``task`` at
+    up to ``epsilon`` per job (a hospital trains nothing its policy does not allow).
+    """
     from fedvault.client.data import write_csv_partition, write_spec
+    from fedvault.client.policy import write_policy
+
+    write_policy(
+        directory / "policy.toml",
+        tasks=[task],
+        max_epsilon_per_job=epsilon,
+        max_delta=1e-5,
+        min_records=min_records,
+    )
 
     features = [f"f{i}" for i in range(train[0].shape[1])]
     write_csv_partition(directory / "train.csv", *train, feature_names=features)
@@ -84,7 +99,8 @@ def write_hospital_data(
 def prepare_consortium(
     work: Path, *, hospitals: int, rounds: int, epsilon: float, seed: int = 0
 ) -> dict[str, Path]:
-    """Kits, per-hospital data and the job file under ``work``; returns their paths."""
+    """Kits, per-hospital data (with each hospital's site policy, ``data/NAME/policy.toml``)
+    and the job file under ``work``; returns their paths."""
     from fedvault.examples import get_example
     from fedvault.partition import Partition, partition_indices
 
@@ -99,11 +115,14 @@ def prepare_consortium(
     test_parts = partition_indices(y_test, hospitals, iid, seed=seed, min_size=1)
     for name, tr, te in zip(names, train_parts, test_parts, strict=True):
         write_hospital_data(
-            work / "data" / name, (x_train[tr], y_train[tr]), (x_test[te], y_test[te])
+            work / "data" / name,
+            (x_train[tr], y_train[tr]),
+            (x_test[te], y_test[te]),
+            epsilon=epsilon,
         )
     job = work / "job.toml"
     job.write_text(
-        f'[job]\nname = "{JOB_NAME}"\nexample = "breast-cancer"\nhospitals = {hospitals}\n'
+        f'[job]\nname = "{JOB_NAME}"\ntask = "breast-cancer"\nhospitals = {hospitals}\n'
         f"rounds = {rounds}\nepsilon = {epsilon}\nseed = {seed}\n"
     )
     return {"kits": work / "kits", "data": work / "data", "job": job, "state": work / "coordinator"}
@@ -229,6 +248,8 @@ def run_demo(
                     str(paths["kits"] / "hospitals" / name),
                     "--data",
                     str(paths["data"] / name / "data.toml"),
+                    "--policy",
+                    str(paths["data"] / name / "policy.toml"),
                     "--state",
                     str(work / "hospital-state" / name),
                 ],

@@ -40,6 +40,7 @@ __all__ = [
     "CEREMONY_KEY",
     "ENVELOPE_KEY",
     "MAX_SAMPLES",
+    "SUMMARY_KEY",
     "EvalReply",
     "ModelPayload",
     "ReplyStatus",
@@ -56,6 +57,7 @@ METRICS_KEY = "metrics"
 STATUS_KEY = "status"
 ENVELOPE_KEY = "he-envelope"
 CEREMONY_KEY = "ceremony"  # key-ceremony queries and replies (a ConfigRecord)
+SUMMARY_KEY = "job-summary"  # the final report, sent to hospitals when a job ends
 
 #: Largest sample count a reply may claim: the round store keeps counts in
 #: 32-bit columns, and no hospital holds two billion records.
@@ -168,12 +170,22 @@ def _check_message(
 
 @dataclass(frozen=True)
 class RoundInstruction:
-    """What the coordinator asks of a hospital for one round."""
+    """What the coordinator asks of a hospital for one round.
+
+    ``task_fingerprint`` is the coordinator's fingerprint of the job's task
+    (JSON, :class:`~fedvault.fingerprint.TaskFingerprint`): the hospital
+    refuses before training if its own differs. ``summary`` is the job's
+    report so far (JSON: per-round metrics, each hospital's privacy spend),
+    which the hospital keeps beside the model versions it receives, for the
+    model card of an export.
+    """
 
     job: JobConfig
     server_round: int
     key_epoch: int
     model: ModelPayload
+    task_fingerprint: str = ""
+    summary: str = ""
 
     def to_content(self) -> RecordDict:
         return RecordDict(
@@ -184,6 +196,8 @@ class RoundInstruction:
                         "job-config": self.job.to_json(),
                         "server-round": self.server_round,
                         "key-epoch": self.key_epoch,
+                        "task-fingerprint": self.task_fingerprint,
+                        "summary": self.summary,
                     }
                 ),
             }
@@ -205,6 +219,8 @@ class RoundInstruction:
             server_round=server_round,
             key_epoch=key_epoch,
             model=payload_from_record(model),
+            task_fingerprint=_text(config.get("task-fingerprint", ""), "task-fingerprint"),
+            summary=_text(config.get("summary", ""), "summary"),
         )
 
 
@@ -234,6 +250,10 @@ class TrainReply:
     eval_accuracy: float = 0.0
     eval_loss: float = 0.0
     eval_samples: int = 0
+    # The task's metrics and pooling statistics of that evaluation
+    # (fedvault.metrics.EvalResult as JSON; validated by the coordinator,
+    # which knows the task's kind); empty when nothing was evaluated.
+    evaluation: str = ""
 
     def to_content(self) -> RecordDict:
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
@@ -244,6 +264,7 @@ class TrainReply:
                     "reason": self.reason,
                     "accountant": self.accountant,
                     "accountant-state": self.accountant_state,
+                    "evaluation": self.evaluation,
                 }
             ),
             METRICS_KEY: MetricRecord(
@@ -305,6 +326,7 @@ class TrainReply:
                 eval_accuracy=_finite(metrics.get("eval-accuracy", 0.0), "eval-accuracy"),
                 eval_loss=_finite(metrics.get("eval-loss", 0.0), "eval-loss"),
                 eval_samples=_int(metrics.get("eval-num-examples", 0), "eval-num-examples"),
+                evaluation=_text(status.get("evaluation", ""), "evaluation"),
             )
         except KeyError as exc:
             raise MalformedUpdateError(
@@ -339,12 +361,18 @@ class EvalReply:
     accuracy: float = 0.0
     loss: float = 0.0
     samples: int = 0
+    evaluation: str = ""  # as TrainReply.evaluation
 
     def to_content(self) -> RecordDict:
         return RecordDict(
             {
                 STATUS_KEY: ConfigRecord(
-                    {"hospital": self.hospital, "status": self.status.value, "reason": self.reason}
+                    {
+                        "hospital": self.hospital,
+                        "status": self.status.value,
+                        "reason": self.reason,
+                        "evaluation": self.evaluation,
+                    }
                 ),
                 METRICS_KEY: MetricRecord(
                     {"accuracy": self.accuracy, "loss": self.loss, "num-examples": self.samples}
@@ -367,6 +395,7 @@ class EvalReply:
                 accuracy=_finite(metrics["accuracy"], "accuracy"),
                 loss=_finite(metrics["loss"], "loss"),
                 samples=_int(metrics["num-examples"], "num-examples"),
+                evaluation=_text(status.get("evaluation", ""), "evaluation"),
             )
         except KeyError as exc:
             raise MalformedUpdateError(

@@ -33,10 +33,12 @@ from fedvault.config import JobConfig, SecureAggregation
 from fedvault.coordinator.records import RoundView
 from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
-from fedvault.examples import Example, get_example
+from fedvault.fingerprint import fingerprint_task
 from fedvault.partition import Partition, partition_indices
 from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.he_context import HeContext
+from fedvault.task import Task
+from fedvault.task_registry import LoadedTask, load_task
 
 __all__ = ["SimulatedSites", "hospital_name", "simulate"]
 
@@ -50,13 +52,15 @@ def hospital_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class SimulatedSites:
-    """Virtual hospitals: partition ``i`` of ``example`` is ``hospital-(i+1)``.
+    """Virtual hospitals: partition ``i`` of the task's reference data is ``hospital-(i+1)``.
 
     Picklable (Ray ships it to worker processes); data and keys are loaded once
-    per worker and cached.
+    per worker and cached. They belong to the researcher running the
+    simulation, so they train without a site policy; the task fingerprint is
+    still checked, as in deployment.
     """
 
-    example: Example
+    loaded: LoadedTask
     partition: Partition
     hospitals: int
     seed: int
@@ -79,14 +83,15 @@ class SimulatedSites:
         from torch.utils.data import Subset
 
         torch.set_num_threads(1)  # one Ray actor per core
-        train, test = self.example.load_data(self.seed)
+        task = self.loaded.task
+        train, test = _reference_data(task, self.seed)
         parts = partition_indices(
-            self.example.labels(train), self.hospitals, self.partition, seed=self.seed
+            _strata(task, train), self.hospitals, self.partition, seed=self.seed
         )
-        # Test data is split evenly, so the sample-weighted federated accuracy is
-        # exactly the accuracy on the whole held-out set.
+        # Test data is split evenly, so the pooled federated metrics are exactly
+        # the metrics on the whole held-out set.
         tests = partition_indices(
-            self.example.labels(test),
+            _strata(task, test),
             self.hospitals,
             Partition(kind="iid"),
             seed=self.seed,
@@ -99,13 +104,39 @@ class SimulatedSites:
             state_dir=state_dir,
             train_data=Subset(train, parts[index].tolist()),
             test_data=Subset(test, tests[index].tolist()),
-            build_model=self.example.build_model,
+            task=task,
+            fingerprint=_fingerprint(self.loaded),
             keys=KeyStore(state_dir),
             device=pick_device(),
         )
 
 
 _SITES: dict[tuple[Any, ...], HospitalSite] = {}
+_FINGERPRINTS: dict[str, Any] = {}
+
+
+def _fingerprint(loaded: LoadedTask) -> Any:
+    """The task's fingerprint, once per worker process."""
+    if loaded.reference not in _FINGERPRINTS:
+        _FINGERPRINTS[loaded.reference] = fingerprint_task(loaded.task, loaded.module)
+    return _FINGERPRINTS[loaded.reference]
+
+
+def _reference_data(task: Task, seed: int) -> tuple[Any, Any]:
+    if task.load_data is None:
+        raise InvalidConfigError(
+            f"task {task.name!r} has no reference data set (load_data), so it cannot be "
+            "simulated; give it a load_data(seed) -> (train, test), or deploy it"
+        )
+    return task.load_data(seed)
+
+
+def _strata(task: Task, dataset: Any) -> Any:
+    """What partitioning splits by: the labels, or one stratum for a regression."""
+    import numpy as np
+
+    targets = task.targets(dataset)
+    return targets if task.is_classification else np.zeros(len(targets), dtype=np.int64)
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -187,7 +218,7 @@ def _quiet_flower() -> None:
 def simulate(
     config: JobConfig,
     *,
-    example: Example | None = None,
+    task: Task | None = None,
     out_dir: Path,
     store_url: str | None = None,
     console: Console | None = None,
@@ -198,10 +229,12 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    task = example if example is not None else get_example(config.example)
-    if task.name != config.example:
+    loaded = _resolve(config, task)
+    task = loaded.task
+    if not task.is_classification and config.partition.kind != "iid":
         raise InvalidConfigError(
-            f"job is for example {config.example!r} but example {task.name!r} was given"
+            f"--partition {config.partition} splits by label, and {task.name!r} is a "
+            "regression task: use --partition iid"
         )
     out_dir = Path(out_dir).resolve()
     _prepare_out_dir(out_dir)
@@ -218,12 +251,13 @@ def simulate(
     settings = CoordinatorSettings(
         job=config,
         store_url=url,
-        build_model=task.build_model,
+        task=loaded,
         public_context=public,
         report_dir=out_dir,
+        consortium="simulation",
     )
     sites = SimulatedSites(
-        example=task,
+        loaded=loaded,
         partition=config.partition,
         hospitals=config.hospitals,
         seed=config.seed,
@@ -249,4 +283,47 @@ def simulate(
             },
         )
     report: dict[str, Any] = json.loads((out_dir / "report.json").read_text())
+    if report["final"]["rounds_completed"]:
+        _export_final_model(config, out_dir)
     return report
+
+
+def _resolve(config: JobConfig, task: Task | None) -> LoadedTask:
+    """The job's task: the object given (a researcher's own), or the one it names."""
+    if task is None:
+        return load_task(config.task)
+    if task.name != config.task and not _names(config.task, task):
+        raise InvalidConfigError(
+            f"job is for task {config.task!r} but task {task.name!r} was given"
+        )
+    return LoadedTask(reference=config.task, module=_module_of(task), task=task)
+
+
+def _names(reference: str, task: Task) -> bool:
+    """Whether ``reference`` resolves to ``task`` itself."""
+    try:
+        return load_task(reference).task is task
+    except InvalidConfigError:
+        return False
+
+
+def _module_of(task: Task) -> str:
+    """The module a task object was defined in (its model factory's)."""
+    return str(getattr(task.build_model, "__module__", "") or "__main__")
+
+
+def _export_final_model(config: JobConfig, out_dir: Path) -> None:
+    """``OUT/model/``: the final global model as hospital-1 decrypts it, with its card."""
+    import shutil
+
+    from fedvault.model_export import export_from_hospital
+
+    target = out_dir / "model"
+    if target.exists():
+        shutil.rmtree(target)  # a resumed run replaces the previous export
+    export_from_hospital(
+        state_dir=out_dir / "hospitals" / hospital_name(0),
+        job=config.job,
+        selector="latest",
+        out=target,
+    )

@@ -15,8 +15,10 @@ __all__ = [
     "InvalidConfigError",
     "KeyMismatchError",
     "MalformedUpdateError",
+    "PolicyRefusalError",
     "SecretKeyExposureError",
     "StoreError",
+    "TaskMismatchError",
 ]
 
 
@@ -57,3 +59,19 @@ class StoreError(FedvaultError):
 
 class DataError(FedvaultError):
     """A hospital's data set is missing, malformed, or too small to train on."""
+
+
+class PolicyRefusalError(FedvaultError):
+    """A hospital's site policy does not allow this job (task, version, ε, δ or size).
+
+    The hospital refuses before any training; the reason travels to the
+    coordinator, which audits it.
+    """
+
+
+class TaskMismatchError(FedvaultError):
+    """A party runs different task code or model architecture than the coordinator.
+
+    The message names both sides' values (distribution, version, code hash,
+    architecture), so the operator can see who must upgrade.
+    """

@@ -134,7 +134,7 @@ def _fill_0001(target: StoreTarget) -> None:
 def _check_upgraded(target: StoreTarget, data: Rounds) -> None:
     """The filled store, opened by today's code: at head, every row as written."""
     with target.open() as store:
-        assert store.schema_revision() == head_revision() == "0002"
+        assert store.schema_revision() == head_revision() == "0003"
         # Foreign keys are enforced again on the connection that migrated (SQLite).
         with pytest.raises(IntegrityError, match=r"(?i)foreign key"), store.engine.begin() as conn:
             conn.execute(text("UPDATE rounds SET job_id = 99"))
@@ -162,7 +162,7 @@ def _check_upgraded(target: StoreTarget, data: Rounds) -> None:
         at_rest = conn.execute(text("SELECT round, at_rest FROM models ORDER BY round")).all()
         assert [tuple(r) for r in at_rest] == [(1, "none"), (2, "none")]
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-        assert versions == ["0002"]
+        assert versions == ["0003"]
 
 
 def _constraints(conn: Connection) -> dict[str, list[tuple[str, str]]]:
@@ -197,7 +197,7 @@ def _sqlite_schema(path: Path) -> list[str]:
 
 def test_migrations_build_exactly_the_models(durable_backend: StoreTarget) -> None:
     """Replaying 0001 -> head gives the schema a new store builds from the models."""
-    assert known_revisions() == {"0001", "0002"}
+    assert known_revisions() == {"0001", "0002", "0003"}
     _migrate(durable_backend, "head")
     engine = durable_backend.raw_engine()
     try:
@@ -256,7 +256,7 @@ def test_legacy_store_without_version_table_is_stamped_then_upgraded(
     with caplog.at_level(logging.WARNING, logger="fedvault.coordinator.migrations"):
         _check_upgraded(durable_backend, data)
     (record,) = [r for r in caplog.records if "predates schema migrations" in r.message]
-    assert "stamping it as revision 0001, then upgrading it to 0002" in record.message
+    assert "stamping it as revision 0001, then upgrading it to 0003" in record.message
 
 
 def test_store_from_a_newer_fedvault_is_refused(durable_backend: StoreTarget) -> None:
@@ -302,7 +302,7 @@ def test_concurrent_openers_migrate_once(durable_backend: StoreTarget) -> None:
     assert errors == []
     with durable_backend.raw_engine().connect() as conn:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert versions == ["0002"]
+    assert versions == ["0003"]
 
 
 def test_downgrade_to_0001_refuses_to_lose_sealed_rows(

@@ -255,6 +255,7 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
             sys.executable, "-m", "fedvault", "client", "start",
             "--kit", str(paths["kits"] / "hospitals" / name),
             "--data", str(paths["data"] / name / "data.toml"),
+            "--policy", str(paths["data"] / name / "policy.toml"),
             "--state", str(state[name]),
         ]  # fmt: skip
         return spawn(argv, env=env, log_path=logs / f"{name}.log")

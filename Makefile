@@ -46,6 +46,11 @@ lint: install
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto proto/update.proto
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto proto/admin.proto
+	# The generated service imports its messages as a top-level module; fedvault maps them.
+	sed -i 's/^import admin_pb2 as admin__pb2$$/from fedvault.proto import admin_pb2 as admin__pb2/' \
+		proto/admin_pb2_grpc.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -202,6 +202,7 @@ def run_ours(
     from fedvault.coordinator.records import RoundView
     from fedvault.coordinator.server_app import CoordinatorSettings, run_job
     from fedvault.coordinator.store import RoundStore, sqlite_url
+    from fedvault.task_registry import load_task
     from fedvault.coordinator.strategy import SecureFedAvg
     from fedvault.examples.digits import EXAMPLE, build_model
     from fedvault.messages import EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
@@ -228,7 +229,7 @@ def run_ours(
     settings = CoordinatorSettings(
         job=job,
         store_url=sqlite_url(workdir / "store.sqlite"),
-        build_model=build_model,
+        task=load_task("digits"),
         public_context=public,
         report_dir=None,
     )

@@ -126,7 +126,7 @@ def _child(hospitals: int, patched: bool = False) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="fedvault-scale-") as tmp,
         open(os.devnull, "w") as sink,
     ):
-        report = simulate(config, example=example, out_dir=Path(tmp), console=Console(file=sink))
+        report = simulate(config, task=example, out_dir=Path(tmp), console=Console(file=sink))
     return {
         "hospitals": hospitals,
         "copies": copies,

@@ -133,8 +133,9 @@ class ModelArchive:
 
     def _job_dir(self, job: str, *, create: bool = False) -> Path:
         path = self.root / check_job_name(job)
-        if create:
+        if create and not path.is_dir():
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fsync_dir(self.root)  # the new folder's name survives a crash too
         return path
 
     def put_model(

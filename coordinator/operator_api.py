@@ -244,7 +244,7 @@ def _iso(when: datetime | None) -> str:
 
 def _job_status(job: Job, rounds: list[RoundView], rows: list[LedgerRow], paused: bool) -> Any:
     committed = [r for r in rounds if r.status == "committed"]
-    evaluated = [r for r in committed if r.eval_accuracy is not None]
+    evaluated = [r for r in committed if r.eval_accuracy is not None or r.eval_metrics]
     planned = job.config.get("rounds")
     msg = admin_pb2.JobStatus(
         job=job.name,
@@ -253,10 +253,13 @@ def _job_status(job: Job, rounds: list[RoundView], rows: list[LedgerRow], paused
         rounds_committed=max((r.number for r in committed), default=0),
         rounds_planned=planned if isinstance(planned, int) and planned > 0 else 0,
         epsilon_budget=_budget(job),
+        task=str(job.config.get("task") or job.config.get("example") or ""),
     )
     if evaluated:
-        msg.final_accuracy = evaluated[-1].eval_accuracy or 0.0
+        if evaluated[-1].eval_accuracy is not None:
+            msg.final_accuracy = evaluated[-1].eval_accuracy
         msg.final_loss = evaluated[-1].eval_loss or 0.0
+        msg.final_metrics.update(evaluated[-1].eval_metrics)
     if rows:
         msg.epsilon_max = max(r.epsilon for r in rows)
         deltas = [r.delta for r in rows if r.delta is not None]
@@ -291,6 +294,7 @@ def _round_summary(v: RoundView) -> Any:
         participants=v.num_participants,
         failures=sum(p.status != "ok" for p in v.participations),
         committed_at=_iso(v.committed_at),
+        metrics=dict(v.eval_metrics),
     )
 
 

@@ -155,8 +155,8 @@ def make_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
 
     shapes = np.stack([ellipse, star, ring, dots])  # (class, n, H, W)
     lesion = shapes[labels, np.arange(n)]
-    contrast = rng.uniform(0.35, 0.8, size=n)[:, None, None]
-    images = 0.3 + contrast * lesion + _texture(n, rng) + rng.normal(0, 0.08, size=radius.shape)
+    contrast = rng.uniform(0.5, 1.0, size=n)[:, None, None]
+    images = 0.3 + contrast * lesion + _texture(n, rng) + rng.normal(0, 0.06, size=radius.shape)
     return images[:, None].astype(np.float32), labels
 
 

@@ -150,12 +150,11 @@ class EvalResult:
             raise MalformedUpdateError(f"field 'samples' must be an integer in 1..{_MAX_COUNT}")
         loss = _number(body["loss"], "loss")
         metrics = _parse_metrics(body["metrics"], kind, loss, extra_metrics)
-        stats = body["stats"]
         if kind == "regression":
-            _check_regression_stats(stats, samples)
+            _check_regression_stats(body["stats"], samples)
         else:
-            _check_classification_stats(stats, kind, k, samples)
-        return cls(samples=samples, loss=loss, metrics=metrics, stats=stats)
+            _check_classification_stats(body["stats"], kind, k, samples)
+        return cls(samples=samples, loss=loss, metrics=metrics, stats=body["stats"])
 
 
 def evaluate_scores(
@@ -308,11 +307,10 @@ def _label_metrics(
     from sklearn import metrics as skm
 
     w, kw = np.ones(len(y)) if weight is None else weight, {"sample_weight": weight}
-    out: dict[str, float] = {}
     with warnings.catch_warnings():
         # a class absent from the data makes sklearn warn; we leave such metrics out instead
         warnings.simplefilter("ignore")
-        out["accuracy"] = float(skm.accuracy_score(y, pred, **kw))
+        out = {"accuracy": float(skm.accuracy_score(y, pred, **kw))}
         out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred, **kw))
         if kind != "binary":
             f1 = skm.f1_score(y, pred, labels=range(k), average="macro", zero_division=0, **kw)
@@ -374,8 +372,8 @@ def _check_classes(kind: TaskKind, num_classes: int) -> int:
     ok = num_classes in (0, 2) if kind == "binary" else 2 <= num_classes <= MAX_CLASSES
     if not ok:
         raise InvalidConfigError(
-            f"num_classes={num_classes} is wrong for a {kind} task; pass it 2, "
-            f"or 2..{MAX_CLASSES} for multiclass (task.num_classes)"
+            f"num_classes={num_classes} does not fit a {kind} task (binary: 2, multiclass: "
+            f"2..{MAX_CLASSES}); pass task.num_classes"
         )
     return 2 if kind == "binary" else int(num_classes)
 
@@ -471,8 +469,8 @@ def _counts(v: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
 def _check_classification_stats(stats: Any, kind: str, k: int, samples: int) -> None:
     _check_keys(stats, {"confusion", "hist"}, "field 'stats'")
     confusion = _counts(stats["confusion"], (k, k), "stats.confusion")
-    if confusion.sum() != samples:
-        raise MalformedUpdateError(f"field 'stats.confusion' totals {confusion.sum()} != {samples}")
+    if (total := confusion.sum()) != samples:
+        raise MalformedUpdateError(f"field 'stats.confusion' totals {total}, not samples={samples}")
     rows = confusion.sum(axis=1)
     if kind == "binary":  # negatives = true class 0, positives = true class 1
         got = _counts(stats["hist"], (2, HIST_BINS_BINARY), "stats.hist").sum(axis=-1)[None]

@@ -66,10 +66,9 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 
 def round_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
-    """The finite metrics of one ``summary["rounds"]`` entry (older reports: accuracy, loss)."""
-    raw = entry.get("metrics")
-    if not isinstance(raw, Mapping):
-        raw = {k: entry.get(k) for k in ("accuracy", "loss")}
+    """The finite pooled metrics of one ``summary["rounds"]`` entry, with its ``accuracy``
+    and ``loss`` (all an older report has) unless ``metrics`` names them too."""
+    raw = {k: entry.get(k) for k in ("accuracy", "loss")} | dict(_mapping(entry.get("metrics")))
     return {
         str(k): float(v)
         for k, v in raw.items()
@@ -142,11 +141,15 @@ def _version() -> str:
         return "unknown"
 
 
+def _round_entry(summary: Mapping[str, Any], server_round: int) -> Mapping[str, Any]:
+    rounds = [_mapping(r) for r in summary.get("rounds") or []]
+    return next((r for r in rounds if r.get("round") == server_round), {})
+
+
 def _privacy(summary: Mapping[str, Any], server_round: int) -> dict[str, dict[str, Any]]:
     """Each hospital's (ε, δ) at ``server_round`` (``None``: no ledger entry by then) and
     at the job's end, with the DP-SGD parameters that re-derive them."""
-    rounds = [_mapping(r) for r in summary.get("rounds") or []]
-    now = next((r for r in rounds if r.get("round") == server_round), {})
+    now = _round_entry(summary, server_round)
     out: dict[str, dict[str, Any]] = {}
     for name, raw in sorted(_mapping(summary.get("hospitals")).items()):
         info = _mapping(raw)
@@ -184,6 +187,8 @@ def build_card(
     best, higher = selector == "best", greater_is_better(metric)
     how = f"the round with the {'highest' if higher else 'lowest'} pooled {metric}"
     how = how if best else "the last round held" if selector == "latest" else "by number"
+    each = _mapping(_round_entry(summary, server_round).get("hospital_metrics"))
+    hospitals = {str(h): round_metrics({"metrics": m}) for h, m in sorted(each.items())}
     return {
         "card_version": 1,
         "job": job_config.get("job"),
@@ -194,7 +199,7 @@ def build_card(
         "selection": {"selector": selector, "metric": metric if best else None, "how": how},
         "rounds_completed": final.get("rounds_completed", len(by_round) or None),
         "job_status": final.get("status"),
-        "metrics": {"consortium": by_round.get(server_round, {})},
+        "metrics": {"consortium": by_round.get(server_round, {}), "hospitals": hospitals},
         "metrics_per_round": [{"round": r, "metrics": m} for r, m in sorted(by_round.items())],
         "privacy": {
             "target": dict(_mapping(job_config.get("privacy"))) or None,
@@ -227,7 +232,7 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
         "",
         f"- Task: {task.get('name')}" + (f" (fingerprint {digest})" if digest else ""),
         f"- Consortium: {card['consortium'] or '—'}",
-        f"- Secure aggregation: {card['secure_aggregation']}",
+        f"- Secure aggregation: {_num(card['secure_aggregation'])}",
         f"- Round exported: {rnd} of {_num(card['rounds_completed'])} committed (job "
         f"{card['job_status'] or 'status unknown'}); selected {card['selection']['selector']}: "
         f"{card['selection']['how']}",
@@ -269,13 +274,6 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def write_export(out: Path, *, weights: Mapping[str, np.ndarray], card: Mapping[str, Any]) -> Path:
     """Write the export directory ``out`` (missing or empty, else InvalidConfigError).
 
@@ -299,9 +297,12 @@ def write_export(out: Path, *, weights: Mapping[str, np.ndarray], card: Mapping[
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        _write_file(tmp / WEIGHTS_FILE, blob)
-        _write_file(tmp / CARD_JSON, text.encode("utf-8"))
-        _write_file(tmp / CARD_MD, _card_markdown(full).encode("utf-8"))
+        markdown = _card_markdown(full)
+        for name, data in ((WEIGHTS_FILE, blob), (CARD_JSON, text), (CARD_MD, markdown)):
+            with open(tmp / name, "xb") as fh:
+                fh.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
         fsync_dir(tmp)
         try:
             os.replace(tmp, out)  # onto a missing or empty directory: all files at once

@@ -9,8 +9,8 @@ do: a refusal names the role it needs, an unreachable server names the address.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -101,6 +101,8 @@ class JobStatus:
     epsilon_max: float | None
     delta: float | None
     epsilon_budget: float | None
+    final_metrics: Mapping[str, float] = field(default_factory=dict)  # pooled over hospitals
+    task: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class RoundSummary:
     participants: int
     failures: int
     committed_at: str
+    metrics: Mapping[str, float] = field(default_factory=dict)  # pooled over hospitals
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,12 @@ def _fields(cls: type[_T], message: Any, **overrides: Any) -> _T:
 
 
 def _job_status(m: Any) -> JobStatus:
-    return _fields(JobStatus, m, rounds_planned=m.rounds_planned or None)
+    return _fields(
+        JobStatus,
+        m,
+        rounds_planned=m.rounds_planned or None,
+        final_metrics=dict(sorted(m.final_metrics.items())),
+    )
 
 
 class OperatorClient:
@@ -331,7 +339,9 @@ class OperatorClient:
     def rounds(self, job: str = "") -> tuple[RoundSummary, ...]:
         """Every committed round and failed attempt (engineer and above)."""
         m = self._call("ListRounds", admin_pb2.ListRoundsRequest(job=job))
-        return tuple(_fields(RoundSummary, r) for r in m.rounds)
+        return tuple(
+            _fields(RoundSummary, r, metrics=dict(sorted(r.metrics.items()))) for r in m.rounds
+        )
 
     def participants(self, round_number: int, job: str = "") -> RoundParticipants:
         """The hospitals of one round (engineer and above)."""

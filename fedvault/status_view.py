@@ -63,9 +63,15 @@ def _job_table(s: JobStatus) -> Table:
     budget = "" if s.epsilon_budget is None else f" of budget {s.epsilon_budget:g}"
     delta = "" if s.delta is None else f" at δ={s.delta:g}"
     t.add_row("status", status)
+    if s.task:
+        t.add_row("task", s.task)
     t.add_row("rounds", f"{s.rounds_committed} of {planned} committed")
-    t.add_row("final accuracy", _num(s.final_accuracy))
-    t.add_row("final loss", _num(s.final_loss))
+    if s.final_metrics:  # pooled over hospitals: the union of their held-out sets
+        for name, value in s.final_metrics.items():
+            t.add_row(f"final {name}", _num(value))
+    else:
+        t.add_row("final accuracy", _num(s.final_accuracy))
+        t.add_row("final loss", _num(s.final_loss))
     t.add_row("max ε spent", f"{_num(s.epsilon_max, '.3f')}{budget}{delta}")
     return t
 

@@ -24,13 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x11\x66\x65\x64vault.admin.v1\"\x12\n\x10GetAccessRequest\"[\n\x0cMethodAccess\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\rrequired_role\x18\x03 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\"h\n\x11GetAccessResponse\x12\x13\n\x0b\x63ommon_name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x30\n\x07methods\x18\x03 \x03(\x0b\x32\x1f.fedvault.admin.v1.MethodAccess\"\"\n\x13GetJobStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xba\x02\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06paused\x18\x03 \x01(\x08\x12\x18\n\x10rounds_committed\x18\x04 \x01(\r\x12\x16\n\x0erounds_planned\x18\x05 \x01(\r\x12\x1b\n\x0e\x66inal_accuracy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nfinal_loss\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0b\x65psilon_max\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05\x64\x65lta\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x1b\n\x0e\x65psilon_budget\x18\n \x01(\x01H\x04\x88\x01\x01\x42\x11\n\x0f_final_accuracyB\r\n\x0b_final_lossB\x0e\n\x0c_epsilon_maxB\x08\n\x06_deltaB\x11\n\x0f_epsilon_budget\" \n\x11ListRoundsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xf4\x01\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04loss\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\ntrain_loss\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0cparticipants\x18\x08 \x01(\r\x12\x10\n\x08\x66\x61ilures\x18\t \x01(\r\x12\x14\n\x0c\x63ommitted_at\x18\n \x01(\tB\x0b\n\t_accuracyB\x07\n\x05_lossB\r\n\x0b_train_loss\"R\n\x12ListRoundsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12/\n\x06rounds\x18\x02 \x03(\x0b\x32\x1f.fedvault.admin.v1.RoundSummary\"5\n\x17ListParticipantsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\x86\x02\n\x0bParticipant\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x17\n\ntrain_loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x65psilon\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x1a\n\reval_accuracy\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\teval_loss\x18\t \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_train_lossB\n\n\x08_epsilonB\x10\n\x0e_eval_accuracyB\x0c\n\n_eval_loss\"\x93\x01\n\x18ListParticipantsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x14\n\x0cround_status\x18\x04 \x01(\t\x12\x34\n\x0cparticipants\x18\x05 \x03(\x0b\x32\x1e.fedvault.admin.v1.Participant\"&\n\x17GetPrivacyLedgerRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xed\x01\n\x0bLedgerEntry\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\x12\n\x05\x64\x65lta\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x10noise_multiplier\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bsample_rate\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\naccountant\x18\x08 \x01(\tB\x08\n\x06_deltaB\x13\n\x11_noise_multiplierB\x0e\n\x0c_sample_rateB\x08\n\x06_steps\"\x88\x01\n\x18GetPrivacyLedgerResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x1b\n\x0e\x65psilon_budget\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12/\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1e.fedvault.admin.v1.LedgerEntryB\x11\n\x0f_epsilon_budget\"0\n\x12GetAuditLogRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x86\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0b\n\x03job\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65tail_json\x18\x06 \x01(\t\x12\x0c\n\x04hash\x18\x07 \x01(\t\x12\x11\n\tprev_hash\x18\x08 \x01(\t\"\x9b\x01\n\x13GetAuditLogResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.fedvault.admin.v1.AuditEntry\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x14\n\x0c\x63hain_intact\x18\x03 \x01(\x08\x12\x1c\n\x0f\x66irst_broken_id\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x12\n\x10_first_broken_id\"0\n\x11JobControlRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xc2\x06\n\x0fOperatorService\x12V\n\tGetAccess\x12#.fedvault.admin.v1.GetAccessRequest\x1a$.fedvault.admin.v1.GetAccessResponse\x12T\n\x0cGetJobStatus\x12&.fedvault.admin.v1.GetJobStatusRequest\x1a\x1c.fedvault.admin.v1.JobStatus\x12Y\n\nListRounds\x12$.fedvault.admin.v1.ListRoundsRequest\x1a%.fedvault.admin.v1.ListRoundsResponse\x12k\n\x10ListParticipants\x12*.fedvault.admin.v1.ListParticipantsRequest\x1a+.fedvault.admin.v1.ListParticipantsResponse\x12k\n\x10GetPrivacyLedger\x12*.fedvault.admin.v1.GetPrivacyLedgerRequest\x1a+.fedvault.admin.v1.GetPrivacyLedgerResponse\x12\\\n\x0bGetAuditLog\x12%.fedvault.admin.v1.GetAuditLogRequest\x1a&.fedvault.admin.v1.GetAuditLogResponse\x12M\n\x07StopJob\x12$.fedvault.admin.v1.JobControlRequest\x1a\x1c.fedvault.admin.v1.JobStatus\x12N\n\x08PauseJob\x12$.fedvault.admin.v1.JobControlRequest\x1a\x1c.fedvault.admin.v1.JobStatus\x12O\n\tResumeJob\x12$.fedvault.admin.v1.JobControlRequest\x1a\x1c.fedvault.admin.v1.JobStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x11\x66\x65\x64vault.admin.v1\"\x12\n\x10GetAccessRequest\"[\n\x0cMethodAccess\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\rrequired_role\x18\x03 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\"h\n\x11GetAccessResponse\x12\x13\n\x0b\x63ommon_name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x30\n\x07methods\x18\x03 \x03(\x0b\x32\x1f.fedvault.admin.v1.MethodAccess\"\"\n\x13GetJobStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xc4\x03\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06paused\x18\x03 \x01(\x08\x12\x18\n\x10rounds_committed\x18\x04 \x01(\r\x12\x16\n\x0erounds_planned\x18\x05 \x01(\r\x12\x1b\n\x0e\x66inal_accuracy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nfinal_loss\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0b\x65psilon_max\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05\x64\x65lta\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x1b\n\x0e\x65psilon_budget\x18\n \x01(\x01H\x04\x88\x01\x01\x12\x45\n\rfinal_metrics\x18\x0b \x03(\x0b\x32..fedvault.admin.v1.JobStatus.FinalMetricsEntry\x12\x0c\n\x04task\x18\x0c \x01(\t\x1a\x33\n\x11\x46inalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_final_accuracyB\r\n\x0b_final_lossB\x0e\n\x0c_epsilon_maxB\x08\n\x06_deltaB\x11\n\x0f_epsilon_budget\" \n\x11ListRoundsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xe3\x02\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04loss\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\ntrain_loss\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0cparticipants\x18\x08 \x01(\r\x12\x10\n\x08\x66\x61ilures\x18\t \x01(\r\x12\x14\n\x0c\x63ommitted_at\x18\n \x01(\t\x12=\n\x07metrics\x18\x0b \x03(\x0b\x32,.fedvault.admin.v1.RoundSummary.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0b\n\t_accuracyB\x07\n\x05_lossB\r\n\x0b_train_loss\"R\n\x12ListRoundsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12/\n\x06rounds\x18\x02 \x03(\x0b\x32\x1f.fedvault.admin.v1.RoundSummary\"5\n\x17ListParticipantsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\x86\x02\n\x0bParticipant\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x17\n\ntrain_loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x65psilon\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x1a\n\reval_accuracy\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\teval_loss\x18\t \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_train_lossB\n\n\x08_epsilonB\x10\n\x0e_eval_accuracyB\x0c\n\n_eval_loss\"\x93\x01\n\x18ListParticipantsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x14\n\x0cround_status\x18\x04 \x01(\t\x12\x34\n\x0cparticipants\x18\x05 \x03(\x0b\x32\x1e.fedvault.admin.v1.Participant\"&\n\x17GetPrivacyLedgerRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xed\x01\n\x0bLedgerEntry\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\x12\n\x05\x64\x65lta\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x10noise_multiplier\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bsample_rate\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\naccountant\x18\x08 \x01(\tB\x08\n\x06_deltaB\x13\n\x11_noise_multiplierB\x0e\n\x0c_sample_rateB\x08\n\x06_steps\"\x88\x01\n\x18GetPrivacyLedgerResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x1b\n\x0e\x65psilon_budget\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12/\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1e.fedvault.admin.v1.LedgerEntryB\x11\n\x0f_epsilon_budget\"0\n\x12GetAuditLogRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x86\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0b\n\x03job\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65tail_json\x18\x06 \x01(\t\x12\x0c\n\x04hash\x18\x07 \x01(\t\x12\x11\n\tprev_hash\x18\x08 \x01(\t\"\x9b\x01\n\x13GetAuditLogResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.fedvault.admin.v1.AuditEntry\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x14\n\x0c\x63hain_intact\x18\x03 \x01(\x08\x12\x1c\n\x0f\x66irst_broken_id\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x12\n\x10_first_broken_id\"0\n\x11JobControlRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xc2\x06\n\x0fOperatorService\x12V\n\tGetAccess\x12#.fedvault.admin.v1.GetAccessRequest\x1a$.fedvault.admin.v1.GetAccessResponse\x12T\n\x0cGetJobStatus\x12&.fedvault.admin.v1.GetJobStatusRequest\x1a\x1c.fedvault.admin.v1.JobStatus\x12Y\n\nListRounds\x12$.fedvault.admin.v1.ListRoundsRequest\x1a%.fedvault.admin.v1.ListRoundsResponse\x12k\n\x10ListParticipants\x12*.fedvault.admin.v1.ListParticipantsRequest\x1a+.fedvault.admin.v1.ListParticipantsResponse\x12k\n\x10GetPrivacyLedger\x12*.fedvault.admin.v1.GetPrivacyLedgerRequest\x1a+.fedvault.admin.v1.GetPrivacyLedgerResponse\x12\\\n\x0bGetAuditLog\x12%.fedvault.admin.v1.GetAuditLogRequest\x1a&.fedvault.admin.v1.GetAuditLogResponse\x12M\n\x07StopJob\x12$.fedvault.admin.v1.JobControlRequest\x1a\x1c.fedvault.admin.v1.JobStatus\x12N\n\x08PauseJob\x12$.fedvault.admin.v1.JobControlRequest\x1a\x1c.fedvault.admin.v1.JobStatus\x12O\n\tResumeJob\x12$.fedvault.admin.v1.JobControlRequest\x1a\x1c.fedvault.admin.v1.JobStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOBSTATUS_FINALMETRICSENTRY']._loaded_options = None
+  _globals['_JOBSTATUS_FINALMETRICSENTRY']._serialized_options = b'8\001'
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._loaded_options = None
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETACCESSREQUEST']._serialized_start=34
   _globals['_GETACCESSREQUEST']._serialized_end=52
   _globals['_METHODACCESS']._serialized_start=54
@@ -40,33 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJOBSTATUSREQUEST']._serialized_start=253
   _globals['_GETJOBSTATUSREQUEST']._serialized_end=287
   _globals['_JOBSTATUS']._serialized_start=290
-  _globals['_JOBSTATUS']._serialized_end=604
-  _globals['_LISTROUNDSREQUEST']._serialized_start=606
-  _globals['_LISTROUNDSREQUEST']._serialized_end=638
-  _globals['_ROUNDSUMMARY']._serialized_start=641
-  _globals['_ROUNDSUMMARY']._serialized_end=885
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=887
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=969
-  _globals['_LISTPARTICIPANTSREQUEST']._serialized_start=971
-  _globals['_LISTPARTICIPANTSREQUEST']._serialized_end=1024
-  _globals['_PARTICIPANT']._serialized_start=1027
-  _globals['_PARTICIPANT']._serialized_end=1289
-  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_start=1292
-  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_end=1439
-  _globals['_GETPRIVACYLEDGERREQUEST']._serialized_start=1441
-  _globals['_GETPRIVACYLEDGERREQUEST']._serialized_end=1479
-  _globals['_LEDGERENTRY']._serialized_start=1482
-  _globals['_LEDGERENTRY']._serialized_end=1719
-  _globals['_GETPRIVACYLEDGERRESPONSE']._serialized_start=1722
-  _globals['_GETPRIVACYLEDGERRESPONSE']._serialized_end=1858
-  _globals['_GETAUDITLOGREQUEST']._serialized_start=1860
-  _globals['_GETAUDITLOGREQUEST']._serialized_end=1908
-  _globals['_AUDITENTRY']._serialized_start=1911
-  _globals['_AUDITENTRY']._serialized_end=2045
-  _globals['_GETAUDITLOGRESPONSE']._serialized_start=2048
-  _globals['_GETAUDITLOGRESPONSE']._serialized_end=2203
-  _globals['_JOBCONTROLREQUEST']._serialized_start=2205
-  _globals['_JOBCONTROLREQUEST']._serialized_end=2253
-  _globals['_OPERATORSERVICE']._serialized_start=2256
-  _globals['_OPERATORSERVICE']._serialized_end=3090
+  _globals['_JOBSTATUS']._serialized_end=742
+  _globals['_JOBSTATUS_FINALMETRICSENTRY']._serialized_start=612
+  _globals['_JOBSTATUS_FINALMETRICSENTRY']._serialized_end=663
+  _globals['_LISTROUNDSREQUEST']._serialized_start=744
+  _globals['_LISTROUNDSREQUEST']._serialized_end=776
+  _globals['_ROUNDSUMMARY']._serialized_start=779
+  _globals['_ROUNDSUMMARY']._serialized_end=1134
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1051
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1097
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=1136
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=1218
+  _globals['_LISTPARTICIPANTSREQUEST']._serialized_start=1220
+  _globals['_LISTPARTICIPANTSREQUEST']._serialized_end=1273
+  _globals['_PARTICIPANT']._serialized_start=1276
+  _globals['_PARTICIPANT']._serialized_end=1538
+  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_start=1541
+  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_end=1688
+  _globals['_GETPRIVACYLEDGERREQUEST']._serialized_start=1690
+  _globals['_GETPRIVACYLEDGERREQUEST']._serialized_end=1728
+  _globals['_LEDGERENTRY']._serialized_start=1731
+  _globals['_LEDGERENTRY']._serialized_end=1968
+  _globals['_GETPRIVACYLEDGERRESPONSE']._serialized_start=1971
+  _globals['_GETPRIVACYLEDGERRESPONSE']._serialized_end=2107
+  _globals['_GETAUDITLOGREQUEST']._serialized_start=2109
+  _globals['_GETAUDITLOGREQUEST']._serialized_end=2157
+  _globals['_AUDITENTRY']._serialized_start=2160
+  _globals['_AUDITENTRY']._serialized_end=2294
+  _globals['_GETAUDITLOGRESPONSE']._serialized_start=2297
+  _globals['_GETAUDITLOGRESPONSE']._serialized_end=2452
+  _globals['_JOBCONTROLREQUEST']._serialized_start=2454
+  _globals['_JOBCONTROLREQUEST']._serialized_end=2502
+  _globals['_OPERATORSERVICE']._serialized_start=2505
+  _globals['_OPERATORSERVICE']._serialized_end=3339
 # @@protoc_insertion_point(module_scope)

@@ -39,7 +39,14 @@ class GetJobStatusRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job", "status", "paused", "rounds_committed", "rounds_planned", "final_accuracy", "final_loss", "epsilon_max", "delta", "epsilon_budget")
+    __slots__ = ("job", "status", "paused", "rounds_committed", "rounds_planned", "final_accuracy", "final_loss", "epsilon_max", "delta", "epsilon_budget", "final_metrics", "task")
+    class FinalMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     JOB_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +57,8 @@ class JobStatus(_message.Message):
     EPSILON_MAX_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     job: str
     status: str
     paused: bool
@@ -60,7 +69,9 @@ class JobStatus(_message.Message):
     epsilon_max: float
     delta: float
     epsilon_budget: float
-    def __init__(self, job: _Optional[str] = ..., status: _Optional[str] = ..., paused: _Optional[bool] = ..., rounds_committed: _Optional[int] = ..., rounds_planned: _Optional[int] = ..., final_accuracy: _Optional[float] = ..., final_loss: _Optional[float] = ..., epsilon_max: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ...) -> None: ...
+    final_metrics: _containers.ScalarMap[str, float]
+    task: str
+    def __init__(self, job: _Optional[str] = ..., status: _Optional[str] = ..., paused: _Optional[bool] = ..., rounds_committed: _Optional[int] = ..., rounds_planned: _Optional[int] = ..., final_accuracy: _Optional[float] = ..., final_loss: _Optional[float] = ..., epsilon_max: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
     __slots__ = ("job",)
@@ -69,7 +80,14 @@ class ListRoundsRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "attempt", "status", "reason", "accuracy", "loss", "train_loss", "participants", "failures", "committed_at")
+    __slots__ = ("round", "attempt", "status", "reason", "accuracy", "loss", "train_loss", "participants", "failures", "committed_at", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +98,7 @@ class RoundSummary(_message.Message):
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     round: int
     attempt: int
     status: str
@@ -90,7 +109,8 @@ class RoundSummary(_message.Message):
     participants: int
     failures: int
     committed_at: str
-    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., committed_at: _Optional[str] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., participants: _Optional[int] = ..., failures: _Optional[int] = ..., committed_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListRoundsResponse(_message.Message):
     __slots__ = ("job", "rounds")

@@ -15,7 +15,7 @@ runner = CliRunner()
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--example", "mnist"], "unknown example 'mnist'"),
+        (["--example", "mnist"], "unknown task 'mnist'"),
         (["--partition", "dirichlet:x"], "bad partition 'dirichlet:x'"),
         (["--partition", "zipf"], "bad partition 'zipf'"),
         (["--epsilon", "0"], "epsilon"),

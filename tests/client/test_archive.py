@@ -117,10 +117,14 @@ def test_refusals(tmp_path: Path) -> None:
     _put(archive, "j", 1, ModelPayload(envelope=b"x"))
     other = json.dumps({"job": "j", "task": "breast-cancer"})
     with pytest.raises(InvalidConfigError, match="under another configuration"):
-        archive.put_model("j", 2, ModelPayload(envelope=b"y"), job_config=other, task_fingerprint="")
+        archive.put_model(
+            "j", 2, ModelPayload(envelope=b"y"), job_config=other, task_fingerprint=""
+        )
     assert archive.versions("j") == [1]
     # The same configuration, serialised in another key order, is the same job.
     reordered = json.dumps(dict(reversed(list(json.loads(CONFIG).items()))))
-    archive.put_model("j", 2, ModelPayload(envelope=b"y"), job_config=reordered, task_fingerprint="")
+    archive.put_model(
+        "j", 2, ModelPayload(envelope=b"y"), job_config=reordered, task_fingerprint=""
+    )
     assert archive.versions("j") == [1, 2]
     assert archive.job_info("j") == (CONFIG, FINGERPRINT)  # job.json keeps its first text

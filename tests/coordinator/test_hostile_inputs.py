@@ -95,7 +95,7 @@ VALID = ("hospital-1", "hospital-2")  # round 2's valid replies; hospital-3 turn
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 JOB = JobConfig(
     job="hostile-corpus",
-    example="breast-cancer",
+    task="breast-cancer",
     hospitals=3,
     rounds=100,
     privacy=PrivacyConfig(epsilon=3.0, delta=1e-5),
@@ -722,7 +722,7 @@ def _commit(store: RoundStore, job_id: int, number: int, outcome: RoundOutcome) 
             participations=tuple(outcome.participations),
             train_loss=outcome.train_loss,
             audit=tuple(outcome.audit),
-            previous_evaluations=tuple(outcome.evaluations),
+            previous_evaluations=tuple(outcome.evaluations.hospitals),
         ),
     )
 

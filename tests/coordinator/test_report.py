@@ -163,6 +163,8 @@ def test_report_of_a_job_without_rounds(tmp_path: Path) -> None:
         assert report["final"] == {
             "accuracy": None,
             "loss": None,
+            "metrics": {},
+            "hospital_metrics": {},
             "epsilon_max": None,
             "delta": None,
             "rounds_completed": 0,

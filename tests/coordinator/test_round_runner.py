@@ -9,6 +9,7 @@ from fedvault.config import JobConfig
 from fedvault.coordinator.key_ceremony import KeyDirectory
 from fedvault.coordinator.server_app import CoordinatorSettings, _RoundRunner
 from fedvault.examples import get_example
+from fedvault.task_registry import load_task
 
 
 def _settings(tmp_path: Path, **job: object) -> CoordinatorSettings:
@@ -21,7 +22,7 @@ def _settings(tmp_path: Path, **job: object) -> CoordinatorSettings:
     return CoordinatorSettings(
         job=config,
         store_url="sqlite://",
-        build_model=lambda: None,  # type: ignore[arg-type,return-value]
+        task=load_task("breast-cancer"),
         key_directory=KeyDirectory(tmp_path),
         custodian="hospital-a",
     )

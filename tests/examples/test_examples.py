@@ -13,39 +13,48 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from fedvault.examples import (
-    EXAMPLES,
-    Example,
+    BUILT_IN,
     TrainingDefaults,
     breast_cancer,
     custom_model,
     digits,
-    example_spec,
     get_example,
 )
 from fedvault.privacy.errors import InvalidConfigError
+from fedvault.task import Task
+from fedvault.task_registry import describe, installed_tasks, load_task
+
+EXAMPLES = {name: get_example(name) for name in BUILT_IN}
 
 
-def test_registry() -> None:
-    assert list(EXAMPLES) == ["breast-cancer", "digits"]
-    assert get_example("breast-cancer") is breast_cancer.EXAMPLE
-    assert get_example("digits") is digits.EXAMPLE
-    with pytest.raises(TypeError):
-        EXAMPLES["x"] = breast_cancer.EXAMPLE  # type: ignore[index]
+def test_built_ins_are_registered_as_entry_points_like_any_task() -> None:
+    installed = installed_tasks()
+    for name in BUILT_IN:
+        module = "fedvault.examples." + name.replace("-", "_")
+        assert installed[name] == f"{module}:TASK"
+        assert load_task(name).module == module
+    assert get_example("breast-cancer") is breast_cancer.TASK is breast_cancer.EXAMPLE
+    assert get_example("digits") is digits.TASK
+    assert load_task("fedvault.examples.digits:TASK").task is digits.TASK
 
 
-def test_unknown_example() -> None:
-    message = "unknown example 'x': choose one of breast-cancer, digits"
-    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+def test_unknown_task() -> None:
+    with pytest.raises(InvalidConfigError, match=r"^unknown task 'x': installed tasks are "):
         get_example("x")
-    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
-        example_spec("x")
+    with pytest.raises(InvalidConfigError, match="fails to import: module 'no_such_mod'"):
+        load_task("no_such_mod:TASK")
+    with pytest.raises(InvalidConfigError, match=re.escape("is a int, not a fedvault.task.Task")):
+        load_task("fedvault.examples.breast_cancer:NUM_CLASSES")
 
 
-def test_spec_carries_each_examples_own_defaults() -> None:
-    # What a job file is resolved with (no torch) is what the example trains with.
-    for name, example in EXAMPLES.items():
-        spec = example_spec(name)
-        assert (spec.name, spec.defaults) == (example.name, example.defaults)
+def test_description_carries_each_tasks_own_defaults() -> None:
+    # What a job file is resolved with (in a child process, no torch here) is
+    # what the task trains with.
+    spec = describe("breast-cancer")
+    task = EXAMPLES["breast-cancer"]
+    assert (spec.name, spec.defaults, spec.kind) == (task.name, task.defaults, task.kind)
+    with pytest.raises(InvalidConfigError, match="unknown task 'x'"):
+        describe("x")
 
 
 def test_breast_cancer_data() -> None:
@@ -95,11 +104,11 @@ def test_digits_data() -> None:
         (custom_model.TASK, (20,)),
     ],
 )
-def test_models(example: Example, input_shape: tuple[int, ...]) -> None:
+def test_models(example: Task, input_shape: tuple[int, ...]) -> None:
     model = example.build_model()
     ModuleValidator.validate(model, strict=True)
     out = model(torch.zeros(5, *input_shape))
-    assert out.shape == (5, example.num_classes)
+    assert out.shape == (5, example.num_outputs)
     # A fresh model each call: hospitals must not share parameter tensors.
     other = example.build_model()
     assert all(
@@ -115,7 +124,7 @@ def test_digits_model_is_small() -> None:
 
 
 @pytest.mark.parametrize("example", [*EXAMPLES.values(), custom_model.TASK])
-def test_defaults(example: Example) -> None:
+def test_defaults(example: Task) -> None:
     d = example.defaults
     assert isinstance(d, TrainingDefaults)
     assert d.batch_size >= 1 and d.local_epochs >= 1
@@ -138,12 +147,12 @@ class _Pairs(Dataset[tuple[Tensor, int]]):
 def test_labels() -> None:
     example = breast_cancer.EXAMPLE
     train, _ = example.load_data(0)
-    labels = example.labels(train)
+    labels = example.targets(train)
     assert labels.dtype == np.int64 and labels.shape == (455,)
     np.testing.assert_array_equal(labels, train.tensors[1].numpy())  # type: ignore[attr-defined]
     subset: Dataset[Any] = Subset(train, [4, 0, 7])
-    np.testing.assert_array_equal(example.labels(subset), labels[[4, 0, 7]])
-    np.testing.assert_array_equal(example.labels(_Pairs([2, 0, 1])), [2, 0, 1])
+    np.testing.assert_array_equal(example.targets(subset), labels[[4, 0, 7]])
+    np.testing.assert_array_equal(example.targets(_Pairs([2, 0, 1])), [2, 0, 1])
 
 
 def test_custom_dataset() -> None:
@@ -151,6 +160,6 @@ def test_custom_dataset() -> None:
     assert len(train) == 1500 and len(test) == 500  # type: ignore[arg-type]
     x, y = train[0]
     assert x.shape == (20,) and x.dtype == torch.float32 and y.dtype == torch.int64
-    labels = custom_model.TASK.labels(train)
+    labels = custom_model.TASK.targets(train)
     assert labels.shape == (1500,) and set(labels.tolist()) == {0, 1, 2}
     np.testing.assert_array_equal(labels[:3], [int(train[i][1]) for i in range(3)])

@@ -202,12 +202,12 @@ def run_ours(
     from fedvault.coordinator.records import RoundView
     from fedvault.coordinator.server_app import CoordinatorSettings, run_job
     from fedvault.coordinator.store import RoundStore, sqlite_url
-    from fedvault.task_registry import load_task
     from fedvault.coordinator.strategy import SecureFedAvg
-    from fedvault.examples.digits import EXAMPLE, build_model
+    from fedvault.examples.digits import EXAMPLE
     from fedvault.messages import EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
     from fedvault.privacy.dp import AccountantState
     from fedvault.privacy.he_context import HeContext
+    from fedvault.task_registry import load_task
 
     job = JobConfig.for_example(
         EXAMPLE,

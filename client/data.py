@@ -292,9 +292,7 @@ def load_hospital_data(spec: DataSpec, *, regression: bool = False) -> HospitalD
     return HospitalData(train, test, num_features, spec.labels, summary)
 
 
-def _from_datasets(
-    spec: DataSpec, source: str, result: Any, *, regression: bool
-) -> HospitalData:
+def _from_datasets(spec: DataSpec, source: str, result: Any, *, regression: bool) -> HospitalData:
     """Validate data sets a task built itself from the spec, like an entry point's."""
     if not regression and not spec.labels:
         raise DataError(
@@ -390,8 +388,10 @@ def write_csv_partition(
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow([*feature_names, label])
+        integer = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)
         for row, lab in zip(x.tolist(), y.tolist(), strict=True):
-            writer.writerow([*map(repr, row), int(lab)])
+            # Class indices as integers; a regression's targets as exact floats.
+            writer.writerow([*map(repr, row), int(lab) if integer else repr(float(lab))])
 
 
 def write_spec(path: Path, **fields: Any) -> Path:

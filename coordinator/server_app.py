@@ -338,7 +338,9 @@ class _RoundRunner:
             messages.append(msg)
         replies = self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s)
         kept = sum(1 for r in replies if not r.has_error())
-        log.info("job %s: final summary handed to %d of %d hospitals", self.job.job, kept, len(nodes))
+        log.info(
+            "job %s: final summary handed to %d of %d hospitals", self.job.job, kept, len(nodes)
+        )
 
 
 def run_job(

@@ -79,11 +79,11 @@ def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> No
         return "n/a" if value is None else format(value, fmt)
 
     shown = final.get("metrics") or {"accuracy": final.get("accuracy")}
-    metrics = "   ".join(
-        f"[bold]{k}[/bold] {num(v, '.4f')}" for k, v in sorted(shown.items()) if k != "loss"
-    )
+    order = sorted(k for k in shown if k != "loss")
+    order.sort(key=lambda k: k != "accuracy")  # the familiar one first
+    values = "   ".join(f"[bold]{k}[/bold] {num(shown[k], '.4f')}" for k in order)
     console.print(
-        f"{metrics}   "
+        f"[bold]final[/bold] {values}   "
         f"[bold]max ε[/bold] {num(final.get('epsilon_max'), '.3f')} "
         f"at δ={num(final.get('delta'), 'g')}   "
         f"[bold]rounds[/bold] {final['rounds_completed']}   status {final['status']}"

@@ -153,7 +153,8 @@ class JobConfig:
         )
         _require(
             isinstance(self.best_metric, str) and bool(re.fullmatch(r"\w{1,64}", self.best_metric)),
-            f"best_metric must be a metric name such as 'auroc' or 'rmse' (got {self.best_metric!r})",
+            "best_metric must be a metric name such as 'auroc' or 'rmse' "
+            f"(got {self.best_metric!r})",
         )
         _require(
             _is_int(self.hospitals) and self.hospitals >= 1,

@@ -101,13 +101,12 @@ def prepare_consortium(
 ) -> dict[str, Path]:
     """Kits, per-hospital data (with each hospital's site policy, ``data/NAME/policy.toml``)
     and the job file under ``work``; returns their paths."""
-    from fedvault.examples import get_example
+    from fedvault.examples.breast_cancer import load_data
     from fedvault.partition import Partition, partition_indices
 
     names = [f"hospital-{i + 1}" for i in range(hospitals)]
     provision_loopback(work, "demo-consortium", names, {"operator": "admin", "visitor": "guest"})
-    example = get_example("breast-cancer")
-    train, test = example.load_data(seed)
+    train, test = load_data(seed)
     x_train, y_train = (t.numpy() for t in train.tensors)  # type: ignore[attr-defined]
     x_test, y_test = (t.numpy() for t in test.tensors)  # type: ignore[attr-defined]
     iid = Partition(kind="iid")

@@ -68,6 +68,61 @@ def test_report_contract(run_dir: Path) -> None:
     assert report["final"]["status"] == "finished"
     assert (run_dir / "report.png").stat().st_size > 10_000
     assert "final accuracy" in (run_dir / "stdout.txt").read_text()
+    final = report["final"]["metrics"]
+    assert final["accuracy"] == report["final"]["accuracy"]
+    assert {"auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"} <= set(final)
+    assert set(report["final"]["hospital_metrics"]) == names
+
+
+def test_simulate_exports_the_final_model_and_it_reproduces_the_pooled_metrics(
+    run_dir: Path,
+) -> None:
+    from safetensors.torch import load_file
+
+    from fedvault.client.training import evaluate
+    from fedvault.examples.breast_cancer import TASK
+
+    report = json.loads((run_dir / "report.json").read_text())
+    card = json.loads((run_dir / "model" / "model-card.json").read_text())
+    assert json.dumps(card).count("hospital-1") >= 1
+    model = TASK.build_model()
+    model.load_state_dict(load_file(str(run_dir / "model" / "model.safetensors")))
+    assert TASK.load_data is not None
+    _, test = TASK.load_data(1)  # --seed 1; the hospitals' test parts are all of it
+    again = evaluate(model, test, task=TASK, device=__import__("torch").device("cpu"))
+    pooled = report["final"]["metrics"]
+    for name in ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "loss"):
+        assert again.metrics[name] == pytest.approx(pooled[name], abs=1e-6), name
+    # Pooled AUROC comes from 1,000-bin histograms: the exact one is within a bin.
+    assert again.metrics["auroc"] == pytest.approx(pooled["auroc"], abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("task", "rounds", "expected"),
+    [
+        ("diabetes", 2, {"mae", "rmse", "r2", "loss"}),
+        ("imaging", 1, {"accuracy", "balanced_accuracy", "auroc_macro", "f1_macro", "loss"}),
+    ],
+)
+def test_regression_and_imaging_tasks_simulate_with_their_metrics(
+    task: str, rounds: int, expected: set[str], tmp_path: Path
+) -> None:
+    cmd = [
+        sys.executable, "-m", "fedvault", "simulate", "--example", task,
+        "--hospitals", "2", "--rounds", str(rounds), "--out", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["final"]["status"] == "finished"
+    assert set(report["final"]["metrics"]) == expected
+    assert all(
+        set(m) >= expected - {"auroc_macro"} for m in report["final"]["hospital_metrics"].values()
+    )
+    if task == "diabetes":
+        assert report["final"]["accuracy"] is None  # no accuracy for a regression
+    assert (tmp_path / "model" / "model.safetensors").stat().st_size > 0
 
 
 def test_epsilon_rederived_from_reported_dp_parameters(run_dir: Path) -> None:

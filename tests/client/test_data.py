@@ -461,3 +461,61 @@ def test_validate_against_model(tmp_path: Path) -> None:
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2))
     with pytest.raises(DataError, match=r"data of shape \(3,\)"):
         validate_against_model(data, conv)
+
+
+# --- tasks: regression targets, a task's own reader --------------------------------------
+
+
+def test_regression_targets_are_read_as_floats_without_a_label_set(tmp_path: Path) -> None:
+    from fedvault.client.data import load_task_data
+    from fedvault.examples.diabetes import TASK as DIABETES
+
+    x, _ = _records()
+    y = np.linspace(-2.5, 3.25, len(x))
+    write_csv_partition(tmp_path / "train.csv", x, y, feature_names=NAMES, label="progression")
+    spec = DataSpec.load(
+        write_spec(
+            tmp_path / "spec.toml",
+            format="csv",
+            train="train.csv",
+            label="progression",
+            features=NAMES,
+            min_records=20,
+        )
+    )
+    data = load_task_data(DIABETES, spec)
+    _, targets = _xy(data.train)
+    assert targets.dtype == torch.float32 and data.labels == ()
+    held = len(data.test)  # type: ignore[arg-type]
+    assert held == 20 and len(data.train) == 80  # type: ignore[arg-type]
+    everything = np.sort(np.concatenate([targets.numpy(), _xy(data.test)[1].numpy()]))
+    np.testing.assert_allclose(everything, np.sort(y).astype(np.float32))
+    assert "targets in [" in data.summary
+    # The same spec for a classification task: it needs its labels declared.
+    from fedvault.examples.breast_cancer import TASK as BREAST
+
+    with pytest.raises(DataError, match="declares no labels"):
+        load_task_data(BREAST, spec)
+
+
+def test_a_tasks_own_reader_is_checked_like_an_entry_point(tmp_path: Path) -> None:
+    import dataclasses
+
+    from fedvault.client.data import load_task_data
+    from fedvault.examples.breast_cancer import TASK as BREAST
+
+    spec = _csv_spec(tmp_path, *_records())
+
+    def images(_spec: DataSpec) -> tuple[Any, Any]:
+        x = torch.zeros(30, 1, 4, 4)
+        y = torch.tensor([0, 1] * 15)
+        return torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(x, y)
+
+    data = load_task_data(dataclasses.replace(BREAST, site_data=images), spec)
+    assert data.num_features == (1, 4, 4) and len(data.train) == 30  # type: ignore[arg-type]
+
+    def broken(_spec: DataSpec) -> tuple[Any, Any]:
+        raise KeyError("scan_id")
+
+    with pytest.raises(DataError, match="could not read the data spec.*KeyError"):
+        load_task_data(dataclasses.replace(BREAST, site_data=broken), spec)

@@ -51,3 +51,43 @@ def test_missing_or_broken_files_say_so(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("[job\n")
     with pytest.raises(InvalidConfigError, match="not valid TOML"):
         load_job_file(tmp_path / "bad.toml")
+
+
+def test_the_job_names_its_task_and_the_task_supplies_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text('[job]\nname = "j"\ntask = "digits"\nhospitals = 2\nrounds = 1\n')
+    job = load_job_file(path)
+    from fedvault.examples.digits import TASK
+
+    assert job.task == "digits" and job.training.batch_size == TASK.defaults.batch_size
+    assert job.best_metric == TASK.best_metric == "balanced_accuracy"
+    path.write_text(
+        '[job]\nname = "j"\ntask = "fedvault.examples.digits:TASK"\nhospitals = 2\nrounds = 1\n'
+        'best_metric = "accuracy"\n'
+    )
+    job = load_job_file(path)
+    assert (job.task, job.best_metric) == ("fedvault.examples.digits:TASK", "accuracy")
+
+
+@pytest.mark.parametrize(
+    ("job", "match"),
+    [
+        ('task = "nope"\n', "unknown task 'nope': installed tasks are"),
+        ('task = "no_such_module:TASK"\n', "fails to import"),
+        ('task = "digits"\nexample = "digits"\n', "either task or example"),
+        ("", "needs task"),
+    ],
+)
+def test_a_bad_task_is_refused_with_the_reason(tmp_path: Path, job: str, match: str) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(f'[job]\nname = "j"\n{job}hospitals = 2\nrounds = 1\n')
+    with pytest.raises(InvalidConfigError, match=match):
+        load_job_file(path)
+
+
+def test_jobs_stored_before_tasks_still_read() -> None:
+    stored = JobConfig.for_task(
+        __import__("fedvault.examples.digits", fromlist=["TASK"]).TASK, hospitals=2, rounds=1
+    ).to_dict()
+    stored["example"] = stored.pop("task")
+    assert JobConfig.from_dict(stored).task == "digits"

@@ -32,11 +32,13 @@ from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlit
 from fedvault.coordinator.superlink import ControlApiError, SuperLinkConfig, SuperLinkProcess
 from fedvault.flower_env import free_port
 from fedvault.kit import Kit, KitKind
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError
+from fedvault.privacy.errors import FedvaultError, InvalidConfigError, TaskMismatchError
+from fedvault.task_registry import describe
 
 __all__ = [
     "RUN_CONFIG_KEYS",
     "CoordinatorOptions",
+    "check_task_unchanged",
     "enrol_nodes",
     "load_job_file",
     "run_coordinator",
@@ -93,8 +95,6 @@ def load_job_file(path: Path) -> JobConfig:
     the task itself, read in a child process (:func:`fedvault.task_registry.describe`)
     so this supervisor never loads torch.
     """
-    from fedvault.task_registry import describe
-
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -130,6 +130,27 @@ class CoordinatorOptions:
     store_url: str | None = None
     max_resubmits: int = 5
     poll_s: float = 3.0
+
+
+def check_task_unchanged(store: RoundStore, job_id: int, fingerprint_json: str) -> None:
+    """Refuse to resume a job with other task code than it started with.
+
+    The ServerApp records the task's fingerprint when the job starts; a
+    coordinator that was upgraded (or patched) in between would otherwise
+    average the old rounds' model into a different architecture or code.
+    """
+    from fedvault.fingerprint import TaskFingerprint
+
+    ours = TaskFingerprint.from_json(fingerprint_json)
+    started = [e for e in store.audit_events(job_id) if e.kind == "job_started"]
+    recorded = started[0].detail.get("task_fingerprint") if started else None
+    if isinstance(recorded, str) and recorded and recorded != ours.digest:
+        version = started[0].detail.get("task_version") or "?"
+        raise TaskMismatchError(
+            f"job {started[0].job!r} started with task fingerprint {recorded} (version "
+            f"{version}); this coordinator's task is {ours.describe()}, {ours.digest}. "
+            "Reinstall the version the job started with, or start a new job"
+        )
 
 
 def enrol_nodes(link: SuperLinkProcess, keys: Mapping[str, Path], store: RoundStore) -> None:
@@ -178,7 +199,8 @@ def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = 
     store_url = opts.store_url or sqlite_url(state / DEFAULT_STORE_FILENAME)
     at_rest_key = kit.at_rest_key()
     with RoundStore(store_url, at_rest_key=at_rest_key) as store:
-        store.open_job(job.job, job.to_dict())  # refuses a conflicting job up front
+        job_row = store.open_job(job.job, job.to_dict())  # refuses a conflicting job up front
+        check_task_unchanged(store, job_row.id, describe(job.task).fingerprint_json)
         store.append_audit(
             AuditEvent(kind="coordinator_started", actor="coordinator", detail={"job": job.job})
         )

@@ -148,7 +148,9 @@ def emulate_job(
     privacy = PrivacyConfig(epsilon=epsilon, delta=delta, max_grad_norm=defaults.max_grad_norm)
     batches = [min(defaults.batch_size, n) for n in sizes]
     plans = [
-        plan_dp(privacy, num_samples=n, batch_size=b, local_epochs=defaults.local_epochs, rounds=rounds)
+        plan_dp(
+            privacy, num_samples=n, batch_size=b, local_epochs=defaults.local_epochs, rounds=rounds
+        )
         for n, b in zip(sizes, batches, strict=True)
     ]
     states = [AccountantState("prv") for _ in shards]

@@ -35,20 +35,34 @@ def _fail(exc: FedvaultError) -> None:
     raise typer.Exit(code=2)
 
 
+#: The metrics a summary table shows per round, most familiar first (the final line and
+#: report.json have them all), with short column headings.
+_TABLE_METRICS = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "bal. acc",
+    "auroc": "auroc",
+    "auroc_macro": "auroc",
+    "f1": "f1",
+    "f1_macro": "f1",
+    "rmse": "rmse",
+    "mae": "mae",
+    "r2": "r²",
+}
+
+
 def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> None:
     """The readable end of a run: per-round pooled metrics, per-hospital privacy spend."""
-    names = sorted({k for r in report["rounds"] for k in r.get("metrics", {})} - {"loss"})
-    if not names and any(r.get("accuracy") is not None for r in report["rounds"]):
-        names = ["accuracy"]
+    present = {k for r in report["rounds"] for k in r.get("metrics", {})}
+    if not present and any(r.get("accuracy") is not None for r in report["rounds"]):
+        present = {"accuracy"}
+    names = [k for k in _TABLE_METRICS if k in present][:3]
     rounds = Table(title="Rounds (test metrics pooled over hospitals)", show_lines=False)
-    for col in ("round", *names, "loss", "max ε", "participants", "bytes received"):
+    for col in ("round", *(_TABLE_METRICS[n] for n in names), "loss", "max ε", "participants"):
         rounds.add_column(col, justify="right")
+    rounds.add_column("bytes received", justify="right")
     for r in report["rounds"]:
         eps = max(r["epsilon"].values(), default=0.0)
-        metrics = {
-            **({"accuracy": r["accuracy"]} if "accuracy" in r else {}),
-            **r.get("metrics", {}),
-        }
+        metrics = {"accuracy": r.get("accuracy"), **r.get("metrics", {})}
         loss = r["loss"] if r.get("loss") is not None else metrics.get("loss")
         rounds.add_row(
             str(r["round"]),

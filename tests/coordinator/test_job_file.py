@@ -91,3 +91,28 @@ def test_jobs_stored_before_tasks_still_read() -> None:
     ).to_dict()
     stored["example"] = stored.pop("task")
     assert JobConfig.from_dict(stored).task == "digits"
+
+
+def test_a_job_does_not_resume_with_other_task_code() -> None:
+    from fedvault.coordinator.daemon import check_task_unchanged
+    from fedvault.coordinator.records import AuditEvent
+    from fedvault.coordinator.store import RoundStore
+    from fedvault.privacy.errors import TaskMismatchError
+    from fedvault.task_registry import describe
+
+    ours = describe("digits").fingerprint_json
+    from fedvault.fingerprint import TaskFingerprint
+
+    digest = TaskFingerprint.from_json(ours).digest
+    with RoundStore("sqlite://") as store:
+        job = store.open_job("j", {"rounds": 1})
+        check_task_unchanged(store, job.id, ours)  # not started yet: nothing to compare
+        started = {"task_fingerprint": "sha256:" + "0" * 64, "task_version": "0.0.9"}
+        store.append_audit(AuditEvent(kind="job_started", actor="c", detail=started), job_id=job.id)
+        with pytest.raises(TaskMismatchError, match=r"started with task fingerprint sha256:0+ "):
+            check_task_unchanged(store, job.id, ours)
+    with RoundStore("sqlite://") as store:
+        job = store.open_job("j", {"rounds": 1})
+        same = {"task_fingerprint": digest, "task_version": ""}
+        store.append_audit(AuditEvent(kind="job_started", actor="c", detail=same), job_id=job.id)
+        check_task_unchanged(store, job.id, ours)

@@ -59,7 +59,7 @@ def test_diabetes_data() -> None:
     # The scaling can be undone: back to progression scores (25 to 346).
     assert test.target_mean == train.target_mean  # type: ignore[attr-defined]
     units = y_test.double() * test.target_std + test.target_mean  # type: ignore[attr-defined]
-    assert 25 - 1e-3 <= units.min().item() and units.max().item() <= 346 + 1e-3
+    assert units.min().item() >= 25 - 1e-3 and units.max().item() <= 346 + 1e-3
 
 
 def test_diabetes_split_depends_on_seed() -> None:
@@ -167,6 +167,4 @@ def _check_model(task: Task, input_shape: tuple[int, ...], weights: tuple[int, i
     task.criterion()(private.module(x), y).backward()
     private.optimizer.step()
     assert private.state().steps == 1
-    assert all(
-        not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True)
-    )
+    assert all(not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))

@@ -402,7 +402,12 @@ def test_each_round_committed_exactly_once(runs: Runs) -> None:
     committed = [e.detail["round"] for e in a.audit if e.kind == "round.committed"]
     assert committed == list(range(1, ROUNDS + 1))
     resumed = [e.detail for e in a.audit if e.kind == "job_resumed"]
-    assert resumed == [{"after_round": 2, "mode": "he"}]
+    assert [{k: d[k] for k in ("after_round", "mode")} for d in resumed] == [
+        {"after_round": 2, "mode": "he"}
+    ]
+    started = [e.detail for e in a.audit if e.kind == "job_started"]
+    # The restart runs the very task the job started with (same fingerprint).
+    assert resumed[0]["task_fingerprint"] == started[0]["task_fingerprint"]
     assert a.audit_broken_at is None
 
 

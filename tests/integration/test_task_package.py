@@ -299,7 +299,7 @@ def test_a_hospital_exports_the_model_and_it_reproduces_its_metrics(
 
     report = json.loads((d.root / "coordinator" / "report.json").read_text())
     reported = report["final"]["hospital_metrics"]["hospital-1"]
-    assert card["round"] == ROUNDS if "round" in card else True
+    assert card["round"] == ROUNDS
     assert accuracy_score(labels.numpy(), (probs >= 0.5).astype(np.int64)) == pytest.approx(
         reported["accuracy"], abs=1e-6
     )
@@ -310,6 +310,27 @@ def test_a_hospital_exports_the_model_and_it_reproduces_its_metrics(
     again = evaluate(model, data.test, task=task, device=torch.device("cpu"))
     for name, value in reported.items():
         assert again.metrics[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_model_versions_are_listed_and_best_follows_the_jobs_metric(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    hospital = ("--kit", str(d.kits / "hospitals" / "hospital-1"))
+    listed = _fedvault("model", "list", *hospital, "--state", str(d.state["hospital-1"]), env=d.env)
+    assert listed.returncode == 0, listed.stderr
+    assert JOB in listed.stdout and "auroc" in listed.stdout, listed.stdout
+    best = _fedvault(
+        "model", "export", *hospital, "--state", str(d.state["hospital-1"]), "--job", JOB,
+        "--round", "best", "--out", str(d.root / "best"), env=d.env,
+    )  # fmt: skip
+    assert best.returncode == 0, best.stderr
+    report = json.loads((d.root / "coordinator" / "report.json").read_text())
+    assert report["config"]["best_metric"] == "auroc"  # the binary task's default
+    by_round = {r["round"]: r["metrics"]["auroc"] for r in report["rounds"]}
+    top = max(by_round.values())
+    card = json.loads((d.root / "best" / "model-card.json").read_text())
+    assert by_round[card["round"]] == top, (card["round"], by_round)
 
 
 def test_export_errors_are_one_line_with_exit_code_2(deployment: Deployment) -> None:

@@ -180,7 +180,8 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
             delta=job.privacy.delta,
         )
         model = site.build_model()
-        set_weights(model, _global_model(site, instr))
+        shared = site.task.shared_names(model)
+        set_weights(model, _global_model(site, instr), shared)
         _archive(site, instr, instr.server_round - 1)
         eval_accuracy, eval_loss, eval_samples, evaluation = 0.0, 0.0, 0, ""
         if instr.server_round > 1:  # the previous round's aggregate, on held-out data
@@ -206,7 +207,7 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         )
     finally:
         ledger.close()
-    weights = get_weights(model)
+    weights = get_weights(model, shared)
     if job.secure_aggregation is SecureAggregation.HE:
         update = ModelPayload(
             envelope=encrypt_update(
@@ -334,7 +335,7 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
             finally:
                 ledger.close()
             model = site.build_model()
-            set_weights(model, _global_model(site, instr))
+            set_weights(model, _global_model(site, instr), site.task.shared_names(model))
             _archive(site, instr, instr.server_round)
             accuracy, loss, seen, evaluation = _evaluation(site, model)
             reply = EvalReply(

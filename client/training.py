@@ -8,7 +8,7 @@ rest on the encryption alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,14 +42,24 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's state as named numpy arrays (the order is the state dict's)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+def get_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The model's state as named numpy arrays (the order is the state dict's);
+    ``names``: only those (the tensors a task shares, see ``Task.shared_names``)."""
+    state = model.state_dict()
+    keep = state.keys() if names is None else names
+    return {k: state[k].detach().cpu().numpy().copy() for k in keep}
 
 
-def set_weights(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Load named arrays, refusing any mismatch in names or shapes."""
-    expected = model.state_dict()
+def set_weights(
+    model: nn.Module, arrays: Mapping[str, np.ndarray], names: Sequence[str] | None = None
+) -> None:
+    """Load named arrays, refusing any mismatch in names or shapes.
+
+    ``names``: the tensors ``arrays`` must hold exactly (a task that shares only
+    its trainable parameters); the model keeps its own values of the rest.
+    """
+    full = model.state_dict()
+    expected = full if names is None else {k: full[k] for k in names}
     if set(arrays) != set(expected):
         missing = sorted(set(expected) - set(arrays))
         extra = sorted(set(arrays) - set(expected))
@@ -65,7 +75,7 @@ def set_weights(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
                 f"global model tensor {name!r} has shape {value.shape}, expected {tuple(ref.shape)}"
             )
         state[name] = torch.as_tensor(value, dtype=ref.dtype)
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=names is None)
 
 
 def train_private(

@@ -123,8 +123,10 @@ def _initial_model(
 ) -> ModelPayload:
     """The seeded initial model; in ``he`` mode encrypted under the public key."""
     torch.manual_seed(settings.job.seed)
-    model = settings.task.task.build_model()
-    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    task = settings.task.task
+    model = task.build_model()
+    state = model.state_dict()  # only what the task shares travels (adapters, say)
+    weights = {k: state[k].detach().cpu().numpy() for k in task.shared_names(model)}
     if settings.job.secure_aggregation is SecureAggregation.HE:
         assert public is not None
         return ModelPayload(

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError, TaskMismatchError
 
@@ -36,7 +36,7 @@ __all__ = ["ArchitectureEntry", "TaskFingerprint", "code_identity", "fingerprint
 ArchitectureEntry = tuple[str, tuple[int, ...], str]
 _Arch = tuple[ArchitectureEntry, ...]
 
-_FIELDS = ("task", "distribution", "version", "code_sha256", "architecture")
+_FIELDS = ("task", "distribution", "version", "code_sha256", "architecture", "frozen_sha256")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SEED = 0  # models are built under a fixed seed, so the architecture never depends on RNG state
 
@@ -65,6 +65,11 @@ class TaskFingerprint:
     architecture
         ``(name, shape, dtype)`` per ``state_dict`` entry: identical code on
         another torch may still build another model, and weights must align.
+    frozen_sha256
+        For a task whose trainable parameters alone travel (``Task.shared ==
+        "trainable"``: adapters on a pretrained model), hex SHA-256 of the
+        frozen tensors' values, which every party loads itself (the base
+        model's weights may come from another package); ``""`` otherwise.
     """
 
     task: str
@@ -72,6 +77,7 @@ class TaskFingerprint:
     version: str
     code_sha256: str
     architecture: tuple[ArchitectureEntry, ...]
+    frozen_sha256: str = ""
 
     @property
     def architecture_sha256(self) -> str:
@@ -113,6 +119,8 @@ class TaskFingerprint:
             raise _fail("field 'task' is empty")
         if not _HEX64.fullmatch(obj["code_sha256"]):
             raise _fail("field 'code_sha256' is not 64 lowercase hex digits")
+        if obj["frozen_sha256"] and not _HEX64.fullmatch(obj["frozen_sha256"]):
+            raise _fail("field 'frozen_sha256' is neither empty nor 64 lowercase hex digits")
         arch = _parse_architecture(obj.pop("architecture"))
         return cls(**obj, architecture=arch)
 
@@ -150,6 +158,11 @@ class TaskFingerprint:
         if self.architecture != ours.architecture:
             first = _first_difference(self.architecture, ours.architecture)
             diffs.append(f"architecture: {first} ({tl} vs {ol})")
+        if self.frozen_sha256 != ours.frozen_sha256:
+            diffs.append(
+                f"frozen (pretrained) weights sha256: {tl} {self.frozen_sha256 or '(none)'} vs "
+                f"{ol} {ours.frozen_sha256 or '(none)'}"
+            )
         if not diffs:
             return
         same = self.distribution if self.distribution == ours.distribution else ""
@@ -329,10 +342,28 @@ def fingerprint_task(task: Task, module: str) -> TaskFingerprint:
         The module cannot be found, or ``build_model`` returns no ``nn.Module``.
     """
     distribution, version, code = code_identity(module)
-    return TaskFingerprint(task.name, distribution, version, code, _architecture(task))
+    architecture, frozen = _architecture(task)
+    return TaskFingerprint(task.name, distribution, version, code, architecture, frozen)
 
 
-def _architecture(task: Task) -> _Arch:
+def _frozen_sha256(task: Task, model: Any) -> str:
+    """SHA-256 over the names and bytes of the tensors that do not travel ("" if all do)."""
+    import numpy as np
+
+    if task.shared != "trainable":
+        return ""
+    shared = set(task.shared_names(model))
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        if name in shared:
+            continue
+        array = np.ascontiguousarray(value.detach().cpu().numpy())
+        h.update(f"{name}\0{array.dtype.str}\0{array.shape}\n".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _architecture(task: Task) -> tuple[_Arch, str]:
     import numpy as np
     import torch
 
@@ -360,4 +391,4 @@ def _architecture(task: Task) -> _Arch:
             entries.append((name, shape, dtype))
         else:  # a module's extra state: no shape, but its type must still agree
             entries.append((name, (), type(value).__name__))
-    return tuple(entries)
+    return tuple(entries), _frozen_sha256(task, model)

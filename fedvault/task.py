@@ -116,6 +116,13 @@ class Task:
     validation_metric
         The metric ``--round best`` picks by, unless the job names another;
         ``""``: :data:`METRIC_DEFAULTS` for the kind.
+    shared
+        What travels and is aggregated: ``"all"`` (every tensor of the state
+        dict) or ``"trainable"`` (only parameters that require gradients:
+        adapters and a head on a frozen pretrained model). The frozen rest
+        never leaves a party: each rebuilds it with ``build_model``, and the
+        task fingerprint carries a hash of its values, so every party must load
+        the same pretrained weights.
     description
         One line for listings.
     """
@@ -130,6 +137,7 @@ class Task:
     loss: Callable[[Tensor, Tensor], Tensor] | None = None
     metrics: Mapping[str, MetricFn] = field(default_factory=dict)
     validation_metric: str = ""
+    shared: Literal["all", "trainable"] = "all"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -154,6 +162,10 @@ class Task:
             )
         if not isinstance(self.defaults, TrainingDefaults):
             raise InvalidConfigError(f"task {self.name!r}: defaults must be a TrainingDefaults")
+        if self.shared not in ("all", "trainable"):
+            raise InvalidConfigError(
+                f"task {self.name!r}: shared must be 'all' or 'trainable' (got {self.shared!r})"
+            )
 
     @property
     def is_classification(self) -> bool:
@@ -168,6 +180,19 @@ class Task:
     def best_metric(self) -> str:
         """The metric ``--round best`` uses by default."""
         return self.validation_metric or METRIC_DEFAULTS[self.kind]
+
+    def shared_names(self, model: nn.Module) -> list[str]:
+        """State-dict names of the tensors that travel, in state-dict order."""
+        names = list(model.state_dict())
+        if self.shared == "all":
+            return names
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise InvalidConfigError(
+                f"task {self.name!r} shares only trainable parameters, but its model has "
+                "none (every parameter has requires_grad=False)"
+            )
+        return [name for name in names if name in trainable]
 
     def criterion(self) -> Callable[[Tensor, Tensor], Tensor]:
         """The training loss, mean over a batch (what DP-SGD clips per sample)."""

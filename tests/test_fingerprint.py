@@ -194,6 +194,7 @@ def _json(**changes: object) -> str:
         "version": "0.1.0",
         "code_sha256": "0" * 64,
         "architecture": [["weight", [2, 3], "float32"], ["bias", [2], "float32"]],
+        "frozen_sha256": "",
     }
     obj.update(changes)
     return json.dumps({k: v for k, v in obj.items() if v is not ...})

@@ -170,6 +170,17 @@ def _enrolled_nodes(store: RoundStore | None) -> dict[int, str] | None:
     return enrolled or None
 
 
+#: Replies pulled from the SuperLink per request: the most updates the ServerApp
+#: holds at once, whatever the size of the consortium.
+_PULL_BATCH = 4
+#: Seconds between polls while no reply has arrived (Flower's own loop waits 3 s).
+_POLL_S = 1.0
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def _wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while (connected := len(list(grid.get_node_ids()))) < needed:
@@ -242,8 +253,15 @@ class _RoundRunner:
     def _name(self, node: int) -> str:
         return self.known.get(node, f"node-{node}")
 
-    def _send_and_receive(self, messages: list[Message]) -> tuple[list[Message], dict[int, str]]:
-        """Replies that came in time, and why each other addressed node gave none.
+    def _exchange(
+        self, messages: list[Message], on_reply: Callable[[Message], None]
+    ) -> dict[int, str]:
+        """Send ``messages``; hand each good reply to ``on_reply`` as it arrives;
+        return why each other addressed node gave none.
+
+        Replies are pulled a few at a time and handed on at once, never
+        collected: the ServerApp holds at most :data:`_PULL_BATCH` updates,
+        however many hospitals the consortium has.
 
         Every instruction lives only as long as the round waits for it (its
         TTL): the SuperLink then refuses a straggler's late reply, and a hospital
@@ -255,29 +273,51 @@ class _RoundRunner:
         timeout = self.job.round_timeout_s
         for msg in messages:
             msg.metadata.ttl = timeout
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        ids = list(self.grid.push_messages(messages))
+        # Pushing gives each message its id; a message the SuperLink did not queue has none.
         addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        answered: list[Message] = []
-        missing: dict[int, str] = {}
-        for reply in replies:
-            if not reply.has_error():
-                answered.append(reply)
-                continue
-            node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
-                missing[node] = "offline: its SuperNode stopped sending heartbeats"
-            elif reply.error.code in (
-                ErrorCode.MESSAGE_UNAVAILABLE,
-                ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-            ):
-                missing[node] = f"no reply within {timeout:.0f} s"
-            else:
-                missing[node] = f"client error {reply.error.code}: {reply.error.reason}"
-        seen = {r.metadata.src_node_id for r in answered} | set(missing)
-        for msg in messages:
-            if msg.metadata.dst_node_id not in seen:
-                missing[msg.metadata.dst_node_id] = f"no reply within {timeout:.0f} s"
-        return answered, missing
+        missing: dict[int, str] = {
+            node: "the instruction could not be queued at the SuperLink"
+            for msg_id, node in addressed.items()
+            if msg_id not in ids
+        }
+        del messages
+        outstanding = set(ids)
+        answered: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while outstanding and time.monotonic() < deadline:
+            arrived = 0
+            for chunk in _chunks(sorted(outstanding), _PULL_BATCH):
+                for reply in self.grid.pull_messages(chunk):
+                    arrived += 1
+                    outstanding.discard(reply.metadata.reply_to_message_id)
+                    node = addressed.get(
+                        reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+                    )
+                    if reply.has_error():
+                        missing[node] = self._why_missing(reply, timeout)
+                    else:
+                        answered.add(reply.metadata.src_node_id)
+                        on_reply(reply)
+                    del reply  # handed on: the collector keeps only the running sum
+            if outstanding and not arrived:
+                time.sleep(_POLL_S)
+        for msg_id in outstanding:
+            node = addressed[msg_id]
+            if node not in answered:
+                missing.setdefault(node, f"no reply within {timeout:.0f} s")
+        return missing
+
+    @staticmethod
+    def _why_missing(reply: Message, timeout: float) -> str:
+        if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+            return "offline: its SuperNode stopped sending heartbeats"
+        if reply.error.code in (
+            ErrorCode.MESSAGE_UNAVAILABLE,
+            ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+        ):
+            return f"no reply within {timeout:.0f} s"
+        return f"client error {reply.error.code}: {reply.error.reason}"
 
     def train(self, number: int, model: ModelPayload) -> RoundOutcome:
         self.ensure_keys()
@@ -289,11 +329,12 @@ class _RoundRunner:
                 number, payload_to_record(model), self._config(number), self.grid
             )
         )
-        replies, missing = self._send_and_receive(messages)
         asked = {m.metadata.dst_node_id for m in messages}
+        collector = self.strategy.round_collector(number)
+        missing = self._exchange(messages, collector.add)
         for node in self.known.keys() - asked:
             missing[node] = "offline: not connected when the round started"
-        outcome = self.strategy.collect_train(number, replies)
+        outcome = collector.finish()
         for node, reason in sorted(missing.items()):
             hospital = self._name(node)
             # record(): a node may have answered in this hospital's name (the
@@ -317,7 +358,8 @@ class _RoundRunner:
                 number, payload_to_record(model), self._config(number), self.grid
             )
         )
-        replies, _ = self._send_and_receive(messages)
+        replies: list[Message] = []  # evaluations are a few numbers each
+        self._exchange(messages, replies.append)
         evals = self.strategy.collect_evaluate(number, replies)
         self.store.record_evaluation(
             self.job_id, number, evaluations=evals.hospitals, pooled=evals.pooled(self.eval_spec)
@@ -336,12 +378,15 @@ class _RoundRunner:
             msg = Message(
                 RecordDict({SUMMARY_KEY: record}), dst_node_id=node, message_type=MessageType.QUERY
             )
-            msg.metadata.ttl = self.job.round_timeout_s
             messages.append(msg)
-        replies = self.grid.send_and_receive(messages, timeout=self.job.round_timeout_s)
-        kept = sum(1 for r in replies if not r.has_error())
+        kept: list[Message] = []
+        self._exchange(messages, kept.append)
+        kept = [r for r in kept if SUMMARY_KEY in r.content.config_records]
         log.info(
-            "job %s: final summary handed to %d of %d hospitals", self.job.job, kept, len(nodes)
+            "job %s: final summary handed to %d of %d hospitals",
+            self.job.job,
+            len(kept),
+            len(nodes),
         )
 
 

@@ -42,7 +42,7 @@ from fedvault.privacy.he_context import HeContext
 from fedvault.proto import update_pb2
 from fedvault.task import TaskKind
 
-__all__ = ["EvalSpec", "Evaluations", "RoundOutcome", "SecureFedAvg"]
+__all__ = ["EvalSpec", "Evaluations", "RoundCollector", "RoundOutcome", "SecureFedAvg"]
 
 log = logging.getLogger("fedvault.coordinator")
 
@@ -243,136 +243,15 @@ class SecureFedAvg(Strategy):
         chunks (:meth:`Aggregator.add`). Every check happens before the update
         touches the sum.
         """
-        outcome = RoundOutcome()
-        he = self.job.secure_aggregation is SecureAggregation.HE
-        aggregator: Aggregator | PlainFedAvg
-        if he:
-            assert self.public_context is not None  # enforced in __init__
-            aggregator = Aggregator(
-                self.public_context,
-                key_epoch=self.key_epoch,
-                job=self.job.job,
-                server_round=server_round,
-            )
-        else:
-            aggregator = PlainFedAvg()
-        expected = self._expected.get(server_round)
-        seen_nodes: set[int] = set()
-        loss_sum = 0.0
+        collector = self.round_collector(server_round)
         for msg in replies:
-            node = msg.metadata.src_node_id
-            repeated = node in seen_nodes  # one reply per node and round: the first counts
-            seen_nodes.add(node)
-            if msg.has_error():
-                reason = f"client error {msg.error.code}: {msg.error.reason}"
-                log.warning("round %d: node %d failed: %s", server_round, node, reason)
-                outcome.record(
-                    Participation(
-                        hospital=f"node-{node}", node_id=node, status="failed", reason=reason
-                    ),
-                )
-                continue
-            try:
-                reply = TrainReply.from_message(msg, max_bytes=self.job.max_update_bytes)
-            except FedvaultError as exc:
-                self._reject(outcome, f"node-{node}", node, str(exc), server_round)
-                continue
-            if (mismatch := self._identity_mismatch(node, reply.hospital)) is not None:
-                sender = (self.enrolled or {}).get(node, f"node-{node}")
-                if repeated or any(p.hospital == sender for p in outcome.participations):
-                    sender = f"node-{node}"  # the sender's own row is already taken
-                self._reject(outcome, sender, node, mismatch, server_round)
-                continue
-            if repeated or any(p.hospital == reply.hospital for p in outcome.participations):
-                self._reject(
-                    outcome,
-                    reply.hospital,
-                    node,
-                    f"duplicate reply for round {server_round} (from {reply.hospital}, node "
-                    f"{node}): only the first reply counts; discard this one",
-                    server_round,
-                )
-                continue
-            if reply.status is ReplyStatus.REFUSED:
-                outcome.record(
-                    Participation(
-                        hospital=reply.hospital, node_id=node, status="refused", reason=reply.reason
-                    ),
-                )
-                outcome.audit.append(
-                    AuditEvent(
-                        kind="round_refused",
-                        actor=reply.hospital,
-                        detail={"round": server_round, "reason": reply.reason},
-                    )
-                )
-                continue
-            assert reply.update is not None  # TrainReply guarantees it for OK replies
-            try:
-                # Build the records first: they validate too, and nothing may
-                # fail once the update is in the sum.
-                participation = Participation(
-                    hospital=reply.hospital,
-                    node_id=node,
-                    status="ok",
-                    samples=reply.samples,
-                    train_loss=reply.train_loss,
-                    epsilon=reply.epsilon,
-                    delta=reply.delta,
-                    noise_multiplier=reply.noise_multiplier,
-                    sample_rate=reply.sample_rate,
-                    steps=reply.steps,
-                    accountant=reply.accountant,
-                    accountant_state=reply.accountant_state,
-                    bytes_received=reply.update.nbytes,
-                )
-                evaluation = (
-                    _hospital_eval(
-                        self.eval_spec,
-                        reply.hospital,
-                        reply.evaluation,
-                        reply.eval_accuracy,
-                        reply.eval_loss,
-                        reply.eval_samples,
-                    )
-                    if reply.eval_samples
-                    else None
-                )
-                if isinstance(aggregator, Aggregator):
-                    if reply.update.envelope is None:
-                        raise MalformedUpdateError(
-                            "plaintext update in an encrypted job; discard it and check the "
-                            "hospital's configuration (it must encrypt its updates)"
-                        )
-                    env = parse_envelope(reply.update.envelope)
-                    if expected is not None:
-                        expected.check(_envelope_layout(env))
-                    _check_weight(env.sample_weight, reply.samples)
-                    aggregator.add(env)
-                else:
-                    if reply.update.arrays is None:
-                        raise MalformedUpdateError(
-                            "encrypted update in a plaintext job; discard it and check the "
-                            "hospital's configuration"
-                        )
-                    if expected is not None:
-                        expected.check(_arrays_layout(reply.update.arrays))
-                    aggregator.add(reply.update.arrays, weight=float(reply.samples))
-            except FedvaultError as exc:
-                self._reject(outcome, reply.hospital, node, str(exc), server_round)
-                continue
-            loss_sum += reply.train_loss * reply.samples
-            if evaluation is not None:
-                outcome.evaluations.add(*evaluation)
-            outcome.record(participation)
-        if aggregator.count:
-            if isinstance(aggregator, Aggregator):
-                outcome.model = ModelPayload(envelope=aggregator.result())
-            else:
-                outcome.model = ModelPayload(arrays=aggregator.result())
-            outcome.total_weight = aggregator.total_weight
-            outcome.train_loss = loss_sum / aggregator.total_weight
-        return outcome
+            collector.add(msg)
+        return collector.finish()
+
+    def round_collector(self, server_round: int) -> RoundCollector:
+        """Aggregate ``server_round`` reply by reply, as the replies arrive (see
+        :class:`RoundCollector`); :meth:`collect_train` is the same over a list."""
+        return RoundCollector(self, server_round)
 
     def collect_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluations:
         evals = Evaluations()
@@ -452,6 +331,157 @@ class SecureFedAvg(Strategy):
                 detail={"round": server_round, "reason": reason},
             )
         )
+
+
+class RoundCollector:
+    """One training round's replies, validated and added to the sum one at a time.
+
+    The coordinator's memory must not grow with the consortium: each reply is
+    parsed, checked, folded into the running (encrypted) sum and dropped as it
+    arrives, so at most one update is held at once. Adding replies in one
+    batch or one by one gives a byte-identical aggregate (ciphertext addition
+    is exact; plaintext sums follow arrival order either way).
+    """
+
+    def __init__(self, strategy: SecureFedAvg, server_round: int) -> None:
+        self.strategy, self.server_round = strategy, server_round
+        self.outcome = RoundOutcome()
+        job = strategy.job
+        self.aggregator: Aggregator | PlainFedAvg
+        if job.secure_aggregation is SecureAggregation.HE:
+            if strategy.public_context is None:  # enforced by SecureFedAvg.__init__
+                raise InvalidConfigError("he mode needs the consortium's public HE context")
+            self.aggregator = Aggregator(
+                strategy.public_context,
+                key_epoch=strategy.key_epoch,
+                job=job.job,
+                server_round=server_round,
+            )
+        else:
+            self.aggregator = PlainFedAvg()
+        self.expected = strategy._expected.get(server_round)
+        self.seen_nodes: set[int] = set()
+        self.loss_sum = 0.0
+
+    def add(self, msg: Message) -> None:
+        """Validate one reply and, if it is good, add its update to the sum."""
+        s = self.strategy
+        node = msg.metadata.src_node_id
+        repeated = node in self.seen_nodes  # one reply per node and round: the first counts
+        self.seen_nodes.add(node)
+        if msg.has_error():
+            reason = f"client error {msg.error.code}: {msg.error.reason}"
+            log.warning("round %d: node %d failed: %s", self.server_round, node, reason)
+            self.outcome.record(
+                Participation(
+                    hospital=f"node-{node}", node_id=node, status="failed", reason=reason
+                ),
+            )
+            return
+        try:
+            reply = TrainReply.from_message(msg, max_bytes=s.job.max_update_bytes)
+        except FedvaultError as exc:
+            s._reject(self.outcome, f"node-{node}", node, str(exc), self.server_round)
+            return
+        if (mismatch := s._identity_mismatch(node, reply.hospital)) is not None:
+            sender = (s.enrolled or {}).get(node, f"node-{node}")
+            if repeated or any(p.hospital == sender for p in self.outcome.participations):
+                sender = f"node-{node}"  # the sender's own row is already taken
+            s._reject(self.outcome, sender, node, mismatch, self.server_round)
+            return
+        if repeated or any(p.hospital == reply.hospital for p in self.outcome.participations):
+            s._reject(
+                self.outcome,
+                reply.hospital,
+                node,
+                f"duplicate reply for round {self.server_round} (from {reply.hospital}, node "
+                f"{node}): only the first reply counts; discard this one",
+                self.server_round,
+            )
+            return
+        if reply.status is ReplyStatus.REFUSED:
+            self.outcome.record(
+                Participation(
+                    hospital=reply.hospital, node_id=node, status="refused", reason=reply.reason
+                ),
+            )
+            self.outcome.audit.append(
+                AuditEvent(
+                    kind="round_refused",
+                    actor=reply.hospital,
+                    detail={"round": self.server_round, "reason": reply.reason},
+                )
+            )
+            return
+        assert reply.update is not None  # TrainReply guarantees it for OK replies
+        try:
+            # Build the records first: they validate too, and nothing may
+            # fail once the update is in the sum.
+            participation = Participation(
+                hospital=reply.hospital,
+                node_id=node,
+                status="ok",
+                samples=reply.samples,
+                train_loss=reply.train_loss,
+                epsilon=reply.epsilon,
+                delta=reply.delta,
+                noise_multiplier=reply.noise_multiplier,
+                sample_rate=reply.sample_rate,
+                steps=reply.steps,
+                accountant=reply.accountant,
+                accountant_state=reply.accountant_state,
+                bytes_received=reply.update.nbytes,
+            )
+            evaluation = (
+                _hospital_eval(
+                    s.eval_spec,
+                    reply.hospital,
+                    reply.evaluation,
+                    reply.eval_accuracy,
+                    reply.eval_loss,
+                    reply.eval_samples,
+                )
+                if reply.eval_samples
+                else None
+            )
+            if isinstance(self.aggregator, Aggregator):
+                if reply.update.envelope is None:
+                    raise MalformedUpdateError(
+                        "plaintext update in an encrypted job; discard it and check the "
+                        "hospital's configuration (it must encrypt its updates)"
+                    )
+                env = parse_envelope(reply.update.envelope)
+                if self.expected is not None:
+                    self.expected.check(_envelope_layout(env))
+                _check_weight(env.sample_weight, reply.samples)
+                self.aggregator.add(env)
+            else:
+                if reply.update.arrays is None:
+                    raise MalformedUpdateError(
+                        "encrypted update in a plaintext job; discard it and check the "
+                        "hospital's configuration"
+                    )
+                if self.expected is not None:
+                    self.expected.check(_arrays_layout(reply.update.arrays))
+                self.aggregator.add(reply.update.arrays, weight=float(reply.samples))
+        except FedvaultError as exc:
+            s._reject(self.outcome, reply.hospital, node, str(exc), self.server_round)
+            return
+        self.loss_sum += reply.train_loss * reply.samples
+        if evaluation is not None:
+            self.outcome.evaluations.add(*evaluation)
+        self.outcome.record(participation)
+
+    def finish(self) -> RoundOutcome:
+        """The round's outcome: the aggregate (if any update was good) and every reason."""
+        if self.aggregator.count:
+            if isinstance(self.aggregator, Aggregator):
+                self.outcome.model = ModelPayload(envelope=self.aggregator.result())
+            else:
+                self.outcome.model = ModelPayload(arrays=self.aggregator.result())
+            self.outcome.total_weight = self.aggregator.total_weight
+            self.outcome.train_loss = self.loss_sum / self.aggregator.total_weight
+        return self.outcome
 
 
 # --- layout checks ---------------------------------------------------------------

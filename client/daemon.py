@@ -33,6 +33,7 @@ class ClientOptions:
     runtime_port: int = 0  # 0: pick a free loopback port
     epsilon_budget: float | None = None
     policy: Path | None = None  # None: state_dir / policy.toml
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
@@ -40,7 +41,8 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
     kit = Kit.load(opts.kit_dir, expected_kind=KitKind.HOSPITAL)
     spec = DataSpec.load(opts.data)
     data = load_hospital_data(spec, regression=not spec.labels)
-    log.info("%s: data ok: %s; device %s", kit.party, data.summary, pick_device())
+    device = pick_device(opts.device)  # refuses a GPU this machine lacks, before round 1
+    log.info("%s: data ok: %s; device %s", kit.party, data.summary, device)
     state = opts.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     policy_path = Path(opts.policy).resolve() if opts.policy else state / POLICY_FILE
@@ -50,6 +52,7 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
         "data": str(Path(opts.data).resolve()),
         "state-dir": str(state),
         "policy": str(policy_path),
+        "device": str(opts.device),
     }
     if opts.epsilon_budget is not None:
         node_config["epsilon-budget"] = float(opts.epsilon_budget)

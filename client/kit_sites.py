@@ -70,7 +70,7 @@ class KitSites:
             task=task,
             fingerprint=fingerprint_task(task, loaded.module),
             keys=who.keys,
-            device=pick_device(),
+            device=pick_device(str(context.node_config.get("device", "auto"))),
             epsilon_budget=float(budget) if budget else None,
             kit=who.kit,
             policy=policy,

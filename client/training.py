@@ -8,6 +8,7 @@ rest on the encryption alone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,9 +38,34 @@ class LocalResult:
     round_steps: int
 
 
-def pick_device() -> torch.device:
-    """The hospital's GPU when it has one; CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(preference: str = "auto") -> torch.device:
+    """The device a hospital trains on: ``"auto"`` (its GPU when it has one, else the
+    CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises
+    ------
+    InvalidConfigError
+        For an unknown name, or a GPU this machine does not have (naming what it has).
+    """
+    from fedvault.privacy.errors import InvalidConfigError
+
+    text = str(preference).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise InvalidConfigError(f"device {preference!r} is not one of auto, cpu, cuda, cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(match.group(1) or 0)
+    if index >= count:
+        have = f"{count} GPU(s)" if count else "no usable GPU (or a CPU-only torch)"
+        raise InvalidConfigError(
+            f"device {preference!r} was asked for but this machine has {have}; "
+            "use --device cpu or auto, or install the CUDA build of torch"
+        )
+    return torch.device(text)
 
 
 def get_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -132,6 +132,9 @@ def simulate(
     job: Annotated[
         str | None, typer.Option(help="job name (default: derived from settings)")
     ] = None,
+    gpus_per_hospital: Annotated[
+        float, typer.Option(help="GPUs (a fraction shares one) Ray gives each virtual hospital")
+    ] = 0.0,
 ) -> None:
     """Simulate a consortium of virtual hospitals with the production apps.
 
@@ -161,7 +164,14 @@ def simulate(
             job=job,
         )
         console = Console()
-        report = run(config, task=loaded.task, out_dir=out, store_url=store, console=console)
+        report = run(
+            config,
+            task=loaded.task,
+            out_dir=out,
+            store_url=store,
+            console=console,
+            gpus_per_hospital=gpus_per_hospital,
+        )
         print_summary(report, console, out.resolve())
     except FedvaultError as exc:
         _fail(exc)
@@ -285,6 +295,9 @@ def client_start(
     epsilon_budget: Annotated[
         float | None, typer.Option(help="this hospital's own ε cap over all jobs")
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto (a GPU when present) | cpu | cuda | cuda:N")
+    ] = "auto",
     policy: Annotated[
         Path | None,
         typer.Option(
@@ -310,6 +323,7 @@ def client_start(
                 state_dir=state,
                 epsilon_budget=epsilon_budget,
                 policy=policy,
+                device=device,
             ),
             stop=stop,
         )

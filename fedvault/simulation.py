@@ -222,11 +222,19 @@ def simulate(
     out_dir: Path,
     store_url: str | None = None,
     console: Console | None = None,
+    gpus_per_hospital: float = 0.0,
 ) -> dict[str, Any]:
     """Run (or resume) ``config`` on ``config.hospitals`` virtual hospitals.
 
+    ``gpus_per_hospital``: the GPU share Ray reserves for each virtual hospital
+    (0.5: two per GPU); with 0 a hospital still uses a GPU it can see.
+
     Returns the final report (also in ``out_dir/report.json``).
     """
+    if not isinstance(gpus_per_hospital, int | float) or not 0 <= gpus_per_hospital <= 64:
+        raise InvalidConfigError(
+            f"--gpus-per-hospital must be between 0 and 64 (got {gpus_per_hospital!r})"
+        )
     from flwr.simulation import run_simulation
 
     loaded = _resolve(config, task)
@@ -273,7 +281,7 @@ def simulate(
             client_app=make_client_app(sites),
             num_supernodes=config.hospitals,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": 1, "num_gpus": float(gpus_per_hospital)},
                 "init_args": {
                     "num_cpus": cpus,
                     "logging_level": "ERROR",

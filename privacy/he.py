@@ -25,7 +25,6 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -41,7 +40,7 @@ from fedvault.privacy.errors import (
 )
 from fedvault.privacy.fixed_point import FixedPoint
 from fedvault.privacy.he_context import HeContext
-from fedvault.privacy.packing import Layout, flatten, unflatten
+from fedvault.privacy.packing import Layout, Scatter, iter_slices, layout_of
 from fedvault.proto import update_pb2
 
 __all__ = [
@@ -137,27 +136,32 @@ def encrypt_update(
             f"encoding assumes {spec.slot_bits}-bit slots, the context has "
             f"{ctx.params.slot_bits}; build it with slot_bits=ctx.params.slot_bits"
         )
-    layout, vector = flatten(arrays)
+    layout = layout_of(arrays)
     if layout.size == 0:
         raise MalformedUpdateError(
             "the update holds no values; pass the model's floating-point tensors"
         )
-    ints = fixed_point.encode(vector, weight=w, spec=spec)
-    slots = ctx.params.slots
     encoder = ctx.encoder
     private = ctx.is_private
-    chunks = []
     plain = sealapi.Plaintext()
-    for start in range(0, layout.size, slots):
-        encoder.encode(ints[start : start + slots].tolist(), plain)
+
+    def encrypt(piece: np.ndarray) -> bytes:
+        encoder.encode(fixed_point.encode(piece, weight=w, spec=spec).tolist(), plain)
         if private:
             # Returns SEAL's Serializable: saved as c0 plus the seed of c1.
-            chunks.append(seal_bytes.dump(ctx.secret_encryptor.encrypt_symmetric(plain)))
-        else:
-            ct = sealapi.Ciphertext()
-            ctx.public_encryptor.encrypt(plain, ct)
-            chunks.append(seal_bytes.dump(ct))
-    return _envelope(ctx, key_epoch, layout, chunks, w, job, server_round, spec)
+            return seal_bytes.dump(ctx.secret_encryptor.encrypt_symmetric(plain))
+        ct = sealapi.Ciphertext()
+        ctx.public_encryptor.encrypt(plain, ct)
+        return seal_bytes.dump(ct)
+
+    # One slot-sized piece at a time, appended to the envelope as it is encrypted:
+    # a hospital never holds the model as one flat vector, nor its ciphertexts twice.
+    out = bytearray(_envelope(ctx, key_epoch, layout, (), w, job, server_round, spec))
+    for piece in iter_slices(arrays, ctx.params.slots):
+        # Protobuf merges concatenated messages, appending repeated fields: each
+        # one-chunk message extends the envelope's chunk list, in order.
+        out += update_pb2.UpdateEnvelope(chunks=[encrypt(piece)]).SerializeToString()
+    return bytes(out)
 
 
 def _envelope(
@@ -253,8 +257,12 @@ def _load_chunks(
     env: update_pb2.UpdateEnvelope,
     layout: Layout,
     loader_threads: int | None = None,
+    *,
+    start: int = 0,
+    stop: int | None = None,
 ) -> list[Any]:
-    """Deserialize and validate every chunk (count, size, level, shape)."""
+    """Deserialize and validate chunks ``start:stop`` (default all); the count and
+    sizes of every chunk are checked first, whatever the window."""
     params = ctx.params
     slots = params.slots
     expected = math.ceil(layout.size / slots)
@@ -280,9 +288,9 @@ def _load_chunks(
             return exc
 
     # SEAL releases the GIL while it parses and expands seeds: use every core.
-    loaded = list(_loader(loader_threads).map(load, env.chunks))
+    loaded = list(_loader(loader_threads).map(load, env.chunks[start:stop]))
     cts = []
-    for i, ct in enumerate(loaded):
+    for i, ct in enumerate(loaded, start=start):
         if isinstance(ct, BaseException):
             raise MalformedUpdateError(
                 f"ciphertext chunk {i} of {expected} cannot be parsed ({ct}); the update "
@@ -467,9 +475,16 @@ class Aggregator:
         )
 
 
+#: Ciphertext chunks loaded (and held as SEAL objects, ~4 bytes of memory per
+#: float32 byte) at once while decrypting: memory stays bounded by the window.
+_DECRYPT_WINDOW = 64
+
+
 def _decrypt(
-    ctx: HeContext, data: bytes, key_epoch: int | None
-) -> tuple[Layout, np.ndarray, float]:
+    ctx: HeContext, data: bytes, key_epoch: int | None, *, average: bool
+) -> tuple[dict[str, np.ndarray], float]:
+    """Decrypt chunk by chunk into the output tensors (the average in the layout's
+    dtypes, or the weighted sum in float64), never holding a flat copy."""
     if not ctx.is_private:
         raise SecretKeyExposureError(
             "this context holds no secret key, so it cannot decrypt; decryption happens "
@@ -480,14 +495,15 @@ def _decrypt(
     layout = Layout.from_proto(env.layout)
     spec = _spec(ctx, env.scale_bits, env.value_bound_bits)
     weight = _check_weight(env.sample_weight, "sample_weight")
-    cts = _load_chunks(ctx, env, layout)
     decryptor, encoder = ctx.decryptor, ctx.encoder
-    ints = np.empty(len(cts) * ctx.params.slots, dtype=np.int64)
+    out = Scatter(layout, dtype=None if average else "float64")
     plain = sealapi.Plaintext()
-    for i, ct in enumerate(cts):
-        decryptor.decrypt(ct, plain)
-        ints[i * ctx.params.slots : (i + 1) * ctx.params.slots] = encoder.decode_int64(plain)
-    return layout, fixed_point.decode(ints[: layout.size], spec=spec), weight
+    for start in range(0, len(env.chunks) or 1, _DECRYPT_WINDOW):
+        for ct in _load_chunks(ctx, env, layout, start=start, stop=start + _DECRYPT_WINDOW):
+            decryptor.decrypt(ct, plain)
+            values = fixed_point.decode(np.asarray(encoder.decode_int64(plain)), spec=spec)
+            out.write(values / weight if average else values)
+    return out.result(), weight
 
 
 def decrypt_update(
@@ -504,9 +520,7 @@ def decrypt_update(
     MalformedUpdateError
         If the envelope or a chunk is malformed.
     """
-    layout, vector, weight = _decrypt(ctx, data, key_epoch)
-    as_f64 = Layout(tensors=tuple(replace(t, dtype="float64") for t in layout.tensors))
-    return unflatten(as_f64, vector), weight
+    return _decrypt(ctx, data, key_epoch, average=False)
 
 
 def decrypt_average(
@@ -516,5 +530,4 @@ def decrypt_average(
 
     Raises the same errors as :func:`decrypt_update`.
     """
-    layout, vector, weight = _decrypt(ctx, data, key_epoch)
-    return unflatten(layout, vector / weight)
+    return _decrypt(ctx, data, key_epoch, average=True)[0]

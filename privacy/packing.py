@@ -10,7 +10,7 @@ float64 vector that is then cut into as few ciphertexts as possible. The
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,16 @@ import numpy as np
 from fedvault.privacy.errors import MalformedUpdateError
 from fedvault.proto import update_pb2
 
-__all__ = ["FLOAT_DTYPES", "Layout", "TensorSpec", "flatten", "unflatten"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "Layout",
+    "Scatter",
+    "TensorSpec",
+    "flatten",
+    "iter_slices",
+    "layout_of",
+    "unflatten",
+]
 
 #: dtypes a tensor may have: the floating types NumPy and the wire agree on.
 FLOAT_DTYPES: frozenset[str] = frozenset({"float16", "float32", "float64"})
@@ -97,22 +106,16 @@ class Layout:
         return cls(tensors=tuple(tensors))
 
 
-def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[Layout, np.ndarray]:
-    """Pack named float tensors into one new float64 vector, in mapping order.
-
-    Returns
-    -------
-    tuple[Layout, numpy.ndarray]
-        The layout and a freshly allocated 1-D float64 vector (safe to modify).
+def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
+    """The layout of named float tensors, in mapping order, checked for encryption.
 
     Raises
     ------
     MalformedUpdateError
-        If a tensor is not floating point, or holds NaN or infinity (HE would
-        encrypt them as garbage that poisons the whole aggregate).
+        If a name is empty, a tensor is not floating point, or holds NaN or
+        infinity (HE would encrypt them as garbage that poisons the whole aggregate).
     """
     specs: list[TensorSpec] = []
-    values: list[np.ndarray] = []
     for name, value in arrays.items():
         if not isinstance(name, str) or not name:
             raise MalformedUpdateError(
@@ -127,20 +130,90 @@ def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[Layout, np.ndarray]:
                 "or leave them out of the update"
             )
         specs.append(TensorSpec(name=name, shape=tuple(arr.shape), dtype=arr.dtype.name))
-        values.append(arr)
-    layout = Layout(tensors=tuple(specs))
+    for name, value in arrays.items():  # after the dtype checks: isfinite needs floats
+        if not np.isfinite(np.asarray(value)).all():
+            raise MalformedUpdateError(
+                f"tensor {name!r} holds NaN or infinite values; refusing to encrypt it. "
+                "Training diverged: lower the learning rate or check the data"
+            )
+    return Layout(tensors=tuple(specs))
 
+
+def iter_slices(arrays: Mapping[str, np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """The tensors' values in layout order, ``size`` at a time, as fresh float64 vectors.
+
+    What :func:`flatten` would return, cut in pieces, without ever holding it
+    whole: a hospital encrypting a large model holds one piece at a time.
+    """
+    piece = np.empty(size, dtype=np.float64)
+    filled = 0
+    for value in arrays.values():
+        flat = np.asarray(value).reshape(-1)
+        offset = 0
+        while offset < flat.size:
+            take = min(size - filled, flat.size - offset)
+            piece[filled : filled + take] = flat[offset : offset + take]
+            filled += take
+            offset += take
+            if filled == size:
+                yield piece
+                piece, filled = np.empty(size, dtype=np.float64), 0
+    if filled:
+        yield piece[:filled]
+
+
+class Scatter:
+    """Writes consecutive values into freshly allocated tensors of a layout.
+
+    The inverse of :func:`iter_slices`: a hospital decrypting a large model
+    writes each chunk's values straight into the output tensors (in ``dtype``,
+    or each tensor's own), never holding a flat copy of the whole model.
+    """
+
+    def __init__(self, layout: Layout, dtype: str | None = None) -> None:
+        self.out = {t.name: np.empty(t.size, dtype=dtype or t.dtype) for t in layout.tensors}
+        self._shapes = {t.name: t.shape for t in layout.tensors}
+        self._pending = [(t.name, t.size) for t in layout.tensors]
+        self._index, self._offset = 0, 0
+
+    def write(self, values: np.ndarray) -> None:
+        """Append ``values`` (any extra beyond the layout's size is ignored: padding)."""
+        start = 0
+        while start < values.size and self._index < len(self._pending):
+            name, size = self._pending[self._index]
+            take = min(size - self._offset, values.size - start)
+            self.out[name][self._offset : self._offset + take] = values[start : start + take]
+            start += take
+            self._offset += take
+            if self._offset == size:
+                self._index, self._offset = self._index + 1, 0
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The tensors, reshaped; every value must have been written."""
+        if self._index != len(self._pending):
+            raise MalformedUpdateError("the update holds fewer values than its layout; discard it")
+        return {name: a.reshape(self._shapes[name]) for name, a in self.out.items()}
+
+
+def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[Layout, np.ndarray]:
+    """Pack named float tensors into one new float64 vector, in mapping order.
+
+    Returns
+    -------
+    tuple[Layout, numpy.ndarray]
+        The layout and a freshly allocated 1-D float64 vector (safe to modify).
+
+    Raises
+    ------
+    MalformedUpdateError
+        As :func:`layout_of`.
+    """
+    layout = layout_of(arrays)
     vector = np.empty(layout.size, dtype=np.float64)
     offset = 0
-    for spec, arr in zip(specs, values, strict=True):
-        vector[offset : offset + spec.size] = arr.reshape(-1)
+    for spec, arr in zip(layout.tensors, arrays.values(), strict=True):
+        vector[offset : offset + spec.size] = np.asarray(arr).reshape(-1)
         offset += spec.size
-    if not np.isfinite(vector).all():
-        bad = _first_non_finite(layout, vector)
-        raise MalformedUpdateError(
-            f"tensor {bad!r} holds NaN or infinite values; refusing to encrypt it. "
-            "Training diverged: lower the learning rate or check the data"
-        )
     return layout, vector
 
 
@@ -165,13 +238,3 @@ def unflatten(layout: Layout, vector: np.ndarray) -> dict[str, np.ndarray]:
         out[spec.name] = piece.reshape(spec.shape).astype(spec.dtype, copy=True)
         offset += spec.size
     return out
-
-
-def _first_non_finite(layout: Layout, vector: np.ndarray) -> str:
-    """Name of the first tensor holding a non-finite value (only called on failure)."""
-    offset = 0
-    for spec in layout.tensors:
-        if not np.isfinite(vector[offset : offset + spec.size]).all():
-            return spec.name
-        offset += spec.size
-    return "<unknown>"

@@ -118,3 +118,37 @@ def _pb(*specs: tuple[str, list[int], str]) -> update_pb2.Layout:
 def test_from_proto_validates(pb: update_pb2.Layout, needle: str) -> None:
     with pytest.raises(MalformedUpdateError, match=needle):
         Layout.from_proto(pb)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64, 10_000])
+def test_slices_and_scatter_stream_what_flatten_and_unflatten_hold_whole(size: int) -> None:
+    from fedvault.privacy.packing import Scatter, iter_slices, layout_of
+
+    rng = np.random.default_rng(size)
+    model = {
+        "a": rng.standard_normal((3, 5)).astype(np.float32),
+        "b": rng.standard_normal(4),
+        "c": rng.standard_normal((2, 2, 2)).astype(np.float16),
+    }
+    layout, vector = flatten(model)
+    assert layout_of(model) == layout
+    pieces = list(iter_slices(model, size))
+    assert all(len(p) == size for p in pieces[:-1]) and 0 < len(pieces[-1]) <= size
+    np.testing.assert_array_equal(np.concatenate(pieces), vector)
+    scatter = Scatter(layout)
+    for piece in pieces:
+        scatter.write(np.concatenate([piece, np.zeros(2)]) if piece is pieces[-1] else piece)
+    back = scatter.result()  # trailing padding (a last ciphertext's empty slots) is ignored
+    for name, value in unflatten(layout, vector).items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
+
+
+def test_scatter_refuses_too_few_values() -> None:
+    from fedvault.privacy.packing import Scatter
+
+    layout, vector = flatten({"a": np.ones(5)})
+    scatter = Scatter(layout)
+    scatter.write(vector[:4])
+    with pytest.raises(MalformedUpdateError, match="fewer values than its layout"):
+        scatter.result()

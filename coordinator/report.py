@@ -1,4 +1,4 @@
-"""The job report: ``report.json`` (a contract, see DESIGN.md) and ``report.png``.
+"""The job report: ``report.json`` (a contract, see docs/design.md) and ``report.png``.
 
 Both are derived from the round store alone, so a report can be rebuilt at any
 time, by any process that can read the store, and always agrees with it.

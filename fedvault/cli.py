@@ -1,4 +1,4 @@
-"""The ``fedvault`` command line (Typer). Commands and flags are a contract: see DESIGN.md.
+"""The ``fedvault`` command line (Typer). Commands and flags are a contract: see docs/design.md.
 
 Every error fedvault raises on purpose becomes one line on stderr and exit
 code 2, before anything is half-written.

@@ -163,6 +163,21 @@ def _row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(_num(c) for c in cells) + " |"
 
 
+def _base_model_lines(task: Mapping[str, Any]) -> list[str]:
+    """For a task that shares only adapters: what the weights are not, and how to get it."""
+    fingerprint = _mapping(task.get("fingerprint"))
+    frozen = fingerprint.get("frozen_sha256")
+    if not frozen:
+        return []
+    return [
+        "- Weights hold only the trained parameters (adapters and head): the frozen "
+        f"pretrained base is not included. Rebuild it with task {task.get('name')!r}'s "
+        f"build_model() (distribution {fingerprint.get('distribution') or '—'} "
+        f"{fingerprint.get('version') or ''}); its weights' SHA-256 must be {frozen}, then "
+        "load these with model.load_state_dict(weights, strict=False)",
+    ]
+
+
 def card_markdown(card: Mapping[str, Any]) -> str:
     task, rnd, now = card["task"], card["round"], card["metrics"]["consortium"]
     digest = _mapping(task.get("fingerprint")).get("digest")
@@ -185,6 +200,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         f"with fedvault {card['fedvault_version']}",
         f"- Weights SHA-256 (tensors): {card['weights_sha256']}",
         f"- Files: {WEIGHTS_FILE} (safetensors.torch.load_file), {CARD_JSON} (this card as JSON)",
+        *_base_model_lines(task),
         "",
         "## Privacy per hospital",
         "",

@@ -197,6 +197,7 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
             state=ledger.state(job.job),
             device=site.device,
             seed=_train_seed(job, site.name, instr.server_round),
+            max_physical_batch_size=site.max_physical_batch,
         )
         # The spend is on the books before the update can leave the hospital.
         entry = ledger.record_round(

@@ -19,6 +19,7 @@ from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.client.training import pick_device
 from fedvault.flower_env import free_port
 from fedvault.kit import Kit, KitKind
+from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = ["ClientOptions", "run_client"]
 
@@ -34,6 +35,7 @@ class ClientOptions:
     epsilon_budget: float | None = None
     policy: Path | None = None  # None: state_dir / policy.toml
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_physical_batch: int | None = None  # memory cap on one pass; None: the whole batch
 
 
 def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
@@ -54,6 +56,12 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
         "policy": str(policy_path),
         "device": str(opts.device),
     }
+    if opts.max_physical_batch is not None:
+        if opts.max_physical_batch < 1:
+            raise InvalidConfigError(
+                f"--max-physical-batch must be >= 1 (got {opts.max_physical_batch})"
+            )
+        node_config["max-physical-batch"] = int(opts.max_physical_batch)
     if opts.epsilon_budget is not None:
         node_config["epsilon-budget"] = float(opts.epsilon_budget)
     supervisor = SuperNodeSupervisor(

@@ -62,6 +62,7 @@ class KitSites:
         data = load_task_data(task, DataSpec.load(paths["data"]))
         validate_against_model(data, task.build_model())
         budget = context.node_config.get("epsilon-budget")
+        physical = context.node_config.get("max-physical-batch")
         return HospitalSite(
             name=who.name,
             state_dir=paths["state-dir"],
@@ -74,4 +75,5 @@ class KitSites:
             epsilon_budget=float(budget) if budget else None,
             kit=who.kit,
             policy=policy,
+            max_physical_batch=int(physical) if physical else None,
         )

@@ -45,6 +45,9 @@ class HospitalSite:
     # What this hospital agreed to train. None only for the virtual hospitals of
     # `fedvault simulate`, which belong to the researcher who runs them.
     policy: SitePolicy | None = None
+    # The most records one forward/backward pass may hold (memory); a larger
+    # logical DP-SGD batch is split into virtual steps with the same ε.
+    max_physical_batch: int | None = None
 
     @property
     def build_model(self) -> Callable[[], nn.Module]:

@@ -9,7 +9,8 @@ rest on the encryption alone.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,8 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedvault.config import TrainingConfig
-from fedvault.privacy.dp import AccountantState, DpPlan, make_private
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.privacy.dp import (
+    AccountantState,
+    DpPlan,
+    GradSampleMode,
+    PrivateTraining,
+    make_private,
+)
+from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.task import Task
 
 if TYPE_CHECKING:
@@ -116,8 +123,37 @@ def train_private(
     state: AccountantState,
     device: torch.device,
     seed: int,
+    max_physical_batch_size: int | None = None,
+    grad_sample_mode: GradSampleMode = "auto",
+    mixed_precision: bool = False,
 ) -> LocalResult:
-    """Run one round of local DP-SGD, continuing the job's accountant ``state``."""
+    """Run one round of local DP-SGD, continuing the job's accountant ``state``.
+
+    Per-sample clipping is by ghost clipping where the model and the task's
+    loss allow it, else by hooks (``grad_sample_mode``, see
+    :func:`fedvault.privacy.dp.make_private`): the same step either way.
+
+    ``max_physical_batch_size`` caps the batch this hospital's memory holds at
+    once: every Poisson (logical) batch larger than the cap is split into
+    physical batches of at most that size by Opacus' ``BatchMemoryManager``;
+    their clipped gradients are summed and the optimizer steps (and the
+    accountant counts a step) once per logical batch, so the noise, the step
+    count and epsilon are those of the uncapped run. ``None``: no cap.
+
+    ``mixed_precision``: run the forward pass under bfloat16 autocast on a
+    CUDA device with bfloat16 support (as Opacus supports; the loss, the
+    clipped sum and the noise stay float32); ignored elsewhere, on CPU in
+    particular. Off by default: per-sample norms and, in ghost mode, the
+    batch's summed gradient are then rounded to bfloat16 (~3 significant
+    digits), which the exact-arithmetic DP-SGD analysis does not cover.
+
+    Raises
+    ------
+    InvalidConfigError
+        For a ``max_physical_batch_size`` that is not an integer >= 1, or a
+        model or mode :func:`~fedvault.privacy.dp.make_private` refuses.
+    """
+    _check_physical_cap(max_physical_batch_size)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -132,29 +168,105 @@ def train_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
         state=state,
+        grad_sample_mode=grad_sample_mode,
+        criterion=task.criterion(),
     )
-    criterion = task.criterion()
-    total_loss, total_seen, steps = 0.0, 0, 0
-    for _ in range(training.local_epochs):
-        for features, labels in private.data_loader:
-            features, labels = features.to(device), labels.to(device)
-            private.optimizer.zero_grad(set_to_none=True)
-            # Poisson sampling can draw an empty batch; Opacus still takes the
-            # (noise-only) step so the accountant's step count stays exact.
-            logits = private.module(features)
-            loss = criterion(logits, labels) if len(labels) else logits.sum() * 0.0
-            loss.backward()
-            private.optimizer.step()
-            steps += 1
-            if len(labels):
-                total_loss += float(loss.detach()) * len(labels)
-                total_seen += len(labels)
+    criterion = private.criterion
+    assert criterion is not None  # make_private returns the criterion it was given
+    total_loss, total_seen = 0.0, 0
+    with _physical_batches(private, max_physical_batch_size) as batches:
+        for _ in range(training.local_epochs):
+            for features, labels in batches:
+                features, labels = features.to(device), labels.to(device)
+                private.optimizer.zero_grad(set_to_none=True)
+                logits = _forward(private, features, device, mixed_precision)
+                if mixed_precision and logits.is_floating_point():
+                    logits = logits.float()  # the loss in float32, as Opacus' AMP support does
+                # Poisson sampling can draw an empty batch; Opacus still takes the
+                # (noise-only) step so the accountant's step count stays exact. The
+                # zero must depend on the parameters (it gives each a zero gradient),
+                # in ghost mode too: the wrapped loss of no sample is NaN.
+                loss = criterion(logits, labels) if len(labels) else logits.sum() * 0.0
+                loss.backward()
+                # With a physical-batch cap this step only accumulates the clipped
+                # gradients until the logical batch's last physical batch.
+                private.optimizer.step()
+                if len(labels):
+                    total_loss += float(loss.detach()) * len(labels)
+                    total_seen += len(labels)
     model.to("cpu")
+    after = private.state()
     return LocalResult(
         loss=total_loss / max(total_seen, 1),
-        state=private.state(),
-        round_steps=steps,
+        state=after,
+        round_steps=after.steps - state.steps,  # optimizer steps = logical batches
     )
+
+
+def _forward(
+    private: PrivateTraining, features: torch.Tensor, device: torch.device, mixed: bool
+) -> torch.Tensor:
+    try:
+        with _autocast(device, enabled=mixed):
+            return private.module(features)
+    except NotImplementedError as exc:
+        if private.grad_sample_mode != "ghost":
+            raise
+        # A layer called twice per forward pass: invisible in the model's
+        # structure, refused by ghost clipping on the first batch.
+        raise InvalidConfigError(
+            f"ghost clipping cannot train this model ({exc}); "
+            "train it with grad_sample_mode='hooks'"
+        ) from exc
+
+
+def _check_physical_cap(cap: object) -> None:
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        raise InvalidConfigError(
+            f"max_physical_batch_size must be an integer >= 1 or None (got {cap!r}); "
+            "it is the most samples this hospital backpropagates at once, e.g. 64"
+        )
+
+
+@contextmanager
+def _physical_batches(
+    private: PrivateTraining, cap: int | None
+) -> Iterator[Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+    """The private data loader, its Poisson batches split to at most ``cap`` samples.
+
+    Split whenever a cap is set (not only when the *expected* batch exceeds
+    it): Poisson batches vary, and one above the cap would not fit either.
+    Splitting changes no step: Opacus' optimizer sums the physical batches'
+    clipped gradients and steps once per logical batch; an empty logical batch
+    stays one (empty) physical batch that takes its noise-only step.
+    """
+    if cap is None:
+        yield private.data_loader
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(
+        data_loader=private.data_loader,
+        max_physical_batch_size=cap,
+        optimizer=private.optimizer,
+    ) as loader:
+        yield loader
+
+
+def _autocast(device: torch.device, *, enabled: bool) -> AbstractContextManager[object]:
+    """bfloat16 autocast for the forward pass on CUDA (when asked and supported); else a no-op.
+
+    bfloat16, not float16: float16 needs loss scaling, and a scaled loss scales
+    every per-sample gradient before it is clipped.
+    """
+    if (
+        enabled
+        and torch.device(device).type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.is_bf16_supported()
+    ):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @torch.no_grad()

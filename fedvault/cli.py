@@ -298,6 +298,13 @@ def client_start(
     device: Annotated[
         str, typer.Option(help="auto (a GPU when present) | cpu | cuda | cuda:N")
     ] = "auto",
+    max_physical_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="most records per forward/backward pass (memory); larger DP-SGD batches "
+            "run as virtual steps with the same ε"
+        ),
+    ] = None,
     policy: Annotated[
         Path | None,
         typer.Option(
@@ -324,6 +331,7 @@ def client_start(
                 epsilon_budget=epsilon_budget,
                 policy=policy,
                 device=device,
+                max_physical_batch=max_physical_batch,
             ),
             stop=stop,
         )

@@ -202,8 +202,7 @@ class Task:
 
         if self.is_classification:
             return nn.CrossEntropyLoss()
-        mse = nn.MSELoss()
-        return lambda outputs, targets: mse(outputs.reshape(targets.shape), targets)
+        return _regression_loss()
 
     def scores(self, outputs: Tensor) -> Tensor:
         """What metrics read from model outputs: class probabilities, or predictions."""
@@ -243,3 +242,16 @@ def _as_array(values: Any, dtype: type) -> np.ndarray:
     if isinstance(values, Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values).reshape(-1).astype(dtype)
+
+
+def _regression_loss() -> Callable[[Tensor, Tensor], Tensor]:
+    """Mean squared error of ``(batch, 1)`` or ``(batch,)`` predictions against ``(batch,)``
+    targets, as a ``torch.nn`` loss: Opacus' ghost clipping needs one (it switches the
+    reduction to per-sample)."""
+    from torch import nn
+
+    class RegressionMSE(nn.MSELoss):
+        def forward(self, input: Tensor, target: Tensor) -> Tensor:
+            return super().forward(input.reshape(target.shape), target)
+
+    return RegressionMSE()

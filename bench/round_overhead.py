@@ -202,7 +202,7 @@ def run_ours(
     from fedvault.coordinator.records import RoundView
     from fedvault.coordinator.server_app import CoordinatorSettings, run_job
     from fedvault.coordinator.store import RoundStore, sqlite_url
-    from fedvault.coordinator.strategy import SecureFedAvg
+    from fedvault.coordinator.strategy import RoundCollector, SecureFedAvg
     from fedvault.examples.digits import EXAMPLE
     from fedvault.messages import EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
     from fedvault.privacy.dp import AccountantState
@@ -235,11 +235,12 @@ def run_ours(
     )
     # Where a round's time goes, on the ServerApp's thread.
     clock = _Clock()
-    clock.wrap(server_app._RoundRunner, "_send_and_receive", "wait_for_replies")
+    # Replies are validated and added as they arrive, inside the wait (streaming).
+    clock.wrap(server_app._RoundRunner, "_exchange", "wait_validate_and_aggregate")
     clock.wrap(SecureFedAvg, "configure_train", "configure")
-    clock.wrap(SecureFedAvg, "collect_train", "validate_and_aggregate")
+    clock.wrap(RoundCollector, "finish", "finish_aggregate")
     clock.wrap(RoundStore, "commit_round", "store_commit")
-    clock.wrap(server_app, "_committed", "store_read_view")
+    clock.wrap(server_app, "_committed_round", "store_read_view")
 
     class Timer:
         def on_start(self, job: JobConfig, resumed_after: int) -> None:

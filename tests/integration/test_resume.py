@@ -57,8 +57,8 @@ KILL_ENV, MARK_ENV = "FEDVAULT_TEST_KILL_AT", "FEDVAULT_TEST_KILL_MARK"
 #: Test-only ``sitecustomize``: in the ``fedvault simulate`` process only (never in
 #: Ray's workers), ``$FEDVAULT_TEST_KILL_AT = "POINT:ROUND"`` SIGKILLs the process
 #: group when POINT is reached for ROUND, after writing ``$FEDVAULT_TEST_KILL_MARK``.
-#: collect_train: the round's replies arrived (every hospital trained), before the
-#: commit. record_evaluation: called with ROUND, i.e. just after ROUND + 1 committed;
+#: collect_train: the round's replies arrived (every hospital trained) and were
+#: collected (RoundCollector.finish), before the commit. record_evaluation: called with ROUND, i.e. just after ROUND + 1 committed;
 #: no test uses it (two more runs would not fit the time budget), but adding
 #: ``"D": "record_evaluation:1"`` to SCENARIOS reproduces a lost round-1 evaluation.
 KILL_HOOK = """\
@@ -78,16 +78,17 @@ if _AT and "simulate" in getattr(sys, "orig_argv", ()):
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     if _POINT == "collect_train":
-        from fedvault.coordinator.strategy import SecureFedAvg
+        # The ServerApp folds replies into a RoundCollector as they arrive; finish()
+        # is where the round's replies are all in and the commit comes next.
+        from fedvault.coordinator.strategy import RoundCollector
 
-        _orig = SecureFedAvg.collect_train
+        _orig = RoundCollector.finish
 
-        def _collect(self, server_round, replies, *args, **kwargs):
-            replies = list(replies)
-            _die("collect_train", server_round)
-            return _orig(self, server_round, replies, *args, **kwargs)
+        def _finish(self, *args, **kwargs):
+            _die("collect_train", self.server_round)
+            return _orig(self, *args, **kwargs)
 
-        SecureFedAvg.collect_train = _collect
+        RoundCollector.finish = _finish
     elif _POINT == "record_evaluation":
         from fedvault.coordinator.store import RoundStore
 

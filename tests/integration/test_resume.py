@@ -58,7 +58,8 @@ KILL_ENV, MARK_ENV = "FEDVAULT_TEST_KILL_AT", "FEDVAULT_TEST_KILL_MARK"
 #: Ray's workers), ``$FEDVAULT_TEST_KILL_AT = "POINT:ROUND"`` SIGKILLs the process
 #: group when POINT is reached for ROUND, after writing ``$FEDVAULT_TEST_KILL_MARK``.
 #: collect_train: the round's replies arrived (every hospital trained) and were
-#: collected (RoundCollector.finish), before the commit. record_evaluation: called with ROUND, i.e. just after ROUND + 1 committed;
+#: collected (RoundCollector.finish), before the commit. record_evaluation: called
+#: with ROUND, i.e. just after ROUND + 1 committed;
 #: no test uses it (two more runs would not fit the time budget), but adding
 #: ``"D": "record_evaluation:1"`` to SCENARIOS reproduces a lost round-1 evaluation.
 KILL_HOOK = """\

@@ -412,7 +412,7 @@ _StateOpt = Annotated[
 ]
 
 
-def _sides(kit: Path | None, state: Path | None, store: str | None) -> None:
+def _sides(state: Path | None, store: str | None) -> None:
     from fedvault.privacy.errors import InvalidConfigError
 
     if (state is None) == (store is None):
@@ -441,7 +441,7 @@ def model_list(
     try:
         from fedvault.model_export import list_versions_hospital, list_versions_store
 
-        _sides(kit, state, store)
+        _sides(state, store)
         if state is not None:
             versions = list_versions_hospital(state, job)
         else:
@@ -485,7 +485,7 @@ def model_export(
     try:
         from fedvault.model_export import export_from_hospital, export_from_store
 
-        _sides(kit, state, store)
+        _sides(state, store)
         if state is not None:
             path = export_from_hospital(
                 state_dir=state, job=job, selector=round_, out=out, kit_dir=kit

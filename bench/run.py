@@ -38,6 +38,7 @@ SECTIONS: dict[str, str] = {
     "levers": "bench.levers",
     "round": "bench.round_overhead",
     "scale": "bench.sim_scale",
+    "big": "bench.big_model",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

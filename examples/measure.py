@@ -186,6 +186,9 @@ def emulate_job(
             states[h] = private.state()
             losses.append(total / max(seen, 1))
             updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            # Per-sample gradients take batch x weights floats: free them before the next copy.
+            private.optimizer.zero_grad(set_to_none=True)
+            del private, model, optimizer
         weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
         averaged = {
             k: sum(float(w) * u[k].double() for w, u in zip(weights, updates, strict=True))
@@ -248,7 +251,7 @@ def _summary(name: str, runs: list[dict[str, float]]) -> None:
     print(f"{name} ({len(runs)} runs): mean [min - max]")
     for key in runs[0]:
         values = np.array([r[key] for r in runs])
-        print(f"  {key:22s} {values.mean():8.3f}  [{values.min():.3f} - {values.max():.3f}]")
+        print(f"  {key:26s} {values.mean():8.3f}  [{values.min():.3f} - {values.max():.3f}]")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -86,7 +86,7 @@ TASK = Task(
     site_data=None,
     num_outputs=NUM_CLASSES,
     defaults=TrainingDefaults(
-        batch_size=256, learning_rate=2.0, local_epochs=2, max_grad_norm=1.0, momentum=0.0
+        batch_size=256, learning_rate=1.0, local_epochs=2, max_grad_norm=1.0, momentum=0.0
     ),
     description="tanh MLP 30-16-2 on the Wisconsin breast-cancer features (consortium package)",
 )

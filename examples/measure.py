@@ -140,7 +140,10 @@ def emulate_job(
         raise SystemExit(f"task {task.name!r} has no load_data: it cannot be emulated")
     train, test = task.load_data(seed)
     shards = partition_indices(
-        np.zeros(len(train), dtype=np.int64), hospitals, Partition("iid"), seed=seed
+        np.zeros(len(train), dtype=np.int64),  # type: ignore[arg-type]
+        hospitals,
+        Partition("iid"),
+        seed=seed,
     )
     torch.manual_seed(seed * 1000 + noise_draw)  # initialisation, sampling and noise
     global_model = task.build_model()

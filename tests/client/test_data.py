@@ -517,5 +517,5 @@ def test_a_tasks_own_reader_is_checked_like_an_entry_point(tmp_path: Path) -> No
     def broken(_spec: DataSpec) -> tuple[Any, Any]:
         raise KeyError("scan_id")
 
-    with pytest.raises(DataError, match="could not read the data spec.*KeyError"):
+    with pytest.raises(DataError, match=r"could not read the data spec.*KeyError"):
         load_task_data(dataclasses.replace(BREAST, site_data=broken), spec)

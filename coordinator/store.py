@@ -568,15 +568,7 @@ class RoundStore:
                 .order_by(ModelTable.round.desc())
                 .limit(1)
             ).one_or_none()
-            if row is None:
-                return None
-            blob = self._sealer.open(row.blob, row.at_rest, model_context(job_id, row.round))
-            if hashlib.sha256(blob).hexdigest() != row.sha256:
-                raise StoreError(
-                    f"the stored model of round {row.round} (job {job_id}) does not match its "
-                    "SHA-256: the store was corrupted or tampered with; restore it from a backup"
-                )
-            return ModelBlob(row.round, row.kind, blob, row.total_weight)  # type: ignore[arg-type]
+            return None if row is None else self._model_blob(job_id, row)
 
     def model(self, job_id: int, number: int) -> ModelBlob | None:
         """The global model of round ``number`` (0: the initial model), or ``None``.
@@ -598,15 +590,17 @@ class RoundStore:
             row = s.scalars(
                 select(ModelTable).where(ModelTable.job_id == job_id, ModelTable.round == number)
             ).one_or_none()
-            if row is None:
-                return None
-            blob = self._sealer.open(row.blob, row.at_rest, model_context(job_id, row.round))
-            if hashlib.sha256(blob).hexdigest() != row.sha256:
-                raise StoreError(
-                    f"the stored model of round {row.round} (job {job_id}) does not match its "
-                    "SHA-256: the store was corrupted or tampered with; restore it from a backup"
-                )
-            return ModelBlob(row.round, row.kind, blob, row.total_weight)  # type: ignore[arg-type]
+            return None if row is None else self._model_blob(job_id, row)
+
+    def _model_blob(self, job_id: int, row: ModelTable) -> ModelBlob:
+        """A stored model, opened (at rest) and checked against its SHA-256."""
+        blob = self._sealer.open(row.blob, row.at_rest, model_context(job_id, row.round))
+        if hashlib.sha256(blob).hexdigest() != row.sha256:
+            raise StoreError(
+                f"the stored model of round {row.round} (job {job_id}) does not match its "
+                "SHA-256: the store was corrupted or tampered with; restore it from a backup"
+            )
+        return ModelBlob(row.round, row.kind, blob, row.total_weight)  # type: ignore[arg-type]
 
     def model_rounds(self, job_id: int) -> list[int]:
         """The rounds whose model the store holds, ascending (0: the initial model)."""

@@ -317,7 +317,13 @@ def _names(reference: str, task: Task) -> bool:
 
 def _module_of(task: Task) -> str:
     """The module a task object was defined in (its model factory's)."""
-    return str(getattr(task.build_model, "__module__", "") or "__main__")
+    import sys
+
+    module = str(getattr(task.build_model, "__module__", "") or "__main__")
+    if module == "__main__":  # `python -m pkg.mod`: the module's import name is in its spec
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", None) or module
+    return module
 
 
 def _export_final_model(config: JobConfig, out_dir: Path) -> None:

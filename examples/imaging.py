@@ -11,30 +11,43 @@ textured background:
 3. **clustered**: three to six small bright dots (calcifications).
 
 Size, position, orientation, contrast, background texture and pixel noise
-vary at random, and the four kinds overlap in total brightness, so neither a
+vary at random, and the four kinds overlap in mean brightness, so neither a
 pixel's position nor the image's mean intensity gives the class away: a model
-must learn shape and edges, translation-invariantly. That is what a
-convolutional network is for, and what a linear model on the pixels cannot do
-(the centralised logistic-regression reference in ``examples/README.md``
-stays far below the CNN). The classes are balanced.
+must learn shape and edges, translation-invariantly. The classes are
+balanced.
 
-Why synthetic rather than a real data set: fedvault's examples must run
-offline, and the point of this task is the *model*, not the data. It is
-fedvault's large-model example: 1.1 million trainable weights, 800 times the
-digits CNN, to exercise what grows with the model (per-sample gradients and
+Why synthetic data, and why it is a fair test: fedvault's examples must run
+offline, and the point of this task is the *model*. It is fedvault's
+large-model example, 1.1 million trainable weights (820 times the digits
+CNN), to exercise what grows with the model: per-sample gradients and
 clipping in Opacus, the noise DP-SGD adds to every weight, the size of an
-encrypted update) while staying fast enough for a 3-hospital simulation on a
-laptop. The sizes are module constants (``NUM_TRAIN``, ``NUM_TEST``,
-``IMAGE_SIZE``).
+encrypted update. The data are hard enough that the model matters and easy
+enough that it can be learnt: trained centrally without privacy, the CNN
+classifies 99 % of the held-out images correctly, logistic regression on
+the pixels 54 % (see ``examples/README.md``). Under DP-SGD at ε = 3 (3
+hospitals x 10 rounds) the federated CNN reaches 0.69 (0.63-0.73 over six
+seeds; AUROC 0.93), well above the 0.25 of chance and well below the
+non-private CNN: the price of privacy for a large model on little data.
 
-The model follows DP-SGD practice where it can: GroupNorm, never BatchNorm
-(BatchNorm mixes samples, which per-sample clipping forbids); tanh
-activations (Papernot et al., "Tempered Sigmoid Activations for Deep Learning
-with Differential Privacy", AAAI 2021); most weights at 4x4 resolution, where
-per-sample gradients are cheap. DP-SGD's noise grows with the number of
-weights, so a model this size needs large batches (De et al., "Unlocking
-High-Accuracy Differentially Private Image Classification through Scale",
-2022).
+Sizes are module constants: ``NUM_TRAIN`` = 3,000 training images (1,000 per
+hospital of a 3-hospital simulation) and ``NUM_TEST`` = 600 held-out ones;
+``load_data`` reads them when called, so a test may lower them. DP-SGD needs
+the data: with 1,200 training images the same job reached about 0.45. One
+round at 3 hospitals (3,000 images through DP-SGD, one hospital after the
+other) took 12 s on two otherwise idle CPU cores (up to 60 s on a busy
+machine), and each hospital holds about 1.1 GB of per-sample gradients
+(batch 250 x 1.1 million weights) at a time.
+
+The model follows DP-SGD practice: GroupNorm, never BatchNorm (BatchNorm
+mixes samples, which per-sample clipping forbids); tanh activations
+(Papernot et al., "Tempered Sigmoid Activations for Deep Learning with
+Differential Privacy", AAAI 2021); most weights at 4x4 resolution, where
+per-sample gradients are cheap; and centred features (see
+:func:`build_model`). The defaults (batch 250 of 1,000 records, learning
+rate 2, momentum 0.8, one local epoch: 40 DP-SGD steps per hospital over
+the job) were tuned for the job at ε = 3 on seeds 0 and 1: without momentum
+seed 0 reached 0.61, with momentum 0.5 (learning rate 4) 0.70, with 0.8
+(learning rate 2) 0.73. Momentum averages the noise of successive steps.
 
 Run it::
 
@@ -103,12 +116,13 @@ def build_model() -> nn.Module:
     clipping bounds each record's whole gradient; when the features share
     a large common offset, that offset dominates every gradient's norm
     while cancelling in their mean, so clipping leaves little of the part
-    that separates the classes and the noise drowns it. With ReLU-style
+    that separates the classes and the noise drowns it. With the usual
     choices (biases, max pooling, GroupNorm's affine shift) the mean of the
-    features had 20 times the squared norm of their spread, and DP-SGD
-    barely left chance. GroupNorm's own scale and shift are left out too: they
-    get the same noise as every weight, and a noisy shift before a tanh
-    moves every feature at once.
+    features had about 16 times the squared norm of their spread at
+    initialisation (here: half), and DP-SGD stayed near chance.
+    GroupNorm's own scale and shift are left out too: they get the same
+    noise as every weight, and a noisy shift before a tanh moves every
+    feature at once.
     """
     return nn.Sequential(
         nn.GroupNorm(1, 1, affine=False),
@@ -215,7 +229,7 @@ TASK = Task(
     load_data=load_data,
     num_outputs=NUM_CLASSES,
     defaults=TrainingDefaults(
-        batch_size=200, learning_rate=2.0, local_epochs=1, max_grad_norm=1.0, momentum=0.0
+        batch_size=250, learning_rate=2.0, local_epochs=1, max_grad_norm=1.0, momentum=0.8
     ),
     description="GroupNorm CNN (1.1M weights) on synthetic 32x32 lesion images, 4 classes",
 )

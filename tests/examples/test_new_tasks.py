@@ -21,6 +21,9 @@ from fedvault.task_registry import load_task
 
 TASK_PACKAGE = Path(__file__).resolve().parents[2] / "examples" / "task-package"
 
+# Opacus' hooks warn when a model's first layer gets no input gradient: expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
 
 @pytest.fixture
 def oncology(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:

@@ -16,6 +16,10 @@ job (with statistics the consortium agrees on), as in simulation below.
 
 For ``fedvault simulate`` the task loads the same data from scikit-learn:
 a stratified 80/20 split, standardised with the training part's statistics.
+With the defaults (full batch, learning rate 1, two local epochs) a job of
+3 hospitals x 10 rounds at ε = 3 reached a mean test accuracy of 0.972 and
+AUROC 0.995 (12 splits x 3 noise draws; ``examples/measure.py``), against
+0.978 for centralised, non-private logistic regression.
 
 Install it at every party (coordinator and each hospital) next to fedvault::
 

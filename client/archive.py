@@ -13,22 +13,21 @@ the coordinator relayed (``summary.json``). Layout::
     STATE_DIR/models/JOB/round-000000.he     (0: the initial model)
     STATE_DIR/models/JOB/round-000001.he ...
 
-Every file is written durably (temporary file in the same directory, fsync,
-rename, fsync of the directory), so a crash leaves either the whole file or
-none of it. A round received twice (a re-sent instruction) keeps its first copy.
+Every file is written durably (:func:`fedvault.durable.atomic_write`: temporary
+file in the same directory, fsync, rename, fsync of the directory), so a crash
+leaves either the whole file or none of it. A round received twice (a re-sent
+instruction) keeps its first copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedvault.durable import atomic_write, fsync_dir
 from fedvault.messages import ModelPayload
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
 from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
@@ -66,53 +65,16 @@ def _check_round(server_round: object) -> int:
     return server_round
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` survive a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durably(path: Path, data: bytes, *, overwrite: bool = True) -> bool:
     """Write ``data`` to ``path`` all at once or not at all; return whether it was written.
 
-    The bytes go to a temporary file in the same directory, which is flushed,
-    fsynced and renamed into place; then the directory is fsynced, so the new
-    name survives a crash. With ``overwrite=False`` an existing file is kept
+    :func:`fedvault.durable.atomic_write` with mode 0600 (hospital state): a
+    temporary file in the same directory, fsynced and renamed into place, then
+    the directory fsynced. With ``overwrite=False`` an existing file is kept
     (even when another process wins the race to create it) and ``False`` is
     returned.
     """
-    path = Path(path)
-    if not overwrite and path.exists():
-        return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic and never clobbers: the first copy wins
-            except FileExistsError:
-                return False
-            except OSError:  # a file system without hard links: check, then rename
-                if path.exists():
-                    return False
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return True
+    return atomic_write(path, data, 0o600, overwrite=overwrite)
 
 
 class ModelArchive:

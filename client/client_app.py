@@ -1,6 +1,6 @@
 """The hospital's Flower ClientApp: decrypt, check the budget, train with DP, encrypt.
 
-Order of a train round (each step can refuse, with a reason sent back):
+Order of a train round (each step can refuse: a RefusalCode and a reason go back):
 
 1. parse and validate the instruction (job config, round, key epoch); resolve
    the job's task in this hospital's own environment and check consent: the
@@ -36,13 +36,22 @@ from fedvault.client.training import evaluate, get_weights, set_weights, train_p
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.fingerprint import TaskFingerprint
 from fedvault.messages import (
-    CEREMONY_KEY,
     SUMMARY_KEY,
+    CeremonyReply,
+    CeremonyRequest,
     EvalReply,
+    HelloReply,
+    HelloRequest,
+    InstallKeyReply,
     ModelPayload,
     ReplyStatus,
     RoundInstruction,
+    SealKeyReply,
+    SealKeyRequest,
     TrainReply,
+    ceremony_request,
+    refusal_code,
+    refusal_reason,
 )
 from fedvault.privacy.dp import DpPlan, PrivacyConfig, plan_dp
 from fedvault.privacy.errors import (
@@ -243,38 +252,35 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
     )
 
 
-def _ceremony(who: HospitalIdentity, request: ConfigRecord) -> ConfigRecord:
-    """Answer one key-ceremony query (see :mod:`fedvault.client.keys`)."""
-    action = str(request.get("action", ""))
-    reply = ConfigRecord({"hospital": who.name, "status": "ok", "reason": ""})
-    if action == "hello":
-        reply["epochs"] = [int(e) for e in who.keys.epochs()]
-        reply["custodian"] = bool(who.kit is not None and who.kit.is_custodian)
-        return reply
+def _ceremony(who: HospitalIdentity, request: CeremonyRequest) -> CeremonyReply:
+    """Answer one key-ceremony request (see :mod:`fedvault.client.keys`)."""
+    if isinstance(request, HelloRequest):
+        return HelloReply(
+            hospital=who.name,
+            epochs=tuple(int(e) for e in who.keys.epochs()),
+            custodian=who.kit is not None and who.kit.is_custodian,
+        )
     if who.kit is None:
         raise KeyMismatchError(f"{who.name} has no kit: key ceremonies need a provisioned hospital")
-    epoch = int(request["epoch"])  # type: ignore[arg-type]
-    if action == "key-ceremony":
-        recipients = [str(r) for r in request.get("recipients", [])]  # type: ignore[union-attr]
+    if isinstance(request, SealKeyRequest):
         public, envelopes = custodian_ceremony(
-            who.kit, who.keys, epoch=epoch, recipients=recipients
+            who.kit, who.keys, epoch=request.epoch, recipients=list(request.recipients)
         )
-        reply["public-context"] = public
-        reply["custodian-cert"] = who.kit.certificate().public_bytes(Encoding.PEM)
-        reply["recipients"] = list(envelopes)
-        reply["envelopes"] = list(envelopes.values())
-        return reply
-    if action == "install-key":
-        reply["fingerprint"] = install_sealed_key(
-            who.kit,
-            who.keys,
-            envelope=bytes(request["envelope"]),  # type: ignore[arg-type]
-            custodian_cert_pem=bytes(request["custodian-cert"]),  # type: ignore[arg-type]
-            epoch=epoch,
-            public_fingerprint=str(request["fingerprint"]),
+        return SealKeyReply(
+            hospital=who.name,
+            public_context=public,
+            custodian_cert=who.kit.certificate().public_bytes(Encoding.PEM),
+            envelopes=envelopes,
         )
-        return reply
-    raise MalformedUpdateError(f"unknown key-ceremony action {action!r}")
+    fingerprint = install_sealed_key(
+        who.kit,
+        who.keys,
+        envelope=request.envelope,
+        custodian_cert_pem=request.custodian_cert,
+        epoch=request.epoch,
+        public_fingerprint=request.fingerprint,
+    )
+    return InstallKeyReply(hospital=who.name, fingerprint=fingerprint)
 
 
 def _keep_summary(who: HospitalIdentity, msg: Message) -> Message:
@@ -319,7 +325,8 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
             reply = TrainReply(
                 hospital=name,
                 status=ReplyStatus.REFUSED,
-                reason=f"{type(exc).__name__}: {exc}",
+                reason=refusal_reason(exc),
+                code=refusal_code(exc),
                 delta=instr.job.privacy.delta,
             )
         return Message(reply.to_content(), reply_to=msg)
@@ -349,7 +356,10 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
             )
         except FedvaultError as exc:
             reply = EvalReply(
-                hospital=name, status=ReplyStatus.REFUSED, reason=f"{type(exc).__name__}: {exc}"
+                hospital=name,
+                status=ReplyStatus.REFUSED,
+                reason=refusal_reason(exc),
+                code=refusal_code(exc),
             )
         return Message(reply.to_content(), reply_to=msg)
 
@@ -359,18 +369,16 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
         if SUMMARY_KEY in msg.content.config_records:
             return _keep_summary(who, msg)
         try:
-            request = msg.content.config_records[CEREMONY_KEY]
-            reply = _ceremony(who, request)
+            reply = _ceremony(who, ceremony_request(msg))
         except (FedvaultError, KeyError, TypeError, ValueError) as exc:
             log.warning("%s refused a key-ceremony request: %s", who.name, exc)
-            reply = ConfigRecord(
-                {
-                    "hospital": who.name,
-                    "status": "refused",
-                    "reason": f"{type(exc).__name__}: {exc}",
-                }
+            reply = CeremonyReply(
+                hospital=who.name,
+                status=ReplyStatus.REFUSED,
+                reason=refusal_reason(exc),
+                code=refusal_code(exc),
             )
-        return Message(RecordDict({CEREMONY_KEY: reply}), reply_to=msg)
+        return Message(reply.to_content(), reply_to=msg)
 
     return app
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedvault.client.data import DataSpec, load_hospital_data
+from fedvault.client.node_settings import NodeSettings
 from fedvault.client.policy import POLICY_FILE, SitePolicy
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.client.training import pick_device
@@ -49,21 +50,19 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     policy_path = Path(opts.policy).resolve() if opts.policy else state / POLICY_FILE
     _announce_policy(kit.party, policy_path)
-    node_config: dict[str, str | float] = {
-        "kit": str(Path(opts.kit_dir).resolve()),
-        "data": str(Path(opts.data).resolve()),
-        "state-dir": str(state),
-        "policy": str(policy_path),
-        "device": str(opts.device),
-    }
-    if opts.max_physical_batch is not None:
-        if opts.max_physical_batch < 1:
-            raise InvalidConfigError(
-                f"--max-physical-batch must be >= 1 (got {opts.max_physical_batch})"
-            )
-        node_config["max-physical-batch"] = int(opts.max_physical_batch)
-    if opts.epsilon_budget is not None:
-        node_config["epsilon-budget"] = float(opts.epsilon_budget)
+    if opts.max_physical_batch is not None and opts.max_physical_batch < 1:
+        raise InvalidConfigError(
+            f"--max-physical-batch must be >= 1 (got {opts.max_physical_batch})"
+        )
+    settings = NodeSettings(
+        kit=Path(opts.kit_dir).resolve(),
+        data=Path(opts.data).resolve(),
+        state_dir=state,
+        policy=policy_path,
+        device=str(opts.device),
+        max_physical_batch=opts.max_physical_batch,
+        epsilon_budget=opts.epsilon_budget,
+    )
     supervisor = SuperNodeSupervisor(
         SuperNodeConfig(
             superlink=kit.coordinator_address,
@@ -71,7 +70,7 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
             private_key=kit.node_key_path,
             state_dir=state / "supernode",
             runtime_port=opts.runtime_port or free_port(),
-            node_config=node_config,
+            node_config=settings.to_flower(),
         )
     )
     with supervisor:

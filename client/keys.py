@@ -18,12 +18,12 @@ Ceremony actions (Flower ``query`` messages, see :func:`handle_key_query`):
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from cryptography import x509
 
+from fedvault.durable import atomic_write, fsync_dir
 from fedvault.kit import Kit
 from fedvault.privacy.errors import KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.he_context import HeContext
@@ -85,14 +85,15 @@ class KeyStore:
         )
 
     def put(self, epoch: int, ctx: HeContext) -> Path:
-        """Store a secret context, readable by the hospital's account only."""
+        """Store a secret context, readable by the hospital's account only (0600).
+
+        Durably (:func:`fedvault.durable.atomic_write`): a power cut after this
+        returns cannot lose the key, and one during it leaves no torn key.
+        """
         path = self._path(epoch)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(ctx.serialize_secret())
-        os.replace(tmp, path)
+        atomic_write(path, ctx.serialize_secret(), 0o600)
+        fsync_dir(self.root)  # the epoch folder's own name, perhaps new, survives too
         self._cache[epoch] = ctx
         return path
 

@@ -40,16 +40,14 @@ policy logic: this module imports neither Flower nor torch.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedvault.durable import atomic_write
 from fedvault.privacy.errors import InvalidConfigError, PolicyRefusalError
 
 __all__ = ["POLICY_FILE", "AllowedTask", "SitePolicy", "write_policy"]
@@ -316,8 +314,9 @@ def write_policy(
     """Write a valid policy file (for ``fedvault demo`` and tests) and return its path.
 
     The text is checked before it replaces anything, so a bad call never
-    overwrites a good policy; temp file, fsync and :func:`os.replace`, so a
-    crash leaves the old file or the new one, never half of one.
+    overwrites a good policy; written with :func:`fedvault.durable.atomic_write`
+    (mode 0644: the policy is not a secret), so a crash leaves the old file or
+    the new one, never half of one.
     """
     path = Path(path)
     lines = [
@@ -346,18 +345,7 @@ def write_policy(
         raise InvalidConfigError(f"write_policy {path}: cannot encode the policy ({exc})") from exc
     SitePolicy.from_mapping(raw, source=path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the policy is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text, 0o644)
     SitePolicy.load(path)
     return path
 

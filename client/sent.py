@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from fedvault.durable import atomic_write
 from fedvault.messages import ModelPayload, ReplyStatus, RoundInstruction, TrainReply
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
 
@@ -71,8 +71,7 @@ class SentUpdates:
         }
         meta["status"] = reply.status.value
         meta["payload"] = kind
-        # The update first, the metadata last: a torn write leaves no usable entry.
-        for path, data in ((blob_path, blob), (meta_path, json.dumps(meta).encode())):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+        # The update first, the metadata last: a crash between them leaves no usable
+        # entry, and each file is durable before the next (see fedvault.durable).
+        atomic_write(blob_path, blob)
+        atomic_write(meta_path, json.dumps(meta))

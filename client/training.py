@@ -33,7 +33,15 @@ from fedvault.task import Task
 if TYPE_CHECKING:
     from fedvault.metrics import EvalResult
 
-__all__ = ["LocalResult", "evaluate", "get_weights", "pick_device", "set_weights", "train_private"]
+__all__ = [
+    "LocalResult",
+    "evaluate",
+    "get_weights",
+    "make_optimizer",
+    "pick_device",
+    "set_weights",
+    "train_private",
+]
 
 
 @dataclass(frozen=True)
@@ -158,9 +166,7 @@ def train_private(
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=training.learning_rate, momentum=training.momentum
-    )
+    optimizer = make_optimizer(model, training)
     private = make_private(
         module=model,
         optimizer=optimizer,
@@ -201,6 +207,19 @@ def train_private(
         state=after,
         round_steps=after.steps - state.steps,  # optimizer steps = logical batches
     )
+
+
+def make_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
+    """The job's local optimizer over ``model``'s trainable parameters.
+
+    Created afresh each round: its state (momentum, Adam's moments) does not
+    outlive the round, as in FedAvg, so no hospital carries state the
+    aggregate did not see.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=training.learning_rate)
+    return torch.optim.SGD(params, lr=training.learning_rate, momentum=training.momentum)
 
 
 def _forward(

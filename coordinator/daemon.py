@@ -28,6 +28,7 @@ from typing import Any
 
 from fedvault.config import JobConfig
 from fedvault.coordinator.records import AuditEvent
+from fedvault.coordinator.run_settings import RUN_CONFIG_KEYS, RunSettings
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.coordinator.superlink import ControlApiError, SuperLinkConfig, SuperLinkProcess
 from fedvault.flower_env import free_port
@@ -46,11 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedvault.coordinator")
-
-#: What the daemon passes the ServerApp as Flower run config (read back by
-#: ``server_app.settings_from_run_config``). Defined here, not there, so the daemon
-#: (a supervisor) never imports the ServerApp's torch and TenSEAL stack.
-RUN_CONFIG_KEYS = ("job-config", "store", "state-dir", "custodian", "kit")
 
 APP_PYPROJECT = """\
 [build-system]
@@ -225,15 +221,15 @@ def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = 
         api = serve(store_url, kit)
         log.info("operator API on %s", kit.operator_api_address)
         app_dir = write_app_dir(state / "app")
-        run_config = {
-            "job-config": job.to_json(),
-            "store": store_url,
-            "state-dir": str(state),
-            "custodian": kit.custodian,
-            # The kit's path, never the key: Flower keeps run config in its database.
-            "kit": str(kit.root.resolve()),
-        }
-        return _supervise_job(link, app_dir, run_config, store_url, job, opts, stop)
+        # The kit's path, never the key: Flower keeps run config in its database.
+        settings = RunSettings(
+            job=job,
+            store=store_url,
+            state_dir=state,
+            custodian=kit.custodian,
+            kit=kit.root.resolve(),
+        )
+        return _supervise_job(link, app_dir, settings, opts, stop)
     finally:
         if api is not None:
             api.stop(2).wait()
@@ -249,12 +245,11 @@ def _job_status(store_url: str, name: str) -> str:
 def _supervise_job(
     link: SuperLinkProcess,
     app_dir: Path,
-    run_config: dict[str, Any],
-    store_url: str,
-    job: JobConfig,
+    settings: RunSettings,
     opts: CoordinatorOptions,
     stop: threading.Event,
 ) -> str:
+    store_url, job = settings.store, settings.job
     submits = 0
     while not stop.is_set():
         status = _job_status(store_url, job.job)
@@ -268,7 +263,7 @@ def _supervise_job(
         if not link.is_running():
             log.warning("SuperLink exited; restarting it (runs and enrolments persist)")
             link.restart()
-        run_id = link.control.submit_run(app_dir, run_config)
+        run_id = link.control.submit_run(app_dir, settings.to_flower())
         submits += 1
         log.info("job %s submitted as Flower run %d (submission %d)", job.job, run_id, submits)
         while not stop.is_set():

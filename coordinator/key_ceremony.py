@@ -23,13 +23,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ConfigRecord, ConfigRecordValues, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedvault.coordinator.records import AuditEvent
 from fedvault.coordinator.store import RoundStore
-from fedvault.messages import CEREMONY_KEY
-from fedvault.privacy.errors import KeyMismatchError, SecretKeyExposureError, StoreError
+from fedvault.messages import (
+    CeremonyRequest,
+    HelloReply,
+    HelloRequest,
+    InstallKeyReply,
+    InstallKeyRequest,
+    RefusalCode,
+    ReplyStatus,
+    SealKeyReply,
+    SealKeyRequest,
+)
+from fedvault.privacy.errors import (
+    KeyMismatchError,
+    MalformedUpdateError,
+    SecretKeyExposureError,
+    StoreError,
+)
 from fedvault.privacy.he_context import HeContext
 
 __all__ = ["KeyCeremony", "KeyDirectory"]
@@ -140,10 +155,10 @@ class KeyCeremony:
             job_id=self.job_id,
         )
 
-    def _ask(self, grid: Grid, node_ids: Sequence[int], body: dict) -> list[ConfigRecord]:
+    def _send(self, grid: Grid, requests: Sequence[tuple[int, CeremonyRequest]]) -> list[Message]:
+        """Send each (node, request); the replies that are not Flower errors."""
         messages = [
-            Message(RecordDict({CEREMONY_KEY: ConfigRecord(body)}), node, MessageType.QUERY)
-            for node in node_ids
+            Message(request.to_content(), node, MessageType.QUERY) for node, request in requests
         ]
         replies = []
         for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
@@ -154,22 +169,25 @@ class KeyCeremony:
                     reply.error.reason,
                 )
                 continue
-            replies.append(reply.content.config_records[CEREMONY_KEY])
+            replies.append(reply)
         return replies
 
+    def _malformed(self, node: int, exc: MalformedUpdateError) -> None:
+        """A reply that does not parse: ignored (the node stays unconfirmed), and on the record."""
+        actor = (self.enrolled or {}).get(node) or self.hospitals.get(node) or f"node-{node}"
+        self._audit("key_ceremony_reply_rejected", actor, node_id=node, reason=str(exc))
+        log.warning("key ceremony: node %d sent a malformed reply: %s", node, exc)
+
     def _hello(self, grid: Grid, node_ids: Sequence[int]) -> list[_Node]:
-        messages = [
-            Message(
-                RecordDict({CEREMONY_KEY: ConfigRecord({"action": "hello"})}), n, MessageType.QUERY
-            )
-            for n in node_ids
-        ]
         nodes = []
-        for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
-            if reply.has_error():
+        for reply in self._send(grid, [(n, HelloRequest()) for n in node_ids]):
+            node = reply.metadata.src_node_id
+            try:
+                hello = HelloReply.from_message(reply)
+            except MalformedUpdateError as exc:
+                self._malformed(node, exc)
                 continue
-            rec = reply.content.config_records[CEREMONY_KEY]
-            node, claimed = reply.metadata.src_node_id, str(rec["hospital"])
+            claimed = hello.hospital
             if self.enrolled is not None and self.enrolled.get(node) != claimed:
                 # E.g. a hospital posing as the custodian: ignored, and on the record.
                 enrolled = self.enrolled.get(node, "no hospital")
@@ -178,12 +196,17 @@ class KeyCeremony:
                     "key ceremony: node %d claims %r, enrolled as %s", node, claimed, enrolled
                 )
                 continue
+            if hello.status is not ReplyStatus.OK:
+                log.warning(
+                    "key ceremony: %s refused to say hello [%s]: %s",
+                    claimed,
+                    hello.code,
+                    hello.reason,
+                )
+                continue
             nodes.append(
                 _Node(
-                    node_id=node,
-                    hospital=claimed,
-                    epochs=tuple(int(e) for e in rec.get("epochs", [])),  # type: ignore[union-attr]
-                    custodian=bool(rec.get("custodian", False)),
+                    node_id=node, hospital=claimed, epochs=hello.epochs, custodian=hello.custodian
                 )
             )
         return nodes
@@ -233,26 +256,35 @@ class KeyCeremony:
         return public
 
     def _from_custodian(self, grid: Grid, node: _Node, recipients: list[str]) -> HeContext:
-        replies = self._ask(
-            grid,
-            [node.node_id],
-            {"action": "key-ceremony", "epoch": self.epoch, "recipients": recipients},
-        )
-        if not replies or replies[0].get("status") != "ok":
-            reason = str(replies[0].get("reason")) if replies else "no reply"
-            raise KeyMismatchError(
-                f"key custodian {self.custodian!r} refused the ceremony: {reason}"
-            )
-        rec = replies[0]
+        request = SealKeyRequest(epoch=self.epoch, recipients=tuple(recipients))
+        replies = self._send(grid, [(node.node_id, request)])
+        if not replies:
+            raise KeyMismatchError(f"key custodian {self.custodian!r} did not answer the ceremony")
         try:
-            public = self.keys.save_public(self.epoch, bytes(rec["public-context"]))  # type: ignore[arg-type]
+            sealed = SealKeyReply.from_message(replies[0])
+        except MalformedUpdateError as exc:
+            self._malformed(node.node_id, exc)
+            raise
+        if sealed.status is not ReplyStatus.OK:
+            assert sealed.code is not None  # every refusal has one
+            raise KeyMismatchError(
+                f"key custodian {self.custodian!r} refused the ceremony "
+                f"[{sealed.code.value}]: {sealed.reason}"
+            )
+        unasked = sorted(set(sealed.envelopes) - set(recipients))
+        if unasked:
+            raise KeyMismatchError(
+                f"key custodian {self.custodian!r} sealed keys for {unasked}, which were not "
+                "asked for; nothing was stored"
+            )
+        try:
+            public = self.keys.save_public(self.epoch, sealed.public_context)
         except SecretKeyExposureError as exc:
             self._audit("secret_key_refused", self.custodian, reason=str(exc))
             raise
-        self.keys.save_custodian_cert(self.epoch, bytes(rec["custodian-cert"]))  # type: ignore[arg-type]
-        names = [str(r) for r in rec.get("recipients", [])]  # type: ignore[union-attr]
-        blobs = [bytes(b) for b in rec.get("envelopes", [])]  # type: ignore[union-attr,arg-type]
-        for name, blob in zip(names, blobs, strict=True):
+        self.keys.save_custodian_cert(self.epoch, sealed.custodian_cert)
+        names = list(sealed.envelopes)
+        for name, blob in sealed.envelopes.items():
             self.keys.save_envelope(self.epoch, name, blob)
         self._audit(
             "key_epoch_ready", self.custodian, fingerprint=public.fingerprint, sealed_for=names
@@ -263,42 +295,45 @@ class KeyCeremony:
         """Relay every pending envelope in one round trip; the nodes that installed it."""
         if not nodes:
             return set()
-        messages = []
+        requests: list[tuple[int, CeremonyRequest]] = []
         for node in nodes:
             envelope = self.keys.envelope(self.epoch, node.hospital)
             if envelope is None:
                 raise StoreError(f"no sealed key for {node.hospital} at epoch {self.epoch}")
-            body: dict[str, ConfigRecordValues] = {
-                "action": "install-key",
-                "epoch": self.epoch,
-                "envelope": envelope,
-                "custodian-cert": self.keys.custodian_cert(self.epoch),
-                "fingerprint": public.fingerprint,
-            }
-            messages.append(
-                Message(
-                    RecordDict({CEREMONY_KEY: ConfigRecord(body)}), node.node_id, MessageType.QUERY
-                )
+            request = InstallKeyRequest(
+                epoch=self.epoch,
+                envelope=envelope,
+                custodian_cert=self.keys.custodian_cert(self.epoch),
+                fingerprint=public.fingerprint,
             )
+            requests.append((node.node_id, request))
         answered: set[str] = set()
         ok: set[str] = set()
-        for reply in grid.send_and_receive(messages, timeout=self.timeout_s):
-            if reply.has_error():
+        for reply in self._send(grid, requests):
+            try:
+                installed = InstallKeyReply.from_message(reply)
+            except MalformedUpdateError as exc:
+                self._malformed(reply.metadata.src_node_id, exc)
                 continue
-            rec = reply.content.config_records[CEREMONY_KEY]
-            hospital = str(rec.get("hospital", ""))
+            hospital = installed.hospital
             answered.add(hospital)
-            if rec.get("status") == "ok":
+            if installed.status is ReplyStatus.OK and installed.fingerprint == public.fingerprint:
                 ok.add(hospital)
                 self._audit("key_installed", hospital)
-            else:
-                self._audit("key_install_refused", hospital, reason=str(rec.get("reason")))
-                log.warning(
-                    "%s did not install the epoch-%d key: %s",
-                    hospital,
-                    self.epoch,
-                    rec.get("reason"),
+                continue
+            if installed.status is ReplyStatus.OK:
+                reason = (
+                    f"it reports key {installed.fingerprint[:16]}…, not the epoch's "
+                    f"{public.fingerprint[:16]}…"
                 )
+                code = RefusalCode.KEY_MISMATCH.value
+            else:
+                assert installed.code is not None  # every refusal has one
+                reason, code = installed.reason, installed.code.value
+            self._audit("key_install_refused", hospital, reason=reason, code=code)
+            log.warning(
+                "%s did not install the epoch-%d key [%s]: %s", hospital, self.epoch, code, reason
+            )
         for node in nodes:
             if node.hospital not in answered:
                 self._audit("key_install_refused", node.hospital, reason="no reply")

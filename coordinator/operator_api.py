@@ -49,11 +49,13 @@ from concurrent import futures
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, NoReturn
+from typing import Literal, NoReturn, TypeVar
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -86,6 +88,7 @@ SERVICE = admin_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name
 #: Trailing metadata of a PERMISSION_DENIED answer: the least role that may call.
 REQUIRED_ROLE_METADATA = "fedvault-required-role"
 JobControl = Literal["run", "pause", "stop"]
+_M = TypeVar("_M", bound=Message)
 _REASON_MAX = 500  # characters of an operator's free-text reason kept in the audit trail
 
 
@@ -152,8 +155,10 @@ class AccessControl(grpc.ServerInterceptor):  # type: ignore[misc]
         self._ca = ca_cert
 
     def intercept_service(
-        self, continuation: Callable[[Any], Any], handler_call_details: Any
-    ) -> Any:
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return None
@@ -161,7 +166,7 @@ class AccessControl(grpc.ServerInterceptor):  # type: ignore[misc]
         method = full.rsplit("/", 1)[-1] if full.startswith(f"/{SERVICE}/") else full
         behavior = handler.unary_unary
 
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        def guarded(request: Message, context: grpc.ServicerContext) -> Message:
             caller = self._authorize(method, context)
             token = _CALLER.set(caller)
             try:
@@ -242,7 +247,9 @@ def _iso(when: datetime | None) -> str:
     return "" if when is None else when.astimezone(UTC).isoformat()
 
 
-def _job_status(job: Job, rounds: list[RoundView], rows: list[LedgerRow], paused: bool) -> Any:
+def _job_status(
+    job: Job, rounds: list[RoundView], rows: list[LedgerRow], paused: bool
+) -> admin_pb2.JobStatus:
     committed = [r for r in rounds if r.status == "committed"]
     evaluated = [r for r in committed if r.eval_accuracy is not None or r.eval_metrics]
     planned = job.config.get("rounds")
@@ -274,7 +281,7 @@ def _budget(job: Job) -> float | None:
     return float(epsilon) if isinstance(epsilon, int | float) else None
 
 
-def _copy(cls: Any, record: object, **values: Any) -> Any:
+def _copy(cls: type[_M], record: object, **values: object) -> _M:
     """Message ``cls`` from ``values`` and the same-named attributes of ``record``.
 
     ``None`` leaves a field unset, so an optional field reads as absent, not 0.
@@ -284,7 +291,7 @@ def _copy(cls: Any, record: object, **values: Any) -> Any:
     return cls(**same, **values)
 
 
-def _round_summary(v: RoundView) -> Any:
+def _round_summary(v: RoundView) -> admin_pb2.RoundSummary:
     return _copy(
         admin_pb2.RoundSummary,
         v,
@@ -298,7 +305,7 @@ def _round_summary(v: RoundView) -> Any:
     )
 
 
-def _participants(job: Job, v: RoundView) -> Any:
+def _participants(job: Job, v: RoundView) -> admin_pb2.ListParticipantsResponse:
     evals = {e.hospital: e for e in v.evaluations}
     out = [
         _copy(
@@ -322,7 +329,7 @@ def _participants(job: Job, v: RoundView) -> Any:
     )
 
 
-def _audit_entry(e: AuditRow) -> Any:
+def _audit_entry(e: AuditRow) -> admin_pb2.AuditEntry:
     detail = canonical_json(dict(e.detail))
     return _copy(admin_pb2.AuditEntry, e, time=_iso(e.created_at), detail_json=detail)
 
@@ -387,7 +394,9 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
         paused = requested_control(self._store, job.name) == "pause"
         return _job_status(job, self._store.rounds(job.id), self._store.ledger(job.id), paused)
 
-    def GetAccess(self, request: Any, context: Any) -> admin_pb2.GetAccessResponse:  # noqa: N802
+    def GetAccess(  # noqa: N802
+        self, request: admin_pb2.GetAccessRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.GetAccessResponse:
         caller = _current()
         return admin_pb2.GetAccessResponse(
             common_name=caller.common_name,
@@ -403,16 +412,20 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
             ],
         )
 
-    def GetJobStatus(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+    def GetJobStatus(  # noqa: N802
+        self, request: admin_pb2.GetJobStatusRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.JobStatus:
         return self._status(self._job(request.job))
 
-    def ListRounds(self, request: Any, context: Any) -> admin_pb2.ListRoundsResponse:  # noqa: N802
+    def ListRounds(  # noqa: N802
+        self, request: admin_pb2.ListRoundsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListRoundsResponse:
         job = self._job(request.job)
         rounds = [_round_summary(v) for v in self._store.rounds(job.id)]
         return admin_pb2.ListRoundsResponse(job=job.name, rounds=rounds)
 
     def ListParticipants(  # noqa: N802
-        self, request: Any, context: Any
+        self, request: admin_pb2.ListParticipantsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListParticipantsResponse:
         if request.round < 1:
             raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, "round must be >= 1")
@@ -427,7 +440,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
         return _participants(job, committed[0] if committed else views[-1])
 
     def GetPrivacyLedger(  # noqa: N802
-        self, request: Any, context: Any
+        self, request: admin_pb2.GetPrivacyLedgerRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetPrivacyLedgerResponse:
         job = self._job(request.job)
         entries = [_copy(admin_pb2.LedgerEntry, r) for r in self._store.ledger(job.id)]
@@ -435,7 +448,9 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
             job=job.name, epsilon_budget=_budget(job), entries=entries
         )
 
-    def GetAuditLog(self, request: Any, context: Any) -> admin_pb2.GetAuditLogResponse:  # noqa: N802
+    def GetAuditLog(  # noqa: N802
+        self, request: admin_pb2.GetAuditLogRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.GetAuditLogResponse:
         job_id = self._job(request.job).id if request.job else None
         events = self._store.audit_events(job_id)
         broken = self._store.verify_audit_chain()
@@ -446,16 +461,24 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
             first_broken_id=broken,
         )
 
-    def StopJob(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+    def StopJob(  # noqa: N802
+        self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.JobStatus:
         return self._control(request, "StopJob", "stop")
 
-    def PauseJob(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+    def PauseJob(  # noqa: N802
+        self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.JobStatus:
         return self._control(request, "PauseJob", "pause")
 
-    def ResumeJob(self, request: Any, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+    def ResumeJob(  # noqa: N802
+        self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.JobStatus:
         return self._control(request, "ResumeJob", "resume")
 
-    def _control(self, request: Any, method: str, action: str) -> admin_pb2.JobStatus:
+    def _control(
+        self, request: admin_pb2.JobControlRequest, method: str, action: str
+    ) -> admin_pb2.JobStatus:
         caller = _current()
         job = self._job(request.job)
         if job.status != "running":
@@ -511,7 +534,7 @@ def serve(
         )
     target = address or kit.operator_api_address
 
-    def read(path: Any) -> bytes:
+    def read(path: Path) -> bytes:
         return kit.read(path.relative_to(kit.root).as_posix())
 
     credentials = grpc.ssl_server_credentials(

@@ -18,9 +18,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from fedvault.privacy.errors import MalformedUpdateError
+
+if TYPE_CHECKING:
+    from fedvault.messages import RefusalCode
 
 __all__ = [
     "AuditEvent",
@@ -34,7 +37,7 @@ __all__ = [
     "RoundView",
 ]
 
-ModelKind = Literal["ckks", "plain"]
+ModelKind = Literal["bfv", "plain"]
 ParticipationStatus = Literal["ok", "refused", "rejected", "failed"]
 
 
@@ -73,7 +76,7 @@ class ModelBlob:
     def __post_init__(self) -> None:
         # Round 0 is the initial model, stored once so a restart re-sends the same bytes.
         _check(self.round >= 0, "ModelBlob.round", self.round, ">= 0")
-        _check(self.kind in get_args(ModelKind), "ModelBlob.kind", self.kind, "'ckks' or 'plain'")
+        _check(self.kind in get_args(ModelKind), "ModelBlob.kind", self.kind, "'bfv' or 'plain'")
         _check_float("ModelBlob.total_weight", self.total_weight, low=0.0)
 
 
@@ -85,6 +88,8 @@ class Participation:
     ``(noise_multiplier, sample_rate, steps)`` alone re-derive its ε.
     ``accountant_state`` is the accountant's state as JSON text (kept only in
     the privacy ledger). ``reason`` explains a refusal, rejection or failure.
+    ``code`` is a refusal's code, what the coordinator decides on (whether to
+    retry the round); the store keeps only ``reason``.
     """
 
     hospital: str
@@ -101,9 +106,12 @@ class Participation:
     accountant: str | None = None
     accountant_state: str | None = None
     bytes_received: int = 0
+    code: RefusalCode | None = None
 
     def __post_init__(self) -> None:
         name = f"participation of {self.hospital!r}"
+        refused = self.code is None or self.status == "refused"
+        _check(refused, f"{name}: code", self.code, "None unless the status is 'refused'")
         _check(bool(self.hospital), "hospital", self.hospital, "a non-empty name")
         statuses = get_args(ParticipationStatus)
         _check(self.status in statuses, f"{name}: status", self.status, f"one of {statuses}")

@@ -18,38 +18,393 @@ ledger entry up to that round (carried forward over rounds it sat out), and its
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TypeAlias, TypeGuard
 
-from fedvault.privacy.errors import StoreError
+from fedvault.durable import atomic_write
+from fedvault.privacy.errors import InvalidConfigError, StoreError
 
 from .records import LedgerRow
 from .store import RoundStore
 
-__all__ = ["REPORT_JSON", "REPORT_PNG", "build_report", "summarise", "write_report"]
+__all__ = [
+    "REPORT_JSON",
+    "REPORT_PNG",
+    "FinalReport",
+    "HospitalPrivacy",
+    "JSONObject",
+    "JSONValue",
+    "Report",
+    "ReportSummary",
+    "RoundReport",
+    "SummaryRound",
+    "build_report",
+    "summarise",
+    "write_report",
+]
 
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
-_HOSPITAL_KEYS = (
-    "samples",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "accountant",
-    "epsilon",
-    "delta",
+
+#: A JSON value as ``json.dumps`` writes it; every ``to_json`` below is built of these.
+JSONValue: TypeAlias = (
+    Mapping[str, "JSONValue"] | Sequence["JSONValue"] | str | int | float | bool | None
 )
+#: A JSON object: what each ``to_json`` returns.
+JSONObject: TypeAlias = dict[str, JSONValue]
 
 
-def build_report(store: RoundStore, job_name: str) -> dict[str, Any]:
+# -- the report's shape -----------------------------------------------------------
+#
+# Each class's fields are in the order its JSON keys are written (a contract: see
+# docs/design.md). ``from_json`` reads back what ``to_json`` wrote, and also reports
+# from before per-round metrics (keys written later default: {} / None / 0).
+
+
+@dataclass(frozen=True)
+class HospitalPrivacy:
+    """One hospital of a job: its training samples (latest round it trained in) and its
+    cumulative privacy spend; ``None`` where nothing is known (no ledger entry yet)."""
+
+    samples: int | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    accountant: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+
+    def to_json(self) -> JSONObject:
+        return {
+            "samples": self.samples,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": self.accountant,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+        }
+
+    @classmethod
+    def _read(cls, f: _Fields) -> HospitalPrivacy:
+        return cls(
+            samples=f.opt_integer("samples"),
+            noise_multiplier=f.number("noise_multiplier"),
+            sample_rate=f.number("sample_rate"),
+            steps=f.opt_integer("steps"),
+            accountant=f.opt_text("accountant"),
+            epsilon=f.number("epsilon"),
+            delta=f.number("delta"),
+        )
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """One committed round: the pooled and per-hospital metrics of its evaluation, each
+    hospital's cumulative ε, who trained, who did not and why, and the bytes received."""
+
+    round: int
+    accuracy: float | None = None
+    loss: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    hospital_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    epsilon: Mapping[str, float] = field(default_factory=dict)
+    participants: tuple[str, ...] = ()
+    refused: Mapping[str, str] = field(default_factory=dict)
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    failed: Mapping[str, str] = field(default_factory=dict)
+    train_loss: float | None = None
+    bytes_received: int = 0
+
+    def to_json(self) -> JSONObject:
+        return {
+            "round": self.round,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "metrics": dict(self.metrics),
+            "hospital_metrics": {h: dict(m) for h, m in self.hospital_metrics.items()},
+            "epsilon": dict(self.epsilon),
+            "participants": list(self.participants),
+            "refused": dict(self.refused),
+            "rejected": dict(self.rejected),
+            "failed": dict(self.failed),
+            "train_loss": self.train_loss,
+            "bytes_received": self.bytes_received,
+        }
+
+    @classmethod
+    def _read(cls, f: _Fields) -> RoundReport:
+        return cls(
+            round=f.integer("round"),
+            accuracy=f.number("accuracy"),
+            loss=f.number("loss"),
+            metrics=f.numbers("metrics"),
+            hospital_metrics=f.tables("hospital_metrics"),
+            epsilon=f.numbers("epsilon", required=True),
+            participants=f.names("participants"),
+            refused=f.texts("refused"),
+            rejected=f.texts("rejected"),
+            failed=f.texts("failed"),
+            train_loss=f.number("train_loss"),
+            bytes_received=f.integer("bytes_received", default=0),
+        )
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    """The job's end (so far): the last committed round's evaluation, the largest ε and δ
+    any hospital spent, how many rounds were committed, and the job's status."""
+
+    accuracy: float | None
+    loss: float | None
+    metrics: Mapping[str, float]
+    hospital_metrics: Mapping[str, Mapping[str, float]]
+    epsilon_max: float | None
+    delta: float | None
+    rounds_completed: int
+    status: str
+
+    def to_json(self) -> JSONObject:
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "metrics": dict(self.metrics),
+            "hospital_metrics": {h: dict(m) for h, m in self.hospital_metrics.items()},
+            "epsilon_max": self.epsilon_max,
+            "delta": self.delta,
+            "rounds_completed": self.rounds_completed,
+            "status": self.status,
+        }
+
+    @classmethod
+    def _read(cls, f: _Fields) -> FinalReport:
+        return cls(
+            accuracy=f.number("accuracy"),
+            loss=f.number("loss"),
+            metrics=f.numbers("metrics"),
+            hospital_metrics=f.tables("hospital_metrics"),
+            epsilon_max=f.number("epsilon_max"),
+            delta=f.number("delta"),
+            rounds_completed=f.integer("rounds_completed"),
+            status=f.text("status"),
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """``report.json``: the job's stored configuration, its committed rounds in order,
+    its end, and its hospitals by name."""
+
+    config: Mapping[str, JSONValue]
+    rounds: tuple[RoundReport, ...]
+    final: FinalReport
+    hospitals: Mapping[str, HospitalPrivacy]
+
+    def to_json(self) -> JSONObject:
+        """The ``report.json`` object, keys in the order they are written."""
+        return {
+            "config": dict(self.config),
+            "rounds": [r.to_json() for r in self.rounds],
+            "final": self.final.to_json(),
+            "hospitals": {name: h.to_json() for name, h in self.hospitals.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Report:
+        """Read a report back (``json.loads`` of ``report.json``).
+
+        Raises :class:`InvalidConfigError` naming the key that is missing or of the
+        wrong type; keys it does not know are ignored.
+        """
+        f = _Fields(data, REPORT_JSON)
+        return cls(
+            config=f.json_object("config"),
+            rounds=tuple(RoundReport._read(r) for r in f.objects("rounds")),
+            final=FinalReport._read(f.obj("final")),
+            hospitals={n: HospitalPrivacy._read(h) for n, h in f.members("hospitals").items()},
+        )
+
+
+@dataclass(frozen=True)
+class SummaryRound:
+    """One round in a job summary: pooled metrics and each hospital's ε only."""
+
+    round: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    epsilon: Mapping[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> JSONObject:
+        return {"round": self.round, "metrics": dict(self.metrics), "epsilon": dict(self.epsilon)}
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """The compact report the coordinator relays to hospitals with the final model
+    (see :func:`summarise`); they keep it beside their model versions."""
+
+    consortium: str
+    job: str | None
+    task: str | None
+    rounds: tuple[SummaryRound, ...]
+    final: FinalReport
+    hospitals: Mapping[str, HospitalPrivacy]
+
+    def to_json(self) -> JSONObject:
+        return {
+            "consortium": self.consortium,
+            "job": self.job,
+            "task": self.task,
+            "rounds": [r.to_json() for r in self.rounds],
+            "final": self.final.to_json(),
+            "hospitals": {name: h.to_json() for name, h in self.hospitals.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> ReportSummary:
+        """Read a relayed summary back; errors as :meth:`Report.from_json`."""
+        f = _Fields(data, "job summary")
+        return cls(
+            consortium=f.opt_text("consortium") or "",
+            job=f.opt_text("job"),
+            task=f.opt_text("task"),
+            rounds=tuple(
+                SummaryRound(
+                    round=r.integer("round"),
+                    metrics=r.numbers("metrics"),
+                    epsilon=r.numbers("epsilon"),
+                )
+                for r in f.objects("rounds")
+            ),
+            final=FinalReport._read(f.obj("final")),
+            hospitals={n: HospitalPrivacy._read(h) for n, h in f.members("hospitals").items()},
+        )
+
+
+class _Fields:
+    """One JSON object being read back; an error names the path of the offending key."""
+
+    def __init__(self, data: object, where: str) -> None:
+        if not isinstance(data, Mapping):
+            raise InvalidConfigError(f"{where} must be a JSON object (got {_kind(data)})")
+        self._data: Mapping[str, object] = data
+        self._where = where
+
+    def _get(self, key: str, *, required: bool) -> object:
+        if key not in self._data and required:
+            raise InvalidConfigError(f"{self._where} lacks {key!r}")
+        return self._data.get(key)
+
+    def _wrong(self, key: str, what: str, value: object) -> InvalidConfigError:
+        return InvalidConfigError(f"{self._where}: {key!r} must be {what} (got {_kind(value)})")
+
+    def integer(self, key: str, *, default: int | None = None) -> int:
+        value = self._get(key, required=default is None)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._wrong(key, "an integer", value)
+        return value
+
+    def opt_integer(self, key: str) -> int | None:
+        value = self._get(key, required=False)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise self._wrong(key, "an integer or null", value)
+
+    def number(self, key: str) -> float | None:
+        value = self._get(key, required=False)
+        if value is None or _is_number(value):
+            return value
+        raise self._wrong(key, "a number or null", value)
+
+    def text(self, key: str) -> str:
+        value = self._get(key, required=True)
+        if not isinstance(value, str):
+            raise self._wrong(key, "a string", value)
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        value = self._get(key, required=False)
+        if value is None or isinstance(value, str):
+            return value
+        raise self._wrong(key, "a string or null", value)
+
+    def numbers(self, key: str, *, required: bool = False) -> dict[str, float]:
+        value = self._get(key, required=required)
+        if value is None and not required:
+            return {}
+        if not isinstance(value, Mapping) or not all(_is_number(v) for v in value.values()):
+            raise self._wrong(key, "an object of numbers", value)
+        return dict(value)
+
+    def texts(self, key: str) -> dict[str, str]:
+        value = self._get(key, required=False)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+            raise self._wrong(key, "an object of strings", value)
+        return dict(value)
+
+    def tables(self, key: str) -> dict[str, dict[str, float]]:
+        value = self._get(key, required=False)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self._wrong(key, "an object of objects of numbers", value)
+        inner = _Fields(value, f"{self._where}.{key}")
+        return {name: inner.numbers(name, required=True) for name in value}
+
+    def names(self, key: str) -> tuple[str, ...]:
+        value = self._get(key, required=True)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._wrong(key, "a list of strings", value)
+        return tuple(value)
+
+    def json_object(self, key: str) -> dict[str, JSONValue]:
+        value = self._get(key, required=True)
+        if not isinstance(value, Mapping):
+            raise self._wrong(key, "an object", value)
+        return dict(value)
+
+    def obj(self, key: str) -> _Fields:
+        return _Fields(self._get(key, required=True), f"{self._where}.{key}")
+
+    def objects(self, key: str) -> list[_Fields]:
+        value = self._get(key, required=True)
+        if not isinstance(value, list):
+            raise self._wrong(key, "a list of objects", value)
+        return [_Fields(v, f"{self._where}.{key}[{i}]") for i, v in enumerate(value)]
+
+    def members(self, key: str) -> dict[str, _Fields]:
+        value = self._get(key, required=True)
+        if not isinstance(value, Mapping):
+            raise self._wrong(key, "an object of objects", value)
+        return {n: _Fields(v, f"{self._where}.{key}[{n!r}]") for n, v in value.items()}
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _text_or_none(value: JSONValue) -> str | None:
+    return None if value is None else value if isinstance(value, str) else str(value)
+
+
+def build_report(store: RoundStore, job_name: str) -> Report:
     """Build the report of job ``job_name`` from its committed rounds and ledger.
 
-    Only committed rounds appear in ``"rounds"``, each once and in order; failed
+    Only committed rounds appear in ``rounds``, each once and in order; failed
     attempts are not results.
     """
     job = store.get_job(job_name)
@@ -61,35 +416,41 @@ def build_report(store: RoundStore, job_name: str) -> dict[str, Any]:
     pending = iter(store.ledger(job.id))  # ordered by round
     next_row = next(pending, None)
     latest: dict[str, LedgerRow] = {}
-    rounds: list[dict[str, Any]] = []
-    hospitals: dict[str, dict[str, Any]] = {}
+    rounds: list[RoundReport] = []
+    samples: dict[str, int | None] = {}  # hospital -> samples of the last round it trained in
     for r in committed:
         while next_row is not None and next_row.round <= r.number:
             latest[next_row.hospital] = next_row
             next_row = next(pending, None)
         by_status: dict[str, dict[str, str]] = {"refused": {}, "rejected": {}, "failed": {}}
         for p in r.participations:
-            info = hospitals.setdefault(p.hospital, dict.fromkeys(_HOSPITAL_KEYS))
+            samples.setdefault(p.hospital, None)
             if p.status == "ok":
-                info["samples"] = p.samples
+                samples[p.hospital] = p.samples
             else:
                 by_status[p.status][p.hospital] = p.reason
         rounds.append(
-            {
-                "round": r.number,
-                "accuracy": r.eval_accuracy,
-                "loss": r.eval_loss,
-                "metrics": dict(r.eval_metrics),
-                "hospital_metrics": {e.hospital: dict(e.metrics) for e in r.evaluations},
-                "epsilon": {h: latest[h].epsilon for h in sorted(latest)},
-                "participants": sorted(p.hospital for p in r.participations if p.status == "ok"),
-                **by_status,
-                "train_loss": r.train_loss,
-                "bytes_received": sum(p.bytes_received for p in r.participations),
-            }
+            RoundReport(
+                round=r.number,
+                accuracy=r.eval_accuracy,
+                loss=r.eval_loss,
+                metrics=dict(r.eval_metrics),
+                hospital_metrics={e.hospital: dict(e.metrics) for e in r.evaluations},
+                epsilon={h: latest[h].epsilon for h in sorted(latest)},
+                participants=tuple(
+                    sorted(p.hospital for p in r.participations if p.status == "ok")
+                ),
+                refused=by_status["refused"],
+                rejected=by_status["rejected"],
+                failed=by_status["failed"],
+                train_loss=r.train_loss,
+                bytes_received=sum(p.bytes_received for p in r.participations),
+            )
         )
+    hospitals = {h: HospitalPrivacy(samples=n) for h, n in samples.items()}
     for hospital, row in latest.items():
-        hospitals[hospital].update(
+        hospitals[hospital] = replace(
+            hospitals[hospital],
             noise_multiplier=row.noise_multiplier,
             sample_rate=row.sample_rate,
             steps=row.steps,
@@ -97,82 +458,68 @@ def build_report(store: RoundStore, job_name: str) -> dict[str, Any]:
             epsilon=row.epsilon,
             delta=row.delta,
         )
-    last = committed[-1] if committed else None
+    last = rounds[-1] if rounds else None
     deltas = [row.delta for row in latest.values() if row.delta is not None]
-    final = {
-        "accuracy": last.eval_accuracy if last else None,
-        "loss": last.eval_loss if last else None,
-        "metrics": rounds[-1]["metrics"] if rounds else {},
-        "hospital_metrics": rounds[-1]["hospital_metrics"] if rounds else {},
-        "epsilon_max": max((row.epsilon for row in latest.values()), default=None),
-        "delta": max(deltas, default=None),
-        "rounds_completed": len(committed),
-        "status": job.status,
-    }
-    return {
-        "config": dict(job.config),
-        "rounds": rounds,
-        "final": final,
-        "hospitals": dict(sorted(hospitals.items())),
-    }
+    final = FinalReport(
+        accuracy=last.accuracy if last else None,
+        loss=last.loss if last else None,
+        metrics=last.metrics if last else {},
+        hospital_metrics=last.hospital_metrics if last else {},
+        epsilon_max=max((row.epsilon for row in latest.values()), default=None),
+        delta=max(deltas, default=None),
+        rounds_completed=len(committed),
+        status=job.status,
+    )
+    return Report(
+        config=dict(job.config),
+        rounds=tuple(rounds),
+        final=final,
+        hospitals=dict(sorted(hospitals.items())),
+    )
 
 
-def summarise(report: dict[str, Any], *, consortium: str = "") -> dict[str, Any]:
+def summarise(report: Report, *, consortium: str = "") -> ReportSummary:
     """The part of a report hospitals keep beside their model versions (model cards).
 
     Per round only the pooled metrics and each hospital's ε (no participant
     lists or byte counts), so it stays small for a large consortium.
     """
-    return {
-        "consortium": consortium,
-        "job": report["config"].get("job"),
-        "task": report["config"].get("task"),
-        "rounds": [
-            {"round": r["round"], "metrics": r["metrics"], "epsilon": r["epsilon"]}
-            for r in report["rounds"]
-        ],
-        "final": report["final"],
-        "hospitals": report["hospitals"],
-    }
+    return ReportSummary(
+        consortium=consortium,
+        job=_text_or_none(report.config.get("job")),
+        task=_text_or_none(report.config.get("task")),
+        rounds=tuple(
+            SummaryRound(round=r.round, metrics=r.metrics, epsilon=r.epsilon) for r in report.rounds
+        ),
+        final=report.final,
+        hospitals=report.hospitals,
+    )
 
 
 def write_report(
-    store: RoundStore, job_name: str, out_dir: Path, *, report: dict[str, Any] | None = None
+    store: RoundStore, job_name: str, out_dir: Path, *, report: Report | None = None
 ) -> Path:
     """Write ``out_dir/report.json`` and ``out_dir/report.png``; return the JSON path.
 
     ``report``: the job's report if the caller built it already.
 
-    Each file is written to a temporary file in ``out_dir`` and moved into
-    place with :func:`os.replace`, so a reader (or a crash) never sees half a
-    report: the old one stays until the new one is complete.
+    Each file is written with :func:`fedvault.durable.atomic_write` (mode 0644:
+    a report is meant to be shared), so a reader (or a crash) never sees half a
+    report: the old one stays until the new one is complete and on disk.
     """
     report = report if report is not None else build_report(store, job_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    text = json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n"
     json_path = out_dir / REPORT_JSON
-    _atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
-    _atomic_write(out_dir / REPORT_PNG, lambda f: _plot(report, f))
+    atomic_write(json_path, text, 0o644)
+    png = io.BytesIO()
+    _plot(report, png)
+    atomic_write(out_dir / REPORT_PNG, png.getvalue(), 0o644)
     return json_path
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _plot(report: dict[str, Any], out: IO[bytes]) -> None:
+def _plot(report: Report, out: IO[bytes]) -> None:
     """Two panels: the task's pooled test metrics per round; cumulative ε per hospital
     against the target."""
     # Imported here: matplotlib is slow to import and only the report needs it.
@@ -183,25 +530,25 @@ def _plot(report: dict[str, Any], out: IO[bytes]) -> None:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)  # headless Agg, never a GUI backend
     acc_ax, eps_ax = fig.subplots(1, 2)
-    rounds = report["rounds"]
-    names = sorted({k for r in rounds for k in r.get("metrics", {})} - {"loss"})
+    rounds = report.rounds
+    names = sorted({k for r in rounds for k in r.metrics} - {"loss"})
     if not names:  # a report without task metrics (written before tasks)
-        points = [(r["round"], r["accuracy"]) for r in rounds if r["accuracy"] is not None]
-        if points:
-            acc_ax.plot(*zip(*points, strict=True), marker="o", label="accuracy")
+        acc = [(r.round, r.accuracy) for r in rounds if r.accuracy is not None]
+        if acc:
+            acc_ax.plot(*zip(*acc, strict=True), marker="o", label="accuracy")
     for name in names:
-        points = [(r["round"], r["metrics"][name]) for r in rounds if name in r["metrics"]]
+        points = [(r.round, r.metrics[name]) for r in rounds if name in r.metrics]
         acc_ax.plot(*zip(*points, strict=True), marker="o", label=name)
     acc_ax.set(title="Test metrics, pooled over hospitals", xlabel="round", ylabel="value")
     if acc_ax.get_legend_handles_labels()[0]:
         acc_ax.legend(fontsize="small")
     if not {"mae", "rmse"} & set(names):  # classification scores live in [0, 1]
         acc_ax.set_ylim(0.0, 1.02)
-    for hospital in report["hospitals"]:
-        points = [(r["round"], r["epsilon"][hospital]) for r in rounds if hospital in r["epsilon"]]
-        if points:
-            eps_ax.plot(*zip(*points, strict=True), marker="o", label=hospital)
-    target = report["config"].get("epsilon")
+    for hospital in report.hospitals:
+        spent = [(r.round, r.epsilon[hospital]) for r in rounds if hospital in r.epsilon]
+        if spent:
+            eps_ax.plot(*zip(*spent, strict=True), marker="o", label=hospital)
+    target = report.config.get("epsilon")
     if isinstance(target, int | float) and not isinstance(target, bool):
         eps_ax.axhline(target, linestyle="--", color="black", label=f"target ε = {target:g}")
     eps_ax.set(title="Privacy spent per hospital", xlabel="round", ylabel="ε (cumulative)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +25,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedvault.config import JobConfig, SecureAggregation
-from fedvault.coordinator.daemon import RUN_CONFIG_KEYS
+from fedvault.coordinator.aggregation import aggregation_mode
 from fedvault.coordinator.key_ceremony import KeyCeremony, KeyDirectory
 from fedvault.coordinator.operator_api import requested_control
 from fedvault.coordinator.records import (
@@ -36,13 +36,13 @@ from fedvault.coordinator.records import (
     RoundView,
 )
 from fedvault.coordinator.report import build_report, summarise, write_report
+from fedvault.coordinator.run_settings import RunSettings
 from fedvault.coordinator.store import RoundStore
 from fedvault.coordinator.strategy import EvalSpec, RoundOutcome, SecureFedAvg
 from fedvault.fingerprint import TaskFingerprint, fingerprint_task
-from fedvault.messages import SUMMARY_KEY, ModelPayload, payload_to_record
+from fedvault.messages import SUMMARY_KEY, ModelPayload, RefusalCode, payload_to_record
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
 from fedvault.privacy.errors import StoreError
-from fedvault.privacy.he import encrypt_update
 from fedvault.privacy.he_context import HeContext
 from fedvault.task_registry import LoadedTask, load_task
 
@@ -127,24 +127,13 @@ def _initial_model(
     model = task.build_model()
     state = model.state_dict()  # only what the task shares travels (adapters, say)
     weights = {k: state[k].detach().cpu().numpy() for k in task.shared_names(model)}
-    if settings.job.secure_aggregation is SecureAggregation.HE:
-        assert public is not None
-        return ModelPayload(
-            envelope=encrypt_update(
-                public,
-                weights,
-                weight=1.0,
-                key_epoch=key_epoch,
-                job=settings.job.job,
-                server_round=0,
-            )
-        )
-    return ModelPayload(arrays=weights)
+    mode = aggregation_mode(settings.job.secure_aggregation)
+    return mode.initial_model(weights, public, key_epoch=key_epoch, job=settings.job.job)
 
 
 def _to_blob(number: int, model: ModelPayload, total_weight: float) -> ModelBlob:
     if model.envelope is not None:
-        return ModelBlob(round=number, kind="ckks", blob=model.envelope, total_weight=total_weight)
+        return ModelBlob(round=number, kind="bfv", blob=model.envelope, total_weight=total_weight)
     assert model.arrays is not None
     return ModelBlob(
         round=number, kind="plain", blob=arrays_to_bytes(model.arrays), total_weight=total_weight
@@ -152,7 +141,7 @@ def _to_blob(number: int, model: ModelPayload, total_weight: float) -> ModelBlob
 
 
 def _from_blob(blob: ModelBlob) -> ModelPayload:
-    if blob.kind == "ckks":
+    if blob.kind == "bfv":
         return ModelPayload(envelope=blob.blob)
     return ModelPayload(arrays=arrays_from_bytes(blob.blob))
 
@@ -436,7 +425,6 @@ def run_job(
                 if candidate.model is not None and candidate.accepted >= job.quorum:
                     outcome = candidate
                     break
-                budget_bound = [p for p in candidate.participations if p.status != "ok"]
                 reason = (
                     f"{candidate.accepted} of {job.quorum} required hospitals contributed: "
                     + "; ".join(
@@ -453,7 +441,7 @@ def run_job(
                 for event in candidate.audit:
                     store.append_audit(event, job_id=job_row.id)
                 obs.on_round_failed(number, attempt, reason)
-                if budget_bound and all(_final_refusal(p.reason) for p in budget_bound):
+                if _final_refusal(candidate.participations):
                     break  # spent budgets and refused consent do not come back
             if outcome is None:
                 store.set_job_status(job_row.id, "failed")
@@ -501,18 +489,30 @@ def _wait_while_paused(store: RoundStore, job_name: str, poll_s: float) -> str:
 
 
 # Refusals that retrying a round cannot change: a spent budget, a task a hospital
-# does not run or has not allowed.
-_FINAL_REFUSALS = ("BudgetExhaustedError", "PolicyRefusalError", "TaskMismatchError")
+# does not run, cannot load or has not allowed. Decided on the code alone: the
+# reason is free text. No code (a failure, a rejected reply) and UNKNOWN (a
+# refusal from a hospital without refusal codes) are retried.
+_FINAL_REFUSALS = frozenset(
+    {
+        RefusalCode.BUDGET_EXHAUSTED,
+        RefusalCode.POLICY,
+        RefusalCode.TASK_MISMATCH,
+        RefusalCode.CONFIG,
+    }
+)
 
 
-def _final_refusal(reason: str) -> bool:
-    return reason.startswith(_FINAL_REFUSALS) or "unknown task" in reason
+def _final_refusal(participations: Sequence[Participation]) -> bool:
+    """Whether retrying the round cannot help: every hospital that did not
+    contribute refused with a final code."""
+    missing = [p for p in participations if p.status != "ok"]
+    return bool(missing) and all(p.code in _FINAL_REFUSALS for p in missing)
 
 
 def _summary(store: RoundStore, settings: CoordinatorSettings) -> str:
     """The compact job report hospitals keep with their model versions (JSON)."""
     report = build_report(store, settings.job.job)
-    return json.dumps(summarise(report, consortium=settings.consortium), allow_nan=False)
+    return json.dumps(summarise(report, consortium=settings.consortium).to_json(), allow_nan=False)
 
 
 def _write_report(store: RoundStore, settings: CoordinatorSettings) -> str:
@@ -521,7 +521,7 @@ def _write_report(store: RoundStore, settings: CoordinatorSettings) -> str:
         return ""
     report = build_report(store, settings.job.job)
     write_report(store, settings.job.job, settings.report_dir, report=report)
-    return json.dumps(summarise(report, consortium=settings.consortium), allow_nan=False)
+    return json.dumps(summarise(report, consortium=settings.consortium).to_json(), allow_nan=False)
 
 
 def make_server_app(
@@ -544,26 +544,18 @@ def make_server_app(
 
 
 def settings_from_run_config(context: Context) -> CoordinatorSettings:
-    """Settings the coordinator daemon passes as Flower run config (see daemon.py)."""
-    cfg = context.run_config
-    missing = [k for k in RUN_CONFIG_KEYS if not str(cfg.get(k, ""))]
-    if missing:
-        raise StoreError(
-            f"run config lacks {missing}; submit jobs with `fedvault coordinator start`, "
-            "not with a bare `flwr run`"
-        )
+    """Settings the coordinator daemon passes as Flower run config (see run_settings.py)."""
+    run = RunSettings.from_context(context)
     from fedvault.kit import Kit, KitKind
 
-    job = JobConfig.from_json(str(cfg["job-config"]))
-    state_dir = Path(str(cfg["state-dir"]))
-    kit = Kit.load(str(cfg["kit"]), expected_kind=KitKind.COORDINATOR)
+    kit = Kit.load(run.kit, expected_kind=KitKind.COORDINATOR)
     return CoordinatorSettings(
-        job=job,
-        store_url=str(cfg["store"]),
-        task=load_task(job.task),
-        report_dir=state_dir,
-        key_directory=KeyDirectory(state_dir / "keys"),
-        custodian=str(cfg["custodian"]),
+        job=run.job,
+        store_url=run.store,
+        task=load_task(run.job.task),
+        report_dir=run.state_dir,
+        key_directory=KeyDirectory(run.state_dir / "keys"),
+        custodian=run.custodian,
         at_rest_key=kit.at_rest_key(),
         consortium=kit.consortium,
     )

@@ -285,7 +285,7 @@ class ModelTable(Base):
     __tablename__ = "models"
     __table_args__ = (
         UniqueConstraint("job_id", "round"),
-        CheckConstraint("kind IN ('ckks', 'plain')", name="kind"),
+        CheckConstraint("kind IN ('bfv', 'plain')", name="kind"),
         CheckConstraint(_one_of("at_rest", AT_REST_SCHEMES), name="at_rest"),
     )
 
@@ -363,9 +363,10 @@ class AuditTable(Base):
 
 # -- rows <-> records -------------------------------------------------------------
 
-# Participation fields stored in `participations` (accountant_state is ledger-only).
+# Participation fields stored in `participations` (accountant_state is ledger-only;
+# a refusal's code is what the coordinator decides on, its reason what is kept).
 _PARTICIPATION_COLUMNS = tuple(
-    f.name for f in fields(Participation) if f.name != "accountant_state"
+    f.name for f in fields(Participation) if f.name not in ("accountant_state", "code")
 )
 # Ledger columns a participation carries.
 _LEDGER_COLUMNS = (*(f.name for f in fields(LedgerRow) if f.name != "round"), "accountant_state")

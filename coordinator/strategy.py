@@ -16,14 +16,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedvault.config import JobConfig, SecureAggregation
-from fedvault.coordinator.aggregation import PlainFedAvg
+from fedvault.config import JobConfig
+from fedvault.coordinator.aggregation import (
+    AggregationMode,
+    ModelLayout,
+    UpdateAggregator,
+    aggregation_mode,
+)
 from fedvault.coordinator.records import AuditEvent, HospitalEval, Participation
 from fedvault.messages import (
     CONFIG_KEY,
@@ -36,10 +41,9 @@ from fedvault.messages import (
     payload_to_record,
 )
 from fedvault.metrics import EvalResult, pool
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError, MalformedUpdateError
-from fedvault.privacy.he import Aggregator, parse_envelope
+from fedvault.privacy.errors import FedvaultError, MalformedUpdateError
+from fedvault.privacy.he import parse_envelope
 from fedvault.privacy.he_context import HeContext
-from fedvault.proto import update_pb2
 from fedvault.task import TaskKind
 
 __all__ = ["EvalSpec", "Evaluations", "RoundCollector", "RoundOutcome", "SecureFedAvg"]
@@ -160,15 +164,9 @@ class SecureFedAvg(Strategy):
         enrolled: Mapping[int, str] | None = None,
         eval_spec: EvalSpec | None = None,
     ) -> None:
-        if job.secure_aggregation is SecureAggregation.HE:
-            if public_context is None:
-                raise InvalidConfigError("he mode needs the consortium's public HE context")
-            if public_context.is_private:
-                # The coordinator must be *unable* to decrypt, not merely unwilling.
-                raise InvalidConfigError(
-                    "the coordinator was given a HE context holding a secret key; "
-                    "give it only the public context"
-                )
+        # Everything that depends on he/none (aggregator, payloads, context).
+        self.mode: AggregationMode[Any, Any] = aggregation_mode(job.secure_aggregation)
+        self.mode.check_context(public_context)
         self.job = job
         self.public_context = public_context
         self.key_epoch = key_epoch
@@ -176,7 +174,7 @@ class SecureFedAvg(Strategy):
         self.eval_spec = eval_spec or EvalSpec()
         # Layout of the model sent for a round (see expect_model): every update
         # must match it, so a hostile first reply cannot set the layout.
-        self._expected: dict[int, _ModelLayout | None] = {}
+        self._expected: dict[int, ModelLayout | None] = {}
 
     # --- Flower Strategy interface -------------------------------------------
 
@@ -237,11 +235,15 @@ class SecureFedAvg(Strategy):
         """Validate every reply, aggregate the good ones, explain the rest.
 
         Checks, in order: message type, size (``max_update_bytes``, before
-        anything is decoded), records and metrics, one reply per hospital and
-        node, the update's layout against the model sent, its sample weight
-        against ``num-examples``, then key, epoch, job, round and ciphertext
-        chunks (:meth:`Aggregator.add`). Every check happens before the update
-        touches the sum.
+        anything is decoded), records and metrics (:meth:`TrainReply.from_message`),
+        the node's enrolment (:func:`_check_identity`), one reply per hospital and
+        node (:func:`_check_first_reply`), the payload kind the job's mode sends
+        (:meth:`AggregationMode.parse`), the update's layout against the model
+        sent (:func:`_check_layout`), its own sample weight against
+        ``num-examples`` (:func:`_check_weight`), then what the aggregator checks
+        (:meth:`UpdateAggregator.add`: key, epoch, job, round and ciphertext
+        chunks; finite values). Every check happens before the update touches
+        the sum.
         """
         collector = self.round_collector(server_round)
         for msg in replies:
@@ -291,20 +293,10 @@ class SecureFedAvg(Strategy):
 
     def _identity_mismatch(self, node: int, claimed: str) -> str | None:
         """Why ``node`` may not speak for ``claimed``, or ``None`` if it may."""
-        if self.enrolled is None:
-            return None
-        enrolled = self.enrolled.get(node)
-        if enrolled is None:
-            return (
-                f"node {node} replied as {claimed!r} but no hospital enrolled that node; "
-                "the reply is discarded (was the node registered outside fedvault?)"
-            )
-        if enrolled != claimed:
-            return (
-                f"node {node} is enrolled as {enrolled!r} but replied as {claimed!r}; the "
-                f"reply is discarded: a hospital may speak only for itself (check {enrolled}'s "
-                "kit and data spec)"
-            )
+        try:
+            _check_identity(self.enrolled, node, claimed)
+        except MalformedUpdateError as exc:
+            return str(exc)
         return None
 
     def _messages(
@@ -346,213 +338,209 @@ class RoundCollector:
     def __init__(self, strategy: SecureFedAvg, server_round: int) -> None:
         self.strategy, self.server_round = strategy, server_round
         self.outcome = RoundOutcome()
-        job = strategy.job
-        self.aggregator: Aggregator | PlainFedAvg
-        if job.secure_aggregation is SecureAggregation.HE:
-            if strategy.public_context is None:  # enforced by SecureFedAvg.__init__
-                raise InvalidConfigError("he mode needs the consortium's public HE context")
-            self.aggregator = Aggregator(
-                strategy.public_context,
-                key_epoch=strategy.key_epoch,
-                job=job.job,
-                server_round=server_round,
-            )
-        else:
-            self.aggregator = PlainFedAvg()
+        self.aggregator: UpdateAggregator[Any, Any] = strategy.mode.aggregator(
+            strategy.public_context,
+            key_epoch=strategy.key_epoch,
+            job=strategy.job.job,
+            server_round=server_round,
+        )
         self.expected = strategy._expected.get(server_round)
         self.seen_nodes: set[int] = set()
         self.loss_sum = 0.0
 
     def add(self, msg: Message) -> None:
         """Validate one reply and, if it is good, add its update to the sum."""
-        s = self.strategy
         node = msg.metadata.src_node_id
         repeated = node in self.seen_nodes  # one reply per node and round: the first counts
         self.seen_nodes.add(node)
         if msg.has_error():
-            reason = f"client error {msg.error.code}: {msg.error.reason}"
-            log.warning("round %d: node %d failed: %s", self.server_round, node, reason)
-            self.outcome.record(
-                Participation(
-                    hospital=f"node-{node}", node_id=node, status="failed", reason=reason
-                ),
-            )
+            self._failed(node, f"client error {msg.error.code}: {msg.error.reason}")
             return
-        try:
-            reply = TrainReply.from_message(msg, max_bytes=s.job.max_update_bytes)
-        except FedvaultError as exc:
-            s._reject(self.outcome, f"node-{node}", node, str(exc), self.server_round)
-            return
-        if (mismatch := s._identity_mismatch(node, reply.hospital)) is not None:
-            sender = (s.enrolled or {}).get(node, f"node-{node}")
-            if repeated or any(p.hospital == sender for p in self.outcome.participations):
-                sender = f"node-{node}"  # the sender's own row is already taken
-            s._reject(self.outcome, sender, node, mismatch, self.server_round)
-            return
-        if repeated or any(p.hospital == reply.hospital for p in self.outcome.participations):
-            s._reject(
-                self.outcome,
-                reply.hospital,
-                node,
-                f"duplicate reply for round {self.server_round} (from {reply.hospital}, node "
-                f"{node}): only the first reply counts; discard this one",
-                self.server_round,
-            )
+        reply = self._admit(msg, node, repeated)
+        if reply is None:
             return
         if reply.status is ReplyStatus.REFUSED:
-            self.outcome.record(
-                Participation(
-                    hospital=reply.hospital, node_id=node, status="refused", reason=reply.reason
-                ),
-            )
-            self.outcome.audit.append(
-                AuditEvent(
-                    kind="round_refused",
-                    actor=reply.hospital,
-                    detail={"round": self.server_round, "reason": reply.reason},
-                )
-            )
+            self._refused(node, reply)
             return
-        assert reply.update is not None  # TrainReply guarantees it for OK replies
         try:
-            # Build the records first: they validate too, and nothing may
-            # fail once the update is in the sum.
-            participation = Participation(
-                hospital=reply.hospital,
-                node_id=node,
-                status="ok",
-                samples=reply.samples,
-                train_loss=reply.train_loss,
-                epsilon=reply.epsilon,
-                delta=reply.delta,
-                noise_multiplier=reply.noise_multiplier,
-                sample_rate=reply.sample_rate,
-                steps=reply.steps,
-                accountant=reply.accountant,
-                accountant_state=reply.accountant_state,
-                bytes_received=reply.update.nbytes,
-            )
-            evaluation = (
-                _hospital_eval(
-                    s.eval_spec,
-                    reply.hospital,
-                    reply.evaluation,
-                    reply.eval_accuracy,
-                    reply.eval_loss,
-                    reply.eval_samples,
-                )
-                if reply.eval_samples
-                else None
-            )
-            if isinstance(self.aggregator, Aggregator):
-                if reply.update.envelope is None:
-                    raise MalformedUpdateError(
-                        "plaintext update in an encrypted job; discard it and check the "
-                        "hospital's configuration (it must encrypt its updates)"
-                    )
-                env = parse_envelope(reply.update.envelope)
-                if self.expected is not None:
-                    self.expected.check(_envelope_layout(env))
-                _check_weight(env.sample_weight, reply.samples)
-                self.aggregator.add(env)
-            else:
-                if reply.update.arrays is None:
-                    raise MalformedUpdateError(
-                        "encrypted update in a plaintext job; discard it and check the "
-                        "hospital's configuration"
-                    )
-                if self.expected is not None:
-                    self.expected.check(_arrays_layout(reply.update.arrays))
-                self.aggregator.add(reply.update.arrays, weight=float(reply.samples))
+            self._accept(node, reply)
         except FedvaultError as exc:
-            s._reject(self.outcome, reply.hospital, node, str(exc), self.server_round)
-            return
+            self._reject(reply.hospital, node, exc)
+
+    def finish(self) -> RoundOutcome:
+        """The round's outcome: the aggregate (if any update was good) and every reason."""
+        if self.aggregator.count:
+            self.outcome.model = self.strategy.mode.payload(self.aggregator.result())
+            self.outcome.total_weight = self.aggregator.total_weight
+            self.outcome.train_loss = self.loss_sum / self.aggregator.total_weight
+        return self.outcome
+
+    # --- one reply ---------------------------------------------------------------
+
+    def _admit(self, msg: Message, node: int, repeated: bool) -> TrainReply | None:
+        """The reply, if it parses, its node may speak for its hospital and it is the
+        first; otherwise ``None``, the rejection recorded against the sender as far
+        as it is known (the node, its enrolled hospital, the hospital it names)."""
+        actor = f"node-{node}"
+        try:
+            reply = TrainReply.from_message(msg, max_bytes=self.strategy.job.max_update_bytes)
+            actor = self._identity_actor(node, repeated)
+            _check_identity(self.strategy.enrolled, node, reply.hospital)
+            actor = reply.hospital
+            _check_first_reply(self.outcome, reply.hospital, node, repeated, self.server_round)
+        except FedvaultError as exc:
+            self._reject(actor, node, exc)
+            return None
+        return reply
+
+    def _accept(self, node: int, reply: TrainReply) -> None:
+        """Check an OK reply's update, add it to the sum, record the hospital's part."""
+        assert reply.update is not None  # TrainReply guarantees it for OK replies
+        # Build the records first: they validate too, and nothing may fail once
+        # the update is in the sum.
+        participation = _participation(node, reply)
+        evaluation = _evaluation(self.strategy.eval_spec, reply)
+        update = self.strategy.mode.parse(reply.update)
+        _check_layout(self.expected, update.layout)
+        _check_weight(update.weight, reply.samples)
+        self.aggregator.add(update.data, weight=float(reply.samples))
         self.loss_sum += reply.train_loss * reply.samples
         if evaluation is not None:
             self.outcome.evaluations.add(*evaluation)
         self.outcome.record(participation)
 
-    def finish(self) -> RoundOutcome:
-        """The round's outcome: the aggregate (if any update was good) and every reason."""
-        if self.aggregator.count:
-            if isinstance(self.aggregator, Aggregator):
-                self.outcome.model = ModelPayload(envelope=self.aggregator.result())
-            else:
-                self.outcome.model = ModelPayload(arrays=self.aggregator.result())
-            self.outcome.total_weight = self.aggregator.total_weight
-            self.outcome.train_loss = self.loss_sum / self.aggregator.total_weight
-        return self.outcome
+    def _identity_actor(self, node: int, repeated: bool) -> str:
+        """Whom a reply in another hospital's name is recorded against: the node's
+        enrolled hospital, or the node itself once that hospital's row is taken."""
+        sender = (self.strategy.enrolled or {}).get(node, f"node-{node}")
+        if repeated or any(p.hospital == sender for p in self.outcome.participations):
+            sender = f"node-{node}"  # the sender's own row is already taken
+        return sender
 
-
-# --- layout checks ---------------------------------------------------------------
-
-_Spec = tuple[str, tuple[int, ...], str]  # name, shape, dtype
-
-
-@dataclass(frozen=True)
-class _ModelLayout:
-    """Names, shapes and dtypes of a model's tensors, in packing order.
-
-    For an envelope also its fixed-point encoding (scale and bound bits):
-    summands encoded differently add up to garbage.
-    """
-
-    tensors: tuple[_Spec, ...]
-    encoding: tuple[int, int] | None = None
-
-    def check(self, got: _ModelLayout) -> None:
-        if got == self:
-            return
-        if got.tensors == self.tensors:
-            raise MalformedUpdateError(
-                f"update's fixed-point encoding (scale bits, bound bits) = {got.encoding} "
-                f"differs from the model sent this round, {self.encoding}; run the same "
-                "fedvault version and settings at every site, discard this update"
-            )
-        for i, (g, w) in enumerate(zip(got.tensors, self.tensors, strict=False)):
-            if g != w:
-                diff = f"tensor {i} is {g[0]!r} {g[1]} {g[2]}, expected {w[0]!r} {w[1]} {w[2]}"
-                break
-        else:
-            diff = f"{len(got.tensors)} tensors, expected {len(self.tensors)}"
-        raise MalformedUpdateError(
-            f"update's layout differs from the model sent this round: {diff}; the hospital "
-            "runs another model version, discard this update"
+    def _failed(self, node: int, reason: str) -> None:
+        log.warning("round %d: node %d failed: %s", self.server_round, node, reason)
+        self.outcome.record(
+            Participation(hospital=f"node-{node}", node_id=node, status="failed", reason=reason),
         )
 
+    def _refused(self, node: int, reply: TrainReply) -> None:
+        self.outcome.record(
+            Participation(
+                hospital=reply.hospital,
+                node_id=node,
+                status="refused",
+                reason=reply.reason,
+                code=reply.code,
+            ),
+        )
+        self.outcome.audit.append(
+            AuditEvent(
+                kind="round_refused",
+                actor=reply.hospital,
+                detail={"round": self.server_round, "reason": reply.reason},
+            )
+        )
 
-def _envelope_layout(env: update_pb2.UpdateEnvelope) -> _ModelLayout:
-    return _ModelLayout(
-        tuple((t.name, tuple(int(d) for d in t.shape), t.dtype) for t in env.layout.tensors),
-        (env.scale_bits, env.value_bound_bits),
+    def _reject(self, hospital: str, node: int, exc: FedvaultError) -> None:
+        self.strategy._reject(self.outcome, hospital, node, str(exc), self.server_round)
+
+
+def _participation(node: int, reply: TrainReply) -> Participation:
+    """An accepted reply's participation record (it validates the reply's numbers)."""
+    assert reply.update is not None
+    return Participation(
+        hospital=reply.hospital,
+        node_id=node,
+        status="ok",
+        samples=reply.samples,
+        train_loss=reply.train_loss,
+        epsilon=reply.epsilon,
+        delta=reply.delta,
+        noise_multiplier=reply.noise_multiplier,
+        sample_rate=reply.sample_rate,
+        steps=reply.steps,
+        accountant=reply.accountant,
+        accountant_state=reply.accountant_state,
+        bytes_received=reply.update.nbytes,
     )
 
 
-def _arrays_layout(arrays: Mapping[str, np.ndarray]) -> _ModelLayout:
-    return _ModelLayout(tuple((k, tuple(v.shape), str(v.dtype)) for k, v in arrays.items()))
-
-
-def _layout_of(arrays: ArrayRecord) -> _ModelLayout | None:
-    """The layout of a global model record; ``None`` if it cannot be read (not ours)."""
-    try:
-        if ENVELOPE_KEY in arrays:
-            data = arrays[ENVELOPE_KEY].numpy().tobytes()
-            return _envelope_layout(parse_envelope(data))
-        return _ModelLayout(tuple((k, tuple(a.shape), str(a.dtype)) for k, a in arrays.items()))
-    except FedvaultError:
+def _evaluation(spec: EvalSpec, reply: TrainReply) -> tuple[HospitalEval, EvalResult | None] | None:
+    """The hospital's evaluation of the model it received, if it sent one."""
+    if not reply.eval_samples:
         return None
+    return _hospital_eval(
+        spec,
+        reply.hospital,
+        reply.evaluation,
+        reply.eval_accuracy,
+        reply.eval_loss,
+        reply.eval_samples,
+    )
 
 
-def _check_weight(sample_weight: float, samples: int) -> None:
+# --- the checks: each raises FedvaultError with what to do --------------------------
+
+
+def _check_identity(enrolled: Mapping[int, str] | None, node: int, claimed: str) -> None:
+    """``node`` may speak for ``claimed``: enrolment bound it to that hospital
+    (``enrolled`` is ``None`` in a simulation: no binding)."""
+    if enrolled is None:
+        return
+    hospital = enrolled.get(node)
+    if hospital is None:
+        raise MalformedUpdateError(
+            f"node {node} replied as {claimed!r} but no hospital enrolled that node; "
+            "the reply is discarded (was the node registered outside fedvault?)"
+        )
+    if hospital != claimed:
+        raise MalformedUpdateError(
+            f"node {node} is enrolled as {hospital!r} but replied as {claimed!r}; the "
+            f"reply is discarded: a hospital may speak only for itself (check {hospital}'s "
+            "kit and data spec)"
+        )
+
+
+def _check_first_reply(
+    outcome: RoundOutcome, hospital: str, node: int, repeated: bool, server_round: int
+) -> None:
+    """Only a hospital's, and a node's, first reply of a round counts."""
+    if repeated or any(p.hospital == hospital for p in outcome.participations):
+        raise MalformedUpdateError(
+            f"duplicate reply for round {server_round} (from {hospital}, node "
+            f"{node}): only the first reply counts; discard this one"
+        )
+
+
+def _check_layout(expected: ModelLayout | None, got: ModelLayout) -> None:
+    """The update has the tensors (and encoding) of the model sent this round; with
+    no model recorded for the round, the aggregator compares updates among themselves."""
+    if expected is not None:
+        expected.check(got)
+
+
+def _check_weight(sample_weight: float | None, samples: int) -> None:
     """An encrypted update's weight must be the sample count its reply reports.
 
     The coordinator cannot look inside the ciphertext, but it can refuse a
     weight (NaN, negative, 1e300) that disagrees with ``num-examples``, which
-    :class:`TrainReply` has already bounded.
+    :class:`TrainReply` has already bounded. ``None``: the update carries no
+    weight of its own (plaintext: the reply's count is its weight).
     """
-    if sample_weight != float(samples):
+    if sample_weight is not None and sample_weight != float(samples):
         raise MalformedUpdateError(
             f"update's sample_weight {sample_weight!r} differs from the num-examples {samples} "
             "the reply reports; the hospital must weight its update by its sample count, "
             "discard this update"
         )
+
+
+def _layout_of(arrays: ArrayRecord) -> ModelLayout | None:
+    """The layout of a global model record; ``None`` if it cannot be read (not ours)."""
+    try:
+        if ENVELOPE_KEY in arrays:
+            data = arrays[ENVELOPE_KEY].numpy().tobytes()
+            return ModelLayout.of_envelope(parse_envelope(data))
+        return ModelLayout.of_arrays(arrays)
+    except FedvaultError:
+        return None

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedvault.privacy.errors import FedvaultError
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without the store's stack
+    from fedvault.coordinator.report import Report
 
 app = typer.Typer(
     add_completion=False,
@@ -50,57 +53,57 @@ _TABLE_METRICS = {
 }
 
 
-def print_summary(report: dict[str, Any], console: Console, out_dir: Path) -> None:
+def print_summary(report: Report, console: Console, out_dir: Path) -> None:
     """The readable end of a run: per-round pooled metrics, per-hospital privacy spend."""
-    present = {k for r in report["rounds"] for k in r.get("metrics", {})}
-    if not present and any(r.get("accuracy") is not None for r in report["rounds"]):
+    present = {k for r in report.rounds for k in r.metrics}
+    if not present and any(r.accuracy is not None for r in report.rounds):
         present = {"accuracy"}
     names = [k for k in _TABLE_METRICS if k in present][:3]
     rounds = Table(title="Rounds (test metrics pooled over hospitals)", show_lines=False)
     for col in ("round", *(_TABLE_METRICS[n] for n in names), "loss", "max ε", "participants"):
         rounds.add_column(col, justify="right")
     rounds.add_column("bytes received", justify="right")
-    for r in report["rounds"]:
-        eps = max(r["epsilon"].values(), default=0.0)
-        metrics = {"accuracy": r.get("accuracy"), **r.get("metrics", {})}
-        loss = r["loss"] if r.get("loss") is not None else metrics.get("loss")
+    for r in report.rounds:
+        eps = max(r.epsilon.values(), default=0.0)
+        metrics = {"accuracy": r.accuracy, **r.metrics}
+        loss = r.loss if r.loss is not None else metrics.get("loss")
         rounds.add_row(
-            str(r["round"]),
+            str(r.round),
             *("n/a" if metrics.get(n) is None else f"{metrics[n]:.4f}" for n in names),
             "n/a" if loss is None else f"{loss:.4f}",
             f"{eps:.3f}",
-            str(len(r["participants"])),
-            f"{r.get('bytes_received', 0):,}",
+            str(len(r.participants)),
+            f"{r.bytes_received:,}",
         )
     hospitals = Table(title="Hospitals (privacy spent in this job)")
     for col in ("hospital", "samples", "ε", "noise σ", "sample rate", "DP steps", "accountant"):
         hospitals.add_column(col, justify="right")
-    for name, h in sorted(report["hospitals"].items()):
+    for name, h in sorted(report.hospitals.items()):
         hospitals.add_row(
             name,
-            str(h["samples"]),
-            f"{h['epsilon']:.3f}",
-            f"{h['noise_multiplier']:.3f}",
-            f"{h['sample_rate']:.4f}",
-            str(h["steps"]),
-            h["accountant"],
+            str(h.samples),
+            f"{h.epsilon:.3f}",
+            f"{h.noise_multiplier:.3f}",
+            f"{h.sample_rate:.4f}",
+            str(h.steps),
+            h.accountant,
         )
     console.print(rounds)
     console.print(hospitals)
-    final = report["final"]
+    final = report.final
 
     def num(value: float | None, fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
 
-    shown = final.get("metrics") or {"accuracy": final.get("accuracy")}
+    shown: dict[str, float | None] = {**final.metrics} or {"accuracy": final.accuracy}
     order = sorted(k for k in shown if k != "loss")
     order.sort(key=lambda k: k != "accuracy")  # the familiar one first
     values = "   ".join(f"[bold]{k}[/bold] {num(shown[k], '.4f')}" for k in order)
     console.print(
         f"[bold]final[/bold] {values}   "
-        f"[bold]max ε[/bold] {num(final.get('epsilon_max'), '.3f')} "
-        f"at δ={num(final.get('delta'), 'g')}   "
-        f"[bold]rounds[/bold] {final['rounds_completed']}   status {final['status']}"
+        f"[bold]max ε[/bold] {num(final.epsilon_max, '.3f')} "
+        f"at δ={num(final.delta, 'g')}   "
+        f"[bold]rounds[/bold] {final.rounds_completed}   status {final.status}"
     )
     console.print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'report.png'}")
 
@@ -143,6 +146,7 @@ def simulate(
     """
     try:
         from fedvault.config import JobConfig
+        from fedvault.coordinator.report import Report
         from fedvault.privacy.errors import InvalidConfigError
         from fedvault.simulation import simulate as run
         from fedvault.task_registry import load_task
@@ -164,18 +168,20 @@ def simulate(
             job=job,
         )
         console = Console()
-        report = run(
-            config,
-            task=loaded.task,
-            out_dir=out,
-            store_url=store,
-            console=console,
-            gpus_per_hospital=gpus_per_hospital,
+        report = Report.from_json(
+            run(
+                config,
+                task=loaded.task,
+                out_dir=out,
+                store_url=store,
+                console=console,
+                gpus_per_hospital=gpus_per_hospital,
+            )
         )
         print_summary(report, console, out.resolve())
     except FedvaultError as exc:
         _fail(exc)
-    if report["final"]["status"] != "finished":
+    if report.final.status != "finished":
         raise typer.Exit(code=1)
 
 
@@ -363,14 +369,16 @@ def demo(
 ) -> None:
     """A 3-hospital consortium as real processes on 127.0.0.1, end to end."""
     try:
+        from fedvault.coordinator.report import Report
         from fedvault.demo import run_demo
 
         console = Console()
-        report = run_demo(out, console, rounds=rounds)
-        print_summary(report, console, Path(report.get("out_dir", out or ".")))
+        raw = run_demo(out, console, rounds=rounds)
+        report = Report.from_json(raw)
+        print_summary(report, console, Path(raw.get("out_dir", out or ".")))
     except FedvaultError as exc:
         _fail(exc)
-    if report["final"]["status"] != "finished":
+    if report.final.status != "finished":
         raise typer.Exit(code=1)
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from fedvault.partition import Partition
 from fedvault.privacy.dp import AccountantName, PrivacyConfig
@@ -23,6 +23,7 @@ from fedvault.privacy.errors import InvalidConfigError
 __all__ = [
     "DEFAULT_MAX_UPDATE_BYTES",
     "JobConfig",
+    "OptimizerName",
     "SecureAggregation",
     "TrainingConfig",
 ]
@@ -32,6 +33,8 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: of millions of parameters even at a public-key ciphertext's ~4x expansion.
 DEFAULT_MAX_UPDATE_BYTES = 256 * 2**20
 _MIN_UPDATE_BYTES = 1024
+#: The local update rules a job may name (``TrainingConfig.optimizer``).
+OptimizerName = Literal["sgd", "adam"]
 
 
 class SecureAggregation(StrEnum):
@@ -43,6 +46,16 @@ class SecureAggregation(StrEnum):
 
     HE = "he"
     NONE = "none"
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether updates and models travel encrypted: the one he/none test.
+
+        Code that depends on the mode reads this (or, on the coordinator,
+        :func:`fedvault.coordinator.aggregation.aggregation_mode`), never the
+        mode's name.
+        """
+        return self is SecureAggregation.HE
 
     @classmethod
     def parse(cls, text: str) -> SecureAggregation:
@@ -76,6 +89,9 @@ class TrainingConfig:
     learning_rate: float
     local_epochs: int = 1
     momentum: float = 0.0
+    #: ``"sgd"`` (with ``momentum``) or ``"adam"``: the update rule applied to
+    #: the clipped, noised gradient (post-processing: ε does not depend on it).
+    optimizer: OptimizerName = "sgd"
 
     def __post_init__(self) -> None:
         _require(
@@ -93,6 +109,15 @@ class TrainingConfig:
         _require(
             _is_finite_number(self.momentum) and 0 <= self.momentum < 1,
             f"momentum must be in [0, 1) (got {self.momentum!r})",
+        )
+        _require(
+            self.optimizer in get_args(OptimizerName),
+            f"optimizer must be one of {list(get_args(OptimizerName))} (got {self.optimizer!r})",
+        )
+        _require(
+            self.optimizer == "sgd" or self.momentum == 0,
+            "momentum applies to optimizer 'sgd' only (Adam keeps its own moment estimates); "
+            "set momentum = 0",
         )
 
 
@@ -227,6 +252,7 @@ class JobConfig:
             "learning_rate": d.learning_rate,
             "local_epochs": d.local_epochs,
             "momentum": d.momentum,
+            "optimizer": d.optimizer,
         }
         top: dict[str, Any] = {"best_metric": task.best_metric}
         max_grad_norm = d.max_grad_norm

@@ -7,6 +7,11 @@ keys and how a model travels inside a Flower :class:`~flwr.app.Message`:
   carried as a ``uint8`` array, so Flower's own chunking moves large models;
 * ``none`` mode: the named float arrays themselves.
 
+The key ceremony's requests and replies are typed here too (``HelloRequest``
+… ``InstallKeyReply``), and every refusal carries a :class:`RefusalCode`
+beside its human ``reason``: the coordinator decides on the code, never on
+the text.
+
 Everything that arrives from the other side is parsed defensively: an
 oversized reply (checked before anything is decoded), an unexpected message
 type or record, a missing key, a wrong type, a non-finite or out-of-range
@@ -19,14 +24,16 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import ClassVar, TypedDict
 
 import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    ConfigRecordValues,
     Message,
     MessageType,
     MetricRecord,
@@ -34,21 +41,44 @@ from flwr.app import (
 )
 
 from fedvault.config import JobConfig
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.privacy.errors import (
+    BudgetExhaustedError,
+    DataError,
+    FedvaultError,
+    InvalidConfigError,
+    KeyMismatchError,
+    MalformedUpdateError,
+    PolicyRefusalError,
+    SecretKeyExposureError,
+    StoreError,
+    TaskMismatchError,
+)
 
 __all__ = [
     "CEREMONY_KEY",
     "ENVELOPE_KEY",
     "MAX_SAMPLES",
     "SUMMARY_KEY",
+    "CeremonyReply",
+    "CeremonyRequest",
     "EvalReply",
+    "HelloReply",
+    "HelloRequest",
+    "InstallKeyReply",
+    "InstallKeyRequest",
     "ModelPayload",
+    "RefusalCode",
     "ReplyStatus",
     "RoundInstruction",
+    "SealKeyReply",
+    "SealKeyRequest",
     "TrainReply",
+    "ceremony_request",
     "content_nbytes",
     "payload_from_record",
     "payload_to_record",
+    "refusal_code",
+    "refusal_reason",
 ]
 
 MODEL_KEY = "model"
@@ -70,6 +100,68 @@ _HOSPITAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class ReplyStatus(StrEnum):
     OK = "ok"
     REFUSED = "refused"  # the hospital declined on purpose (budget, key epoch, data)
+
+
+class RefusalCode(StrEnum):
+    """Why a hospital refused, for the coordinator's decisions; ``reason`` is for people.
+
+    Every refusal a hospital sends carries one (:func:`refusal_code` derives it
+    from the error it refuses with). A refusal without a code comes from a
+    hospital running an older fedvault: it parses as :attr:`UNKNOWN`, which
+    the coordinator treats like :attr:`INTERNAL` (retryable), never by reading
+    the text. A code this version does not know is malformed, like an unknown
+    status.
+    """
+
+    BUDGET_EXHAUSTED = "budget_exhausted"  # BudgetExhaustedError: the privacy budget is spent
+    POLICY = "policy"  # PolicyRefusalError: the site policy does not allow this job
+    TASK_MISMATCH = "task_mismatch"  # TaskMismatchError: other task code or architecture
+    CONFIG = "config"  # InvalidConfigError: node config, a task it cannot load, a job value
+    KEY_MISMATCH = "key_mismatch"  # KeyMismatchError: another HE key, key epoch or kit
+    KEY_EXPOSURE = "key_exposure"  # SecretKeyExposureError: a secret context would leave
+    MALFORMED = "malformed"  # MalformedUpdateError: the request could not be parsed
+    DATA = "data"  # DataError: the hospital's data is missing, malformed or too small
+    INTERNAL = "internal"  # StoreError, or any other failure at the hospital
+    UNKNOWN = "unknown"  # only parsed: a refusal that carried no code (an older hospital)
+
+
+# Most specific first is not needed: refusal_code walks the error's MRO.
+_REFUSAL_CODES: dict[type[BaseException], RefusalCode] = {
+    BudgetExhaustedError: RefusalCode.BUDGET_EXHAUSTED,
+    PolicyRefusalError: RefusalCode.POLICY,
+    TaskMismatchError: RefusalCode.TASK_MISMATCH,
+    InvalidConfigError: RefusalCode.CONFIG,
+    KeyMismatchError: RefusalCode.KEY_MISMATCH,
+    SecretKeyExposureError: RefusalCode.KEY_EXPOSURE,
+    MalformedUpdateError: RefusalCode.MALFORMED,
+    DataError: RefusalCode.DATA,
+    StoreError: RefusalCode.INTERNAL,
+    FedvaultError: RefusalCode.INTERNAL,
+}
+
+
+def refusal_code(exc: BaseException) -> RefusalCode:
+    """The code a hospital refuses with when ``exc`` stops it (INTERNAL if none fits)."""
+    for cls in type(exc).__mro__:
+        if (code := _REFUSAL_CODES.get(cls)) is not None:
+            return code
+    return RefusalCode.INTERNAL
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The human text of a refusal: the error's class and message."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _check_refusal(status: ReplyStatus, code: RefusalCode | None) -> RefusalCode | None:
+    """A refusal always has a code (UNKNOWN if none was given); an accepted reply none."""
+    if status is ReplyStatus.OK:
+        if code is not None:
+            raise MalformedUpdateError(
+                f"an accepted reply carries refusal code {code.value!r}; {_DISCARD}"
+            )
+        return None
+    return RefusalCode.UNKNOWN if code is None else code
 
 
 @dataclass(frozen=True)
@@ -234,6 +326,7 @@ class TrainReply:
     hospital: str
     status: ReplyStatus
     reason: str = ""
+    code: RefusalCode | None = None  # set exactly when refused (see RefusalCode)
     update: ModelPayload | None = None
     samples: int = 0
     train_loss: float = 0.0
@@ -255,6 +348,9 @@ class TrainReply:
     # which knows the task's kind); empty when nothing was evaluated.
     evaluation: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", _check_refusal(self.status, self.code))
+
     def to_content(self) -> RecordDict:
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
             STATUS_KEY: ConfigRecord(
@@ -262,6 +358,7 @@ class TrainReply:
                     "hospital": self.hospital,
                     "status": self.status.value,
                     "reason": self.reason,
+                    "code": _code_text(self.code),
                     "accountant": self.accountant,
                     "accountant-state": self.accountant_state,
                     "evaluation": self.evaluation,
@@ -306,6 +403,7 @@ class TrainReply:
                 hospital=hospital,
                 status=state,
                 reason=_text(status.get("reason", ""), "reason"),
+                code=_code(status.get("code", ""), state),
                 update=(
                     payload_from_record(content.array_records[MODEL_KEY])
                     if state is ReplyStatus.OK
@@ -358,10 +456,14 @@ class EvalReply:
     hospital: str
     status: ReplyStatus
     reason: str = ""
+    code: RefusalCode | None = None  # as TrainReply.code
     accuracy: float = 0.0
     loss: float = 0.0
     samples: int = 0
     evaluation: str = ""  # as TrainReply.evaluation
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", _check_refusal(self.status, self.code))
 
     def to_content(self) -> RecordDict:
         return RecordDict(
@@ -371,6 +473,7 @@ class EvalReply:
                         "hospital": self.hospital,
                         "status": self.status.value,
                         "reason": self.reason,
+                        "code": _code_text(self.code),
                         "evaluation": self.evaluation,
                     }
                 ),
@@ -388,10 +491,12 @@ class EvalReply:
         try:
             status = content.config_records[STATUS_KEY]
             metrics = content.metric_records[METRICS_KEY]
+            state = _status(status["status"])
             reply = cls(
                 hospital=_hospital(status["hospital"]),
-                status=_status(status["status"]),
+                status=state,
                 reason=_text(status.get("reason", ""), "reason"),
+                code=_code(status.get("code", ""), state),
                 accuracy=_finite(metrics["accuracy"], "accuracy"),
                 loss=_finite(metrics["loss"], "loss"),
                 samples=_int(metrics["num-examples"], "num-examples"),
@@ -409,6 +514,328 @@ class EvalReply:
         _in_range(reply.accuracy, "accuracy", 0.0, 1.0)
         _in_range(reply.samples, "num-examples", 0, MAX_SAMPLES)
         return reply
+
+
+# --- key ceremony (coordinator <-> hospital, QUERY messages) ----------------------
+#
+# Each request and reply travels as one ConfigRecord under CEREMONY_KEY. The
+# coordinator relays (see fedvault.coordinator.key_ceremony); the hospital
+# answers (fedvault.client.client_app). A refusal of any request is a plain
+# CeremonyReply with a code, which every reply type parses.
+
+_CEREMONY_REQUEST = "key-ceremony request"
+_CEREMONY_REPLY = "key-ceremony reply"
+
+
+def _ceremony_content(fields: Mapping[str, ConfigRecordValues]) -> RecordDict:
+    return RecordDict({CEREMONY_KEY: ConfigRecord(dict(fields))})
+
+
+def _ceremony_record(msg: Message, *, request: bool, action: str | None = None) -> ConfigRecord:
+    """The ceremony record of a reply, or of a request (for ``action``, if given)."""
+    what = _CEREMONY_REQUEST if request else _CEREMONY_REPLY
+    if not request:
+        _check_message(msg, what, MessageType.QUERY, frozenset({CEREMONY_KEY}), None)
+    elif unexpected := sorted(set(msg.content.keys()) - {CEREMONY_KEY}):
+        raise MalformedUpdateError(
+            f"{what} carries unexpected records {[k[:40] for k in unexpected[:5]]} (expected "
+            f"only {CEREMONY_KEY!r}); the coordinator runs another protocol version"
+        )
+    if CEREMONY_KEY not in msg.content.config_records:
+        raise MalformedUpdateError(
+            f"{what} carries no {CEREMONY_KEY!r} config record; the sender runs another "
+            "protocol version, discard it"
+        )
+    record = msg.content.config_records[CEREMONY_KEY]
+    if action is not None and (got := _text(_get(record, "action", what), "action")) != action:
+        raise MalformedUpdateError(f"{what} is a {got[:40]!r} request, not {action!r}")
+    return record
+
+
+def _get(record: ConfigRecord, key: str, what: str) -> ConfigRecordValues:
+    try:
+        return record[key]
+    except KeyError:
+        raise MalformedUpdateError(
+            f"{what} lacks {key!r}; the sender runs another protocol version, discard it"
+        ) from None
+
+
+def _epoch(value: object, name: str = "epoch") -> int:
+    epoch = _int(value, name)
+    if epoch < 1:
+        raise MalformedUpdateError(f"key {name} must be >= 1 (got {epoch}); {_DISCARD}")
+    return epoch
+
+
+def _bytes(value: object, name: str) -> bytes:
+    if not isinstance(value, bytes) or not value:
+        got = "empty bytes" if isinstance(value, bytes) else type(value).__name__
+        raise MalformedUpdateError(f"config field {name} must be non-empty bytes (got {got})")
+    return value
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise MalformedUpdateError(
+            f"config field {name} must be a boolean (got {type(value).__name__}); {_DISCARD}"
+        )
+    return value
+
+
+def _list(value: object, name: str) -> list[object]:
+    if not isinstance(value, list):
+        raise MalformedUpdateError(
+            f"config field {name} must be a list (got {type(value).__name__}); {_DISCARD}"
+        )
+    return list(value)
+
+
+def _hospitals(value: object, name: str) -> tuple[str, ...]:
+    """Distinct hospital names (the coordinator files envelopes under them)."""
+    names = tuple(_hospital(v) for v in _list(value, name))
+    if len(set(names)) != len(names):
+        raise MalformedUpdateError(f"config field {name} names a hospital twice; {_DISCARD}")
+    return names
+
+
+@dataclass(frozen=True)
+class HelloRequest:
+    """Coordinator -> every node: who are you, and which key epochs do you hold?"""
+
+    ACTION: ClassVar[str] = "hello"
+
+    def to_content(self) -> RecordDict:
+        return _ceremony_content({"action": self.ACTION})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> HelloRequest:
+        _ceremony_record(msg, request=True, action=cls.ACTION)
+        return cls()
+
+
+@dataclass(frozen=True)
+class SealKeyRequest:
+    """Coordinator -> the custodian: make (or reuse) ``epoch``'s key, seal it for ``recipients``."""
+
+    ACTION: ClassVar[str] = "key-ceremony"
+    epoch: int
+    recipients: tuple[str, ...] = ()
+
+    def to_content(self) -> RecordDict:
+        return _ceremony_content(
+            {"action": self.ACTION, "epoch": self.epoch, "recipients": list(self.recipients)}
+        )
+
+    @classmethod
+    def from_message(cls, msg: Message) -> SealKeyRequest:
+        record = _ceremony_record(msg, request=True, action=cls.ACTION)
+        return cls(
+            epoch=_epoch(_get(record, "epoch", _CEREMONY_REQUEST)),
+            recipients=_hospitals(_get(record, "recipients", _CEREMONY_REQUEST), "recipients"),
+        )
+
+
+@dataclass(frozen=True)
+class InstallKeyRequest:
+    """Coordinator -> a hospital: the envelope the custodian sealed for it, to open and keep."""
+
+    ACTION: ClassVar[str] = "install-key"
+    epoch: int
+    envelope: bytes
+    custodian_cert: bytes  # PEM: the envelope must be signed by this certificate's key
+    fingerprint: str  # of the epoch's public context: the opened key must match it
+
+    def to_content(self) -> RecordDict:
+        return _ceremony_content(
+            {
+                "action": self.ACTION,
+                "epoch": self.epoch,
+                "envelope": self.envelope,
+                "custodian-cert": self.custodian_cert,
+                "fingerprint": self.fingerprint,
+            }
+        )
+
+    @classmethod
+    def from_message(cls, msg: Message) -> InstallKeyRequest:
+        record = _ceremony_record(msg, request=True, action=cls.ACTION)
+        fingerprint = _text(_get(record, "fingerprint", _CEREMONY_REQUEST), "fingerprint")
+        if not fingerprint:
+            raise MalformedUpdateError("install-key request has an empty fingerprint")
+        return cls(
+            epoch=_epoch(_get(record, "epoch", _CEREMONY_REQUEST)),
+            envelope=_bytes(_get(record, "envelope", _CEREMONY_REQUEST), "envelope"),
+            custodian_cert=_bytes(
+                _get(record, "custodian-cert", _CEREMONY_REQUEST), "custodian-cert"
+            ),
+            fingerprint=fingerprint,
+        )
+
+
+CeremonyRequest = HelloRequest | SealKeyRequest | InstallKeyRequest
+_REQUESTS: dict[str, type[CeremonyRequest]] = {
+    r.ACTION: r for r in (HelloRequest, SealKeyRequest, InstallKeyRequest)
+}
+
+
+def ceremony_request(msg: Message) -> CeremonyRequest:
+    """Parse a key-ceremony request of any action (the hospital's side)."""
+    record = _ceremony_record(msg, request=True)
+    action = _text(_get(record, "action", _CEREMONY_REQUEST), "action")
+    if action not in _REQUESTS:
+        raise MalformedUpdateError(
+            f"unknown key-ceremony action {action[:40]!r} (expected one of "
+            f"{sorted(_REQUESTS)}); the coordinator runs another protocol version"
+        )
+    return _REQUESTS[action].from_message(msg)
+
+
+class _ReplyState(TypedDict):
+    """What every key-ceremony reply carries."""
+
+    hospital: str
+    status: ReplyStatus
+    reason: str
+    code: RefusalCode | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CeremonyReply:
+    """A hospital's answer to a key-ceremony request; on its own, the refusal of one.
+
+    Every reply type below extends it, and parses a refusal (``status``
+    refused, ``reason`` and ``code`` set, nothing else) as well as its answer.
+    """
+
+    hospital: str
+    status: ReplyStatus = ReplyStatus.OK
+    reason: str = ""
+    code: RefusalCode | None = None  # as TrainReply.code
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", _check_refusal(self.status, self.code))
+
+    def _common(self) -> dict[str, ConfigRecordValues]:
+        return {
+            "hospital": self.hospital,
+            "status": self.status.value,
+            "reason": self.reason,
+            "code": _code_text(self.code),
+        }
+
+    @staticmethod
+    def _parse_common(record: ConfigRecord) -> _ReplyState:
+        status = _status(_get(record, "status", _CEREMONY_REPLY))
+        return _ReplyState(
+            hospital=_hospital(_get(record, "hospital", _CEREMONY_REPLY)),
+            status=status,
+            reason=_text(record.get("reason", ""), "reason"),
+            code=_code(record.get("code", ""), status),
+        )
+
+    def to_content(self) -> RecordDict:
+        return _ceremony_content(self._common())
+
+    @classmethod
+    def from_message(cls, msg: Message) -> CeremonyReply:
+        common = cls._parse_common(_ceremony_record(msg, request=False))
+        return CeremonyReply(**common)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HelloReply(CeremonyReply):
+    """A node's answer to hello: the hospital it speaks for and the key epochs it holds."""
+
+    epochs: tuple[int, ...] = ()  # the key epochs whose secret context the hospital holds
+    custodian: bool = False  # whether its kit makes it the consortium's key custodian
+
+    def to_content(self) -> RecordDict:
+        fields = self._common()
+        if self.status is ReplyStatus.OK:
+            fields |= {"epochs": list(self.epochs), "custodian": self.custodian}
+        return _ceremony_content(fields)
+
+    @classmethod
+    def from_message(cls, msg: Message) -> HelloReply:
+        record = _ceremony_record(msg, request=False)
+        common = cls._parse_common(record)
+        if common["status"] is not ReplyStatus.OK:
+            return cls(**common)
+        epochs = _list(_get(record, "epochs", _CEREMONY_REPLY), "epochs")
+        return cls(
+            **common,
+            epochs=tuple(_epoch(e, "epochs") for e in epochs),
+            custodian=_bool(_get(record, "custodian", _CEREMONY_REPLY), "custodian"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SealKeyReply(CeremonyReply):
+    """The custodian's answer: the epoch's public context and one envelope per recipient."""
+
+    public_context: bytes = b""  # serialized without the secret key (the coordinator checks)
+    custodian_cert: bytes = b""  # PEM, for recipients to verify the envelopes' signatures
+    envelopes: Mapping[str, bytes] = field(default_factory=dict)  # recipient -> sealed key
+
+    def to_content(self) -> RecordDict:
+        fields = self._common()
+        if self.status is ReplyStatus.OK:
+            fields |= {
+                "public-context": self.public_context,
+                "custodian-cert": self.custodian_cert,
+                "recipients": list(self.envelopes),
+                "envelopes": list(self.envelopes.values()),
+            }
+        return _ceremony_content(fields)
+
+    @classmethod
+    def from_message(cls, msg: Message) -> SealKeyReply:
+        record = _ceremony_record(msg, request=False)
+        common = cls._parse_common(record)
+        if common["status"] is not ReplyStatus.OK:
+            return cls(**common)
+        names = _hospitals(_get(record, "recipients", _CEREMONY_REPLY), "recipients")
+        blobs = _list(_get(record, "envelopes", _CEREMONY_REPLY), "envelopes")
+        if len(names) != len(blobs):
+            raise MalformedUpdateError(
+                f"{_CEREMONY_REPLY} names {len(names)} recipients but carries {len(blobs)} "
+                f"envelopes; {_DISCARD}"
+            )
+        return cls(
+            **common,
+            public_context=_bytes(
+                _get(record, "public-context", _CEREMONY_REPLY), "public-context"
+            ),
+            custodian_cert=_bytes(
+                _get(record, "custodian-cert", _CEREMONY_REPLY), "custodian-cert"
+            ),
+            envelopes={n: _bytes(b, f"envelopes[{n}]") for n, b in zip(names, blobs, strict=True)},
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstallKeyReply(CeremonyReply):
+    """A recipient's answer: the fingerprint of the key it opened and now keeps."""
+
+    fingerprint: str = ""
+
+    def to_content(self) -> RecordDict:
+        fields = self._common()
+        if self.status is ReplyStatus.OK:
+            fields["fingerprint"] = self.fingerprint
+        return _ceremony_content(fields)
+
+    @classmethod
+    def from_message(cls, msg: Message) -> InstallKeyReply:
+        record = _ceremony_record(msg, request=False)
+        common = cls._parse_common(record)
+        if common["status"] is not ReplyStatus.OK:
+            return cls(**common)
+        fingerprint = _text(_get(record, "fingerprint", _CEREMONY_REPLY), "fingerprint")
+        if not fingerprint:
+            raise MalformedUpdateError(f"{_CEREMONY_REPLY} has an empty fingerprint; {_DISCARD}")
+        return cls(**common, fingerprint=fingerprint)
 
 
 _DISCARD = "the sender's reply is corrupt or from another version, discard it"
@@ -470,6 +897,32 @@ def _status(value: object) -> ReplyStatus:
         choices = ", ".join(s.value for s in ReplyStatus)
         raise MalformedUpdateError(
             f"config field status {text[:80]!r} is unknown (expected one of {choices}); "
+            "the sender runs another protocol version, discard the reply"
+        ) from None
+
+
+def _code_text(code: RefusalCode | None) -> str:
+    return "" if code is None else code.value
+
+
+def _code(value: object, status: ReplyStatus) -> RefusalCode | None:
+    """The refusal code of a reply with ``status``; none given on a refusal: UNKNOWN."""
+    text = _text(value, "code")
+    if status is ReplyStatus.OK:
+        if text:
+            raise MalformedUpdateError(
+                f"config field code is {text[:40]!r} on an accepted reply (a refusal code "
+                f"belongs to refusals only); {_DISCARD}"
+            )
+        return None
+    if not text:
+        return RefusalCode.UNKNOWN  # a hospital running a fedvault without refusal codes
+    try:
+        return RefusalCode(text)
+    except ValueError:
+        choices = ", ".join(c.value for c in RefusalCode)
+        raise MalformedUpdateError(
+            f"config field code {text[:80]!r} is unknown (expected one of {choices}); "
             "the sender runs another protocol version, discard the reply"
         ) from None
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from fedvault.client.archive import ModelArchive, fsync_dir
+from fedvault.client.archive import ModelArchive
+from fedvault.durable import atomic_write, replace_dir
 from fedvault.metrics import greater_is_better
 from fedvault.model_card import (
     CARD_JSON,
@@ -133,13 +133,10 @@ def write_export(out: Path, *, weights: Mapping[str, np.ndarray], card: Mapping[
     try:
         markdown = card_markdown(full)
         for name, data in ((WEIGHTS_FILE, blob), (CARD_JSON, text), (CARD_MD, markdown)):
-            with open(tmp / name, "xb") as fh:
-                fh.write(data if isinstance(data, bytes) else data.encode("utf-8"))
-                fh.flush()
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
+            atomic_write(tmp / name, data, 0o644, overwrite=False)
         try:
-            os.replace(tmp, out)  # onto a missing or empty directory: all files at once
+            # onto a missing or empty directory: all files at once, then the parent fsynced
+            replace_dir(tmp, out)
         except OSError as exc:
             raise InvalidConfigError(
                 f"cannot move the export into {out} ({exc.strerror}); pass a new --out directory"
@@ -148,7 +145,6 @@ def write_export(out: Path, *, weights: Mapping[str, np.ndarray], card: Mapping[
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
         raise
-    fsync_dir(out.parent)
     return out
 
 
@@ -271,13 +267,14 @@ def export_from_store(
 ) -> Path:
     """Export a version of a plaintext job from the coordinator's round store (an ``he``
     job: :class:`InvalidConfigError`, only hospitals can decrypt it)."""
+    from fedvault.config import SecureAggregation
     from fedvault.coordinator.report import build_report
     from fedvault.coordinator.store import RoundStore
     from fedvault.npz import arrays_from_bytes
 
     with RoundStore(store_url, at_rest_key=at_rest_key) as store:
         record = _store_job(store, job)
-        if str(record.config.get("secure_aggregation", "he")) != "none":
+        if SecureAggregation.parse(str(record.config.get("secure_aggregation", "he"))).encrypted:
             raise InvalidConfigError(
                 f"job {job} ran in he mode: the coordinator holds only ciphertext it cannot "
                 "decrypt (by design); export at a hospital: fedvault model export --kit "
@@ -293,7 +290,7 @@ def export_from_store(
                 )
             return arrays_from_bytes(blob.blob)
 
-        summary = build_report(store, job)
+        summary = build_report(store, job).to_json()
         consortium = str(summary.get("consortium") or "")
         held, by = store.model_rounds(record.id), "coordinator"
         return _export(out, selector, load, held, summary, record.config, None, by, consortium)
@@ -346,5 +343,6 @@ def list_versions_store(
         names = _store_jobs(store) if job is None else [job]
         jobs = {name: _store_job(store, name).id for name in names}
         return {
-            n: _versions(store.model_rounds(i), build_report(store, n)) for n, i in jobs.items()
+            n: _versions(store.model_rounds(i), build_report(store, n).to_json())
+            for n, i in jobs.items()
         }

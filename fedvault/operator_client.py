@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from fedvault.kit import Kit, KitError, KitKind
 from fedvault.privacy.errors import FedvaultError
@@ -42,6 +44,7 @@ __all__ = [
 #: Trailing metadata of a refusal: the least role that may make the call.
 REQUIRED_ROLE_METADATA = "fedvault-required-role"
 _T = TypeVar("_T")
+_R = TypeVar("_R", bound=Message)
 
 
 class OperatorApiError(FedvaultError):
@@ -195,7 +198,7 @@ class AuditLog:
     first_broken_id: int | None
 
 
-def _fields(cls: type[_T], message: Any, **overrides: Any) -> _T:
+def _fields(cls: type[_T], message: Message, **overrides: object) -> _T:
     """Build dataclass ``cls`` from the same-named fields of ``message`` (unset -> None)."""
     values: dict[str, Any] = {}
     for name in cls.__dataclass_fields__:  # type: ignore[attr-defined]
@@ -208,7 +211,7 @@ def _fields(cls: type[_T], message: Any, **overrides: Any) -> _T:
     return cls(**values)
 
 
-def _job_status(m: Any) -> JobStatus:
+def _job_status(m: admin_pb2.JobStatus) -> JobStatus:
     return _fields(
         JobStatus,
         m,
@@ -237,7 +240,7 @@ class OperatorClient:
                 "takes an operator kit (OUT/operators/NAME from `fedvault provision`)"
             )
 
-        def read(path: Any) -> bytes:
+        def read(path: Path) -> bytes:
             return kit.read(path.relative_to(kit.root).as_posix())
 
         self._open(
@@ -296,12 +299,18 @@ class OperatorClient:
     ) -> None:
         self.close()
 
-    def _call(self, method: str, request: Any) -> Any:
-        rpc: Callable[..., Any] = getattr(self._stub, method)
+    def _call(self, method: str, request: Message, reply: type[_R]) -> _R:
+        """Call ``method``; its answer is a ``reply`` message (the stub is untyped)."""
+        rpc: Callable[..., object] = getattr(self._stub, method)
         try:
-            return rpc(request, timeout=self._timeout)
+            answer = rpc(request, timeout=self._timeout)
         except grpc.RpcError as exc:
             raise self._error(method, exc) from None
+        if not isinstance(answer, reply):
+            raise OperatorApiError(
+                f"{method} answered with {type(answer).__name__}, not {reply.__name__}"
+            )
+        return answer
 
     def _error(self, method: str, exc: grpc.RpcError) -> OperatorApiError:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -325,7 +334,7 @@ class OperatorClient:
 
     def access(self) -> Access:
         """Who the server sees, and which methods the caller's role may call."""
-        m = self._call("GetAccess", admin_pb2.GetAccessRequest())
+        m = self._call("GetAccess", admin_pb2.GetAccessRequest(), admin_pb2.GetAccessResponse)
         methods = tuple(
             MethodAccess(a.method, a.description, Role(a.required_role), a.allowed)
             for a in m.methods
@@ -334,11 +343,14 @@ class OperatorClient:
 
     def job_status(self, job: str = "") -> JobStatus:
         """A job's status and final metrics (every role); ``""``: the latest job."""
-        return _job_status(self._call("GetJobStatus", admin_pb2.GetJobStatusRequest(job=job)))
+        request = admin_pb2.GetJobStatusRequest(job=job)
+        return _job_status(self._call("GetJobStatus", request, admin_pb2.JobStatus))
 
     def rounds(self, job: str = "") -> tuple[RoundSummary, ...]:
         """Every committed round and failed attempt (engineer and above)."""
-        m = self._call("ListRounds", admin_pb2.ListRoundsRequest(job=job))
+        m = self._call(
+            "ListRounds", admin_pb2.ListRoundsRequest(job=job), admin_pb2.ListRoundsResponse
+        )
         return tuple(
             _fields(RoundSummary, r, metrics=dict(sorted(r.metrics.items()))) for r in m.rounds
         )
@@ -346,19 +358,21 @@ class OperatorClient:
     def participants(self, round_number: int, job: str = "") -> RoundParticipants:
         """The hospitals of one round (engineer and above)."""
         request = admin_pb2.ListParticipantsRequest(job=job, round=round_number)
-        m = self._call("ListParticipants", request)
+        m = self._call("ListParticipants", request, admin_pb2.ListParticipantsResponse)
         people = tuple(_fields(Participant, p) for p in m.participants)
         return _fields(RoundParticipants, m, participants=people)
 
     def privacy_ledger(self, job: str = "") -> PrivacyLedger:
         """Each hospital's cumulative (ε, δ) per round (auditor and above)."""
-        m = self._call("GetPrivacyLedger", admin_pb2.GetPrivacyLedgerRequest(job=job))
+        request = admin_pb2.GetPrivacyLedgerRequest(job=job)
+        m = self._call("GetPrivacyLedger", request, admin_pb2.GetPrivacyLedgerResponse)
         entries = tuple(_fields(LedgerEntry, e) for e in m.entries)
         return _fields(PrivacyLedger, m, entries=entries)
 
     def audit_log(self, job: str = "", *, limit: int = 100) -> AuditLog:
         """The newest ``limit`` audit events, all jobs when ``job`` is empty (auditor+)."""
-        m = self._call("GetAuditLog", admin_pb2.GetAuditLogRequest(job=job, limit=limit))
+        request = admin_pb2.GetAuditLogRequest(job=job, limit=limit)
+        m = self._call("GetAuditLog", request, admin_pb2.GetAuditLogResponse)
         events = tuple(_fields(AuditEntry, e, job=e.job or None) for e in m.events)
         return _fields(AuditLog, m, events=events)
 
@@ -376,4 +390,4 @@ class OperatorClient:
 
     def _control(self, method: str, job: str, reason: str) -> JobStatus:
         request = admin_pb2.JobControlRequest(job=job, reason=reason)
-        return _job_status(self._call(method, request))
+        return _job_status(self._call(method, request, admin_pb2.JobStatus))

@@ -42,6 +42,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedvault.durable import replace_dir
 from fedvault.kit import AT_REST_KEY_BYTES, AT_REST_KEY_NAME, KitKind, Manifest, sign_kit
 from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.pki import (
@@ -313,7 +314,10 @@ def provision(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.provisioning-", dir=out.parent))
     try:
         fingerprint = _write_all(staging, config)
-        os.replace(staging, out)  # an empty directory is replaced atomically on POSIX
+        # An empty directory is replaced atomically on POSIX; every key file and
+        # folder is flushed first and the parent after, so a power cut cannot
+        # leave an OUT whose keys are missing or empty.
+        replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

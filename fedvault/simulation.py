@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,8 +29,9 @@ from fedvault.client.client_app import make_client_app
 from fedvault.client.keys import KeyStore
 from fedvault.client.site import HospitalIdentity, HospitalSite
 from fedvault.client.training import pick_device
-from fedvault.config import JobConfig, SecureAggregation
+from fedvault.config import JobConfig
 from fedvault.coordinator.records import RoundView
+from fedvault.coordinator.report import REPORT_JSON, Report
 from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.fingerprint import fingerprint_task
@@ -39,6 +40,9 @@ from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.he_context import HeContext
 from fedvault.task import Task
 from fedvault.task_registry import LoadedTask, load_task
+
+if TYPE_CHECKING:
+    from flwr.app import Context
 
 __all__ = ["SimulatedSites", "hospital_name", "simulate"]
 
@@ -66,14 +70,14 @@ class SimulatedSites:
     seed: int
     root: Path
 
-    def site(self, context: Any, job: JobConfig) -> HospitalSite:
+    def site(self, context: Context, job: JobConfig) -> HospitalSite:
         index = int(context.node_config["partition-id"])
         key = (self, index, job.secure_aggregation)
         if key not in _SITES:
             _SITES[key] = self._load(index, job)
         return _SITES[key]
 
-    def identity(self, context: Any) -> HospitalIdentity:
+    def identity(self, context: Context) -> HospitalIdentity:
         name = hospital_name(int(context.node_config["partition-id"]))
         state_dir = self.root / "hospitals" / name
         return HospitalIdentity(name=name, keys=KeyStore(state_dir), kit=None)
@@ -251,11 +255,7 @@ def simulate(
         existing = store.get_job(config.job)
         if existing is not None:
             store.open_job(config.job, config.to_dict())
-    public = (
-        _provision_keys(config, out_dir)
-        if config.secure_aggregation is SecureAggregation.HE
-        else None
-    )
+    public = _provision_keys(config, out_dir) if config.secure_aggregation.encrypted else None
     settings = CoordinatorSettings(
         job=config,
         store_url=url,
@@ -290,10 +290,10 @@ def simulate(
                 },
             },
         )
-    report: dict[str, Any] = json.loads((out_dir / "report.json").read_text())
-    if report["final"]["rounds_completed"]:
+    report: dict[str, Any] = json.loads((out_dir / REPORT_JSON).read_text())
+    if Report.from_json(report).final.rounds_completed:
         _export_final_model(config, out_dir)
-    return report
+    return report  # as written: report.json is the contract (docs/design.md)
 
 
 def _resolve(config: JobConfig, task: Task | None) -> LoadedTask:

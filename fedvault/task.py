@@ -64,6 +64,12 @@ class TrainingDefaults:
         Per-sample clipping bound C of DP-SGD (Abadi et al., 2016).
     momentum
         SGD momentum.
+    optimizer
+        ``"sgd"`` or ``"adam"``: the update rule applied to the clipped,
+        noised gradient. Adam rescales each coordinate by its own running
+        noise-dominated magnitude, so the weights a small gradient reaches
+        (LoRA adapters beside a classification head) still move; the
+        privacy guarantee is the same (post-processing).
     """
 
     batch_size: int
@@ -71,6 +77,7 @@ class TrainingDefaults:
     local_epochs: int = 1
     max_grad_norm: float = 1.0
     momentum: float = 0.0
+    optimizer: Literal["sgd", "adam"] = "sgd"
 
 
 # eq=False: a task is compared (and hashed) by identity, like the module that defines it.

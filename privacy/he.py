@@ -380,12 +380,15 @@ class Aggregator:
         """Sum of the summed updates' sample weights."""
         return self._total_weight
 
-    def add(self, data: bytes | update_pb2.UpdateEnvelope) -> None:
+    def add(self, data: bytes | update_pb2.UpdateEnvelope, weight: float | None = None) -> None:
         """Validate one update and add it to the running sum.
 
         ``data`` is the serialized envelope, or the envelope :func:`parse_envelope`
         already returned (the coordinator parses it once to check it against the
         round's model first; a second parse of a multi-megabyte message is waste).
+        ``weight``, when given, is the sample weight the caller expects (the
+        reply's sample count): the weight is already inside the ciphertext, so it
+        is only checked against the envelope's ``sample_weight``.
 
         Raises
         ------
@@ -400,39 +403,10 @@ class Aggregator:
         else:
             env = parse_envelope(data)
         _check_key(self._ctx, env, self._key_epoch)
-        if self._job and env.job != self._job:
-            raise MalformedUpdateError(
-                f"update belongs to job {env.job!r}, this aggregation is for job {self._job!r}; "
-                "discard it"
-            )
-        if self._round is not None and env.server_round != self._round:
-            raise MalformedUpdateError(
-                f"update answers round {env.server_round}, this aggregation is for round "
-                f"{self._round}; it is stale, discard it"
-            )
-        layout = Layout.from_proto(env.layout)
-        if self._layout is not None and layout != self._layout:
-            diff = _layout_diff(layout, self._layout)
-            raise MalformedUpdateError(
-                f"update's layout differs from the first update's: {diff}; the hospital "
-                "runs another model version, discard this update"
-            )
-        spec = _spec(self._ctx, env.scale_bits, env.value_bound_bits)
-        if self._spec is not None and spec != self._spec:
-            raise MalformedUpdateError(
-                f"update uses fixed-point scale 2**-{spec.scale_bits} and bound "
-                f"2**{spec.value_bound_bits}, the round's first update used 2**-"
-                f"{self._spec.scale_bits} and 2**{self._spec.value_bound_bits}; run the same "
-                "fedvault version and settings at every hospital"
-            )
-        weight = _check_weight(env.sample_weight, "sample_weight")
-        if self._total_weight + weight > spec.weight_capacity:
-            raise MalformedUpdateError(
-                f"adding sample weight {weight:g} would bring the round's total to "
-                f"{self._total_weight + weight:g}, beyond the {spec.weight_capacity:g} the "
-                f"fixed-point encoding sums exactly at scale 2**-{spec.scale_bits}; the update "
-                "was left out (lower scale_bits for consortia this large)"
-            )
+        self._check_job_and_round(env)
+        layout = self._check_layout(Layout.from_proto(env.layout))
+        spec = self._check_encoding(_spec(self._ctx, env.scale_bits, env.value_bound_bits))
+        total = self._check_sample_weight(env.sample_weight, weight, spec)
         cts = _load_chunks(self._ctx, env, layout, self._loader_threads)
 
         # Everything is validated: from here on nothing can fail half-way.
@@ -447,7 +421,62 @@ class Aggregator:
             for acc, ct in zip(self._sum, cts, strict=True):
                 add(acc, ct)
         self._count += 1
-        self._total_weight += weight
+        self._total_weight = total
+
+    def _check_job_and_round(self, env: update_pb2.UpdateEnvelope) -> None:
+        """The update answers this aggregation's job and round (when it has them)."""
+        if self._job and env.job != self._job:
+            raise MalformedUpdateError(
+                f"update belongs to job {env.job!r}, this aggregation is for job {self._job!r}; "
+                "discard it"
+            )
+        if self._round is not None and env.server_round != self._round:
+            raise MalformedUpdateError(
+                f"update answers round {env.server_round}, this aggregation is for round "
+                f"{self._round}; it is stale, discard it"
+            )
+
+    def _check_layout(self, layout: Layout) -> Layout:
+        """The update's tensors are those of the round's first update."""
+        if self._layout is not None and layout != self._layout:
+            diff = _layout_diff(layout, self._layout)
+            raise MalformedUpdateError(
+                f"update's layout differs from the first update's: {diff}; the hospital "
+                "runs another model version, discard this update"
+            )
+        return layout
+
+    def _check_encoding(self, spec: FixedPoint) -> FixedPoint:
+        """The update's fixed-point encoding is that of the round's first update."""
+        if self._spec is not None and spec != self._spec:
+            raise MalformedUpdateError(
+                f"update uses fixed-point scale 2**-{spec.scale_bits} and bound "
+                f"2**{spec.value_bound_bits}, the round's first update used 2**-"
+                f"{self._spec.scale_bits} and 2**{self._spec.value_bound_bits}; run the same "
+                "fedvault version and settings at every hospital"
+            )
+        return spec
+
+    def _check_sample_weight(
+        self, sample_weight: float, expected: float | None, spec: FixedPoint
+    ) -> float:
+        """The update's weight is valid, the one expected, and the round's total stays
+        within what the encoding sums exactly; returns that new total."""
+        weight = _check_weight(sample_weight, "sample_weight")
+        if expected is not None and weight != expected:
+            raise MalformedUpdateError(
+                f"update's sample_weight {sample_weight!r} differs from its expected weight "
+                f"{expected!r}; the hospital must weight its update by its sample count, "
+                "discard this update"
+            )
+        if self._total_weight + weight > spec.weight_capacity:
+            raise MalformedUpdateError(
+                f"adding sample weight {weight:g} would bring the round's total to "
+                f"{self._total_weight + weight:g}, beyond the {spec.weight_capacity:g} the "
+                f"fixed-point encoding sums exactly at scale 2**-{spec.scale_bits}; the update "
+                "was left out (lower scale_bits for consortia this large)"
+            )
+        return self._total_weight + weight
 
     def result(self) -> bytes:
         """The serialized envelope of the sum (sample_weight = total weight).

@@ -47,3 +47,55 @@ def test_unwritable_out_is_refused_before_anything_is_written(tmp_path: Path) ->
     assert result.output.count("\n") == 1
     assert "--out" in result.output and "not a directory" in result.output
     assert blocker.read_text() == "x"
+
+
+def test_print_summary_reads_the_typed_report() -> None:
+    import io
+
+    from rich.console import Console
+
+    from fedvault.cli import print_summary
+    from fedvault.coordinator.report import Report
+
+    report = Report.from_json(
+        {
+            "config": {},
+            "rounds": [
+                {
+                    "round": 1,
+                    "accuracy": 0.9,
+                    "loss": 0.3,
+                    "metrics": {"accuracy": 0.9, "auroc": 0.95, "loss": 0.3},
+                    "epsilon": {"hospital-1": 0.25},
+                    "participants": ["hospital-1"],
+                    "bytes_received": 12345,
+                }
+            ],
+            "final": {
+                "accuracy": 0.9,
+                "metrics": {"accuracy": 0.9, "auroc": 0.95, "loss": 0.3},
+                "epsilon_max": 0.25,
+                "delta": 1e-5,
+                "rounds_completed": 1,
+                "status": "finished",
+            },
+            "hospitals": {
+                "hospital-1": {
+                    "samples": 120,
+                    "noise_multiplier": 1.1,
+                    "sample_rate": 0.05,
+                    "steps": 40,
+                    "accountant": "prv",
+                    "epsilon": 0.25,
+                    "delta": 1e-5,
+                }
+            },
+        }
+    )
+    console = Console(record=True, width=200, file=io.StringIO())
+    print_summary(report, console, Path("/runs/x"))
+    text = console.export_text()
+    assert "12,345" in text and "0.9500" in text and "0.250" in text
+    assert "final accuracy 0.9000   auroc 0.9500   max ε 0.250 at δ=1e-05" in text
+    assert "rounds 1   status finished" in text
+    assert "report: /runs/x/report.json" in text

@@ -308,7 +308,7 @@ def _run(store: RoundStore, job: str, mode: str, models: list[dict[str, np.ndarr
 
     def blob(number: int) -> ModelBlob:
         data = arrays_to_bytes(models[number]) if mode == "none" else b"ciphertext"
-        return ModelBlob(number, "plain" if mode == "none" else "ckks", data, 300.0)
+        return ModelBlob(number, "plain" if mode == "none" else "bfv", data, 300.0)
 
     store.save_initial_model(record.id, blob(0))
     for number in range(1, len(models)):

@@ -165,7 +165,7 @@ class Rounds:
         rejected: Sequence[str] = (),
         audit: Sequence[AuditEvent] = (),
         extra: Sequence[Participation] = (),
-        kind: str = "ckks",
+        kind: str = "bfv",
     ) -> RoundCommit:
         ok = [self.participation(h, number) for h in hospitals]
         others = [

@@ -178,7 +178,7 @@ def test_plaintext_models_and_states_are_sealed(backend: StoreTarget, data: Roun
             assert AtRestCipher(KEY).open(sealed, context).decode() == p.accountant_state
 
 
-def test_ckks_models_are_stored_as_they_are(backend: StoreTarget, data: Rounds) -> None:
+def test_bfv_models_are_stored_as_they_are(backend: StoreTarget, data: Rounds) -> None:
     with backend.open(at_rest_key=KEY) as store:
         job = store.open_job("j", CONFIG)
         store.commit_round(job.id, data.commit(1))

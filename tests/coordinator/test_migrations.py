@@ -134,7 +134,7 @@ def _fill_0001(target: StoreTarget) -> None:
 def _check_upgraded(target: StoreTarget, data: Rounds) -> None:
     """The filled store, opened by today's code: at head, every row as written."""
     with target.open() as store:
-        assert store.schema_revision() == head_revision() == "0003"
+        assert store.schema_revision() == head_revision() == "0004"
         # Foreign keys are enforced again on the connection that migrated (SQLite).
         with pytest.raises(IntegrityError, match=r"(?i)foreign key"), store.engine.begin() as conn:
             conn.execute(text("UPDATE rounds SET job_id = 99"))
@@ -162,7 +162,7 @@ def _check_upgraded(target: StoreTarget, data: Rounds) -> None:
         at_rest = conn.execute(text("SELECT round, at_rest FROM models ORDER BY round")).all()
         assert [tuple(r) for r in at_rest] == [(1, "none"), (2, "none")]
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-        assert versions == ["0003"]
+        assert versions == ["0004"]
 
 
 def _constraints(conn: Connection) -> dict[str, list[tuple[str, str]]]:
@@ -197,7 +197,7 @@ def _sqlite_schema(path: Path) -> list[str]:
 
 def test_migrations_build_exactly_the_models(durable_backend: StoreTarget) -> None:
     """Replaying 0001 -> head gives the schema a new store builds from the models."""
-    assert known_revisions() == {"0001", "0002", "0003"}
+    assert known_revisions() == {"0001", "0002", "0003", "0004"}
     _migrate(durable_backend, "head")
     engine = durable_backend.raw_engine()
     try:
@@ -256,7 +256,7 @@ def test_legacy_store_without_version_table_is_stamped_then_upgraded(
     with caplog.at_level(logging.WARNING, logger="fedvault.coordinator.migrations"):
         _check_upgraded(durable_backend, data)
     (record,) = [r for r in caplog.records if "predates schema migrations" in r.message]
-    assert "stamping it as revision 0001, then upgrading it to 0003" in record.message
+    assert "stamping it as revision 0001, then upgrading it to 0004" in record.message
 
 
 def test_store_from_a_newer_fedvault_is_refused(durable_backend: StoreTarget) -> None:
@@ -302,7 +302,7 @@ def test_concurrent_openers_migrate_once(durable_backend: StoreTarget) -> None:
     assert errors == []
     with durable_backend.raw_engine().connect() as conn:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert versions == ["0003"]
+    assert versions == ["0004"]
 
 
 def test_downgrade_to_0001_refuses_to_lose_sealed_rows(
@@ -318,7 +318,7 @@ def test_downgrade_to_0001_refuses_to_lose_sealed_rows(
 
     with durable_backend.open(at_rest_key=bytes(32)) as store:
         job = store.open_job("j", CONFIG)
-        store.commit_round(job.id, data.commit(1))  # CKKS model, sealed accountant states
+        store.commit_round(job.id, data.commit(1))  # BFV model, sealed accountant states
     with pytest.raises(RuntimeError, match="privacy_ledger are encrypted at rest"):
         downgrade()
     engine = durable_backend.raw_engine()
@@ -331,4 +331,78 @@ def test_downgrade_to_0001_refuses_to_lose_sealed_rows(
         assert "at_rest" not in {c["name"] for c in inspect(conn).get_columns("models")}
     with durable_backend.open() as store:  # and up again, data intact
         assert store.last_committed_round(job.id) == 1
-        assert store.latest_model(job.id) == ModelBlob(1, "ckks", data.blob(1), 300.0)
+        assert store.latest_model(job.id) == ModelBlob(1, "bfv", data.blob(1), 300.0)
+
+
+def _model_kinds(target: StoreTarget) -> list[tuple[int, int, str]]:
+    engine = target.raw_engine()
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT job_id, round, kind FROM models ORDER BY job_id, round")
+            )
+            return [(r.job_id, r.round, r.kind) for r in rows]
+    finally:
+        engine.dispose()
+
+
+def _refuses_kind(target: StoreTarget, kind: str) -> None:
+    engine = target.raw_engine()
+    try:
+        with pytest.raises(IntegrityError, match=r"(?i)check"), engine.begin() as conn:
+            conn.execute(text("UPDATE models SET kind = :k WHERE job_id = 2"), {"k": kind})
+    finally:
+        engine.dispose()
+
+
+def test_store_at_0003_relabels_ckks_models_bfv_and_back(
+    durable_backend: StoreTarget, data: Rounds
+) -> None:
+    """Revision 0004: encrypted models written as kind 'ckks' load as 'bfv'; its
+    downgrade labels them 'ckks' again, and neither way loses a byte."""
+    _migrate(durable_backend, "0003")
+    _fill_0001(durable_backend)  # job 1: a plaintext model (columns of 0001 are still valid)
+    initial = b"initial-ciphertext" * 64
+    engine = durable_backend.raw_engine()
+    with engine.begin() as conn:  # job 2: an HE job's initial model, as 0003 stored it
+        conn.execute(
+            text(
+                "INSERT INTO jobs (name, config, status, created_at, updated_at) "
+                "VALUES ('he', :c, 'running', :t, :t)"
+            ).bindparams(bindparam("t", T0, type_=UTCDateTime())),
+            {"c": canonical_json(CONFIG)},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO models (job_id, round, kind, blob, sha256, total_weight, "
+                "created_at) VALUES (2, 0, 'ckks', :b, :s, 0.0, :t)"
+            ).bindparams(bindparam("t", T0, type_=UTCDateTime())),
+            {"b": initial, "s": hashlib.sha256(initial).hexdigest()},
+        )
+    engine.dispose()
+
+    with durable_backend.open() as store:
+        assert store.schema_revision() == "0004"
+        assert store.latest_model(1) == ModelBlob(1, "plain", MODEL, 100.0)
+        # A restarted coordinator re-sends the stored initial model, now labelled bfv.
+        fresh = ModelBlob(0, "bfv", b"other-randomness", 0.0)
+        assert store.save_initial_model(2, fresh) == ModelBlob(0, "bfv", initial, 0.0)
+        store.commit_round(2, data.commit(1))
+        assert store.latest_model(2) == ModelBlob(1, "bfv", data.blob(1), 300.0)
+    assert _model_kinds(durable_backend) == [(1, 1, "plain"), (2, 0, "bfv"), (2, 1, "bfv")]
+    _refuses_kind(durable_backend, "ckks")
+
+    engine = durable_backend.raw_engine()
+    try:
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(connection=conn), "0003")
+    finally:
+        engine.dispose()
+    assert _model_kinds(durable_backend) == [(1, 1, "plain"), (2, 0, "ckks"), (2, 1, "ckks")]
+    _refuses_kind(durable_backend, "bfv")
+
+    with durable_backend.open() as store:  # and up again, data intact
+        assert store.schema_revision() == "0004"
+        assert store.model(2, 0) == ModelBlob(0, "bfv", initial, 0.0)
+        assert store.latest_model(2) == ModelBlob(1, "bfv", data.blob(1), 300.0)
+        assert store.verify_audit_chain() is None

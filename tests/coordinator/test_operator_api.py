@@ -91,7 +91,7 @@ def _commit(number: int) -> RoundCommit:
     ]
     refused = [Participation(hospital="hospital-c", status="refused", reason="budget exhausted")]
     parts = (*ok, *(refused if number == 2 else []))
-    blob = ModelBlob(number, "ckks", b"ciphertext-%d" % number, float(sum(SAMPLES.values())))
+    blob = ModelBlob(number, "bfv", b"ciphertext-%d" % number, float(sum(SAMPLES.values())))
     return RoundCommit(number=number, model=blob, participations=parts, train_loss=1.0 / number)
 
 

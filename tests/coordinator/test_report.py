@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from fedvault.coordinator import report as report_module
+from fedvault import durable
 from fedvault.coordinator.records import HospitalEval, Participation
 from fedvault.coordinator.report import build_report, write_report
 from fedvault.coordinator.store import RoundStore
@@ -64,7 +64,7 @@ def store(data: Rounds) -> Iterator[RoundStore]:
 
 
 def test_build_report_follows_the_schema(store: RoundStore, data: Rounds) -> None:
-    report = build_report(store, "bc")
+    report = build_report(store, "bc").to_json()
     assert set(report) == {"config", "rounds", "final", "hospitals"}
     assert report["config"] == CONFIG
     rounds = report["rounds"]
@@ -127,7 +127,7 @@ def test_write_report_writes_json_and_png(store: RoundStore, tmp_path: Path) -> 
     path = write_report(store, "bc", out)
     assert path == out / "report.json"
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.png"]  # no tmp files
-    assert json.loads(path.read_text()) == build_report(store, "bc")
+    assert json.loads(path.read_text()) == build_report(store, "bc").to_json()
     png = (out / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
@@ -147,7 +147,7 @@ def test_failed_write_keeps_the_previous_report(
     def fail(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report_module.os, "replace", fail)
+    monkeypatch.setattr(durable.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_report(store, "bc", tmp_path)
     monkeypatch.undo()
@@ -158,7 +158,7 @@ def test_failed_write_keeps_the_previous_report(
 def test_report_of_a_job_without_rounds(tmp_path: Path) -> None:
     with RoundStore("sqlite://") as s:
         s.open_job("empty", {"rounds": 2})
-        report = build_report(s, "empty")
+        report = build_report(s, "empty").to_json()
         assert report["rounds"] == [] and report["hospitals"] == {}
         assert report["final"] == {
             "accuracy": None,

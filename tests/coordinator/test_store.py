@@ -94,7 +94,7 @@ def test_commit_round_stores_everything(store: RoundStore, data: Rounds) -> None
     for commit in commits:
         store.commit_round(job.id, commit)
     assert store.last_committed_round(job.id) == 2
-    assert store.latest_model(job.id) == ModelBlob(2, "ckks", data.blob(2), 300.0)
+    assert store.latest_model(job.id) == ModelBlob(2, "bfv", data.blob(2), 300.0)
 
     views = store.rounds(job.id)
     assert [(v.number, v.status, v.attempt) for v in views] == [
@@ -375,7 +375,7 @@ def test_reopened_store_resumes_the_job(durable_target: StoreTarget, data: Round
         resumed = second.open_job("j", CONFIG)
         assert resumed == job
         assert second.last_committed_round(job.id) == 2
-        assert second.latest_model(job.id) == ModelBlob(2, "ckks", data.blob(2), 300.0)
+        assert second.latest_model(job.id) == ModelBlob(2, "bfv", data.blob(2), 300.0)
         assert second.verify_audit_chain() is None
         assert second.audit_events()[-1].detail == {"last_committed_round": 2, "status": "running"}
 

@@ -1,7 +1,7 @@
 """Encryption at rest, and ``paused`` as a job status.
 
 * ``models.at_rest`` and ``privacy_ledger.at_rest`` say how each blob is
-  stored: ``none`` (as the coordinator got it: CKKS ciphertext, or plaintext
+  stored: ``none`` (as the coordinator got it: BFV ciphertext, or plaintext
   in a store opened without a key) or ``aes-256-gcm`` (sealed with the
   coordinator kit's at-rest key, see :mod:`fedvault.coordinator.at_rest`).
   Every row written before this revision was stored as is, hence the server

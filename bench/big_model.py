@@ -1,6 +1,6 @@
 """Section ``big``: models of millions of parameters through ``fedvault simulate``.
 
-Every job is ``fedvault.simulation.simulate`` (production ServerApp and
+Every job is ``fedvault.app.simulation.simulate`` (production ServerApp and
 ClientApp, the SQLite store, reports) in its own child process
 (:func:`bench.common.run_child`), so Ray starts and stops cleanly and each
 process's peak memory is its own. Three measurements, side by side in one run:
@@ -349,7 +349,7 @@ class TreeSampler:
 
 def _resolve_lora(name: str) -> tuple[Any, str]:
     """The task and how it was found, or ``(None, why not)``."""
-    from fedvault.privacy.errors import InvalidConfigError
+    from fedvault.errors import InvalidConfigError
     from fedvault.task_registry import installed_tasks, load_task
 
     if name in installed_tasks():

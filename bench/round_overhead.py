@@ -86,7 +86,7 @@ class _Clock:
 
 
 def _backend_config() -> dict[str, Any]:
-    """What ``fedvault.simulation.simulate`` passes to Flower (one actor per core)."""
+    """What ``fedvault.app.simulation.simulate`` passes to Flower (one actor per core)."""
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {

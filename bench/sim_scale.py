@@ -112,8 +112,8 @@ def _example(hospitals: int, patched: bool = False) -> Any:
 def _child(hospitals: int, patched: bool = False) -> dict[str, Any]:
     from rich.console import Console
 
+    from fedvault.app.simulation import simulate
     from fedvault.config import JobConfig
-    from fedvault.simulation import simulate
 
     if patched:
         _throttle_reports()

@@ -69,6 +69,7 @@ from rich.table import Table
 from bench.soak_plot import plot_soak
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
+from fedvault.errors import FedvaultError
 from fedvault.flower_env import (
     descendants,
     flower_env,
@@ -77,7 +78,6 @@ from fedvault.flower_env import (
     spawn,
     terminate_tree,
 )
-from fedvault.privacy.errors import FedvaultError
 
 __all__ = ["main", "run_soak"]
 
@@ -95,7 +95,7 @@ def prepare(work: Path, *, hospitals: int, rounds: int, records: int, seed: int)
     """Kits, one small CSV data set per hospital, and the job file."""
     import numpy as np
 
-    from fedvault.demo import provision_loopback, write_hospital_data
+    from fedvault.app.demo import provision_loopback, write_hospital_data
     from fedvault.examples import get_example
 
     names = _names(hospitals)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from fedvault.durable import atomic_write, fsync_dir
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.messages import ModelPayload
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 
 __all__ = ["ModelArchive", "check_job_name", "fsync_dir", "write_durably"]
 

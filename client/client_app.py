@@ -34,6 +34,12 @@ from fedvault.client.sent import SentUpdates
 from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
 from fedvault.config import JobConfig, SecureAggregation
+from fedvault.errors import (
+    FedvaultError,
+    KeyMismatchError,
+    MalformedUpdateError,
+    TaskMismatchError,
+)
 from fedvault.fingerprint import TaskFingerprint
 from fedvault.messages import (
     SUMMARY_KEY,
@@ -54,12 +60,6 @@ from fedvault.messages import (
     refusal_reason,
 )
 from fedvault.privacy.dp import DpPlan, PrivacyConfig, plan_dp
-from fedvault.privacy.errors import (
-    FedvaultError,
-    KeyMismatchError,
-    MalformedUpdateError,
-    TaskMismatchError,
-)
 from fedvault.privacy.he import decrypt_average, encrypt_update, parse_envelope
 
 __all__ = ["app", "make_client_app"]

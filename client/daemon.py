@@ -18,9 +18,9 @@ from fedvault.client.node_settings import NodeSettings
 from fedvault.client.policy import POLICY_FILE, SitePolicy
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.client.training import pick_device
+from fedvault.errors import InvalidConfigError
 from fedvault.flower_env import free_port
 from fedvault.kit import Kit, KitKind
-from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = ["ClientOptions", "run_client"]
 
@@ -81,7 +81,7 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
 def _announce_policy(hospital: str, path: Path) -> None:
     """Check the site policy before the first round: a file that does not parse stops
     the daemon (exit 2); a missing one is allowed, but nothing will train until it exists."""
-    from fedvault.privacy.errors import PolicyRefusalError
+    from fedvault.errors import PolicyRefusalError
 
     try:
         policy = SitePolicy.load(path)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedvault.privacy.errors import DataError
+from fedvault.errors import DataError
 from fedvault.task import Task
 
 __all__ = [

@@ -24,8 +24,8 @@ from pathlib import Path
 from cryptography import x509
 
 from fedvault.durable import atomic_write, fsync_dir
+from fedvault.errors import KeyMismatchError, MalformedUpdateError
 from fedvault.kit import Kit
-from fedvault.privacy.errors import KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.he_context import HeContext
 from fedvault.privacy.sealing import SealedKeyEnvelope, seal_context_for
 

@@ -41,13 +41,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedvault.privacy.dp import AccountantName, AccountantState
-from fedvault.privacy.errors import (
+from fedvault.errors import (
     BudgetExhaustedError,
     InvalidConfigError,
     MalformedUpdateError,
     StoreError,
 )
+from fedvault.privacy.dp import AccountantName, AccountantState
 
 __all__ = ["LedgerEntry", "LocalLedger"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedvault.client.policy import POLICY_FILE
+from fedvault.errors import InvalidConfigError
 from fedvault.flower_env import ConfigValue
-from fedvault.privacy.errors import InvalidConfigError
 
 if TYPE_CHECKING:
     from flwr.app import Context

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvault.durable import atomic_write
-from fedvault.privacy.errors import InvalidConfigError, PolicyRefusalError
+from fedvault.errors import InvalidConfigError, PolicyRefusalError
 
 __all__ = ["POLICY_FILE", "AllowedTask", "SitePolicy", "write_policy"]
 

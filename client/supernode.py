@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from fedvault.client.supernode_entry import CONNECTION_ENDED_TEXT
+from fedvault.errors import InvalidConfigError
 from fedvault.flower_env import (
     ConfigValue,
     FlowerProcessError,
@@ -36,7 +37,6 @@ from fedvault.flower_env import (
     terminate_tree,
     toml_table,
 )
-from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = ["SuperNodeConfig", "SuperNodeSupervisor"]
 

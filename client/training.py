@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedvault.config import TrainingConfig
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.privacy.dp import (
     AccountantState,
     DpPlan,
@@ -27,7 +28,6 @@ from fedvault.privacy.dp import (
     PrivateTraining,
     make_private,
 )
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.task import Task
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def pick_device(preference: str = "auto") -> torch.device:
     InvalidConfigError
         For an unknown name, or a GPU this machine does not have (naming what it has).
     """
-    from fedvault.privacy.errors import InvalidConfigError
+    from fedvault.errors import InvalidConfigError
 
     text = str(preference).strip().lower()
     if text == "auto":
@@ -300,8 +300,8 @@ def evaluate(model: nn.Module, data: Dataset, *, task: Task, device: torch.devic
     DataError
         If ``data`` is empty: there is nothing to evaluate.
     """
+    from fedvault.errors import DataError
     from fedvault.metrics import evaluate_scores
-    from fedvault.privacy.errors import DataError
 
     model.to(device).eval()
     criterion = task.criterion()

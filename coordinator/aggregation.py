@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from fedvault.config import SecureAggregation
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.messages import ModelPayload
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.privacy.he import Aggregator, encrypt_update, parse_envelope
 from fedvault.privacy.he_context import HeContext
 from fedvault.proto import update_pb2
@@ -70,7 +70,7 @@ class UpdateAggregator(Protocol[UpdateT, ResultT]):
     """A running, sample-weighted aggregate of one round's updates.
 
     ``add`` validates an update and folds it in (a refused update raises
-    :class:`~fedvault.privacy.errors.FedvaultError` and changes nothing);
+    :class:`~fedvault.errors.FedvaultError` and changes nothing);
     ``result`` is the aggregate so far; ``count`` and ``total_weight`` are the
     updates added and the sum of their weights.
     """

@@ -11,8 +11,8 @@ A sealed blob is ``header || nonce || ciphertext || tag`` with
 
 * ``header = b"FVAR" || version (1 byte) || key id (8 bytes)``: the key id
   (an HMAC of the key, it reveals nothing of it) lets :meth:`AtRestCipher.open`
-  tell a *wrong key* (:class:`~fedvault.privacy.errors.KeyMismatchError`) from
-  a *modified blob* (:class:`~fedvault.privacy.errors.StoreError`);
+  tell a *wrong key* (:class:`~fedvault.errors.KeyMismatchError`) from
+  a *modified blob* (:class:`~fedvault.errors.StoreError`);
 * a fresh random 96-bit nonce per blob (NIST SP 800-38D §8.2.2: with random
   nonces one key may seal up to 2**32 blobs; a store writes a few per round);
 * associated data ``header || context``, where the caller's ``context`` names
@@ -37,7 +37,7 @@ from typing import Final, Literal
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fedvault.privacy.errors import InvalidConfigError, KeyMismatchError, StoreError
+from fedvault.errors import InvalidConfigError, KeyMismatchError, StoreError
 
 __all__ = [
     "AES_256_GCM",

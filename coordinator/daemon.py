@@ -31,9 +31,9 @@ from fedvault.coordinator.records import AuditEvent
 from fedvault.coordinator.run_settings import RUN_CONFIG_KEYS, RunSettings
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.coordinator.superlink import ControlApiError, SuperLinkConfig, SuperLinkProcess
+from fedvault.errors import FedvaultError, InvalidConfigError, TaskMismatchError
 from fedvault.flower_env import free_port
 from fedvault.kit import Kit, KitKind
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError, TaskMismatchError
 from fedvault.task_registry import describe
 
 __all__ = [

@@ -28,6 +28,12 @@ from flwr.serverapp import Grid
 
 from fedvault.coordinator.records import AuditEvent
 from fedvault.coordinator.store import RoundStore
+from fedvault.errors import (
+    KeyMismatchError,
+    MalformedUpdateError,
+    SecretKeyExposureError,
+    StoreError,
+)
 from fedvault.messages import (
     CeremonyRequest,
     HelloReply,
@@ -38,12 +44,6 @@ from fedvault.messages import (
     ReplyStatus,
     SealKeyReply,
     SealKeyRequest,
-)
-from fedvault.privacy.errors import (
-    KeyMismatchError,
-    MalformedUpdateError,
-    SecretKeyExposureError,
-    StoreError,
 )
 from fedvault.privacy.he_context import HeContext
 

@@ -37,7 +37,7 @@ certificate's common name), and so is every job-control action
 (``operator_action``), *before* the action takes effect: no action without its
 record. A stop sets the job's stored status to ``stopped``. The store has no
 ``paused`` status, so a pause is the ``operator_action`` event itself; the round
-loop calls :func:`requested_control` between rounds (see there).
+loop calls :meth:`RoundStore.requested_control` between rounds (see there).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 from cryptography import x509
@@ -60,8 +60,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from fedvault.errors import FedvaultError, InvalidConfigError, StoreError
 from fedvault.kit import Kit, KitKind
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError, StoreError
 from fedvault.privacy.pki import Role, common_name, role_from_certificate, verify_issued_by
 from fedvault.proto import admin_pb2, admin_pb2_grpc
 
@@ -75,10 +75,8 @@ __all__ = [
     "SERVICE",
     "AccessControl",
     "Caller",
-    "JobControl",
     "OperatorServicer",
     "Rule",
-    "requested_control",
     "serve",
 ]
 
@@ -87,7 +85,6 @@ _log = logging.getLogger(__name__)
 SERVICE = admin_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name
 #: Trailing metadata of a PERMISSION_DENIED answer: the least role that may call.
 REQUIRED_ROLE_METADATA = "fedvault-required-role"
-JobControl = Literal["run", "pause", "stop"]
 _M = TypeVar("_M", bound=Message)
 _REASON_MAX = 500  # characters of an operator's free-text reason kept in the audit trail
 
@@ -334,28 +331,6 @@ def _audit_entry(e: AuditRow) -> admin_pb2.AuditEntry:
     return _copy(admin_pb2.AuditEntry, e, time=_iso(e.created_at), detail_json=detail)
 
 
-def requested_control(store: RoundStore, job_name: str) -> JobControl:
-    """What operators asked of a job: ``"run"``, ``"pause"`` or ``"stop"``.
-
-    The round loop calls this after each committed round (and before the
-    first): on ``"stop"`` it ends the loop *without* setting the job to
-    ``finished`` (the stored status is already ``stopped``); on ``"pause"`` it
-    polls again every few seconds until the answer changes. A pause is the
-    latest ``operator_action`` event of the job whose action is ``pause`` or
-    ``resume``; the store keeps no ``paused`` status.
-    """
-    job = store.get_job(job_name)
-    if job is None:
-        raise StoreError(f"no job {job_name!r} in the round store; open it with open_job() first")
-    if job.status == "stopped":
-        return "stop"
-    for event in reversed(store.audit_events(job.id)):
-        action = event.detail.get("action") if event.kind == "operator_action" else None
-        if action in ("pause", "resume"):
-            return "pause" if action == "pause" else "run"
-    return "run"
-
-
 class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[misc]
     """The RPCs, reading the round store; access was checked by :class:`AccessControl`."""
 
@@ -391,7 +366,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
         return job
 
     def _status(self, job: Job) -> admin_pb2.JobStatus:
-        paused = requested_control(self._store, job.name) == "pause"
+        paused = self._store.requested_control(job.name) == "pause"
         return _job_status(job, self._store.rounds(job.id), self._store.ledger(job.id), paused)
 
     def GetAccess(  # noqa: N802
@@ -487,7 +462,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
                 f"job {job.name!r} is {job.status}; only a running job can be {action}d "
                 "(a stopped job resumes only when its coordinator is started again)",
             )
-        state = requested_control(self._store, job.name)
+        state = self._store.requested_control(job.name)
         if action == "pause" and state == "pause":
             raise _RefusedError(
                 grpc.StatusCode.FAILED_PRECONDITION,

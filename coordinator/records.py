@@ -7,7 +7,7 @@ are frozen dataclasses, not ORM objects, so nothing outside
 the session closed, or mutate a row by accident.
 
 The records that carry what hospitals reported validate themselves on
-construction (:class:`~fedvault.privacy.errors.MalformedUpdateError`): NaN and
+construction (:class:`~fedvault.errors.MalformedUpdateError`): NaN and
 infinities are refused outright, because SQLite silently stores NaN as NULL and
 a ledger must not lose a number that way.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.errors import MalformedUpdateError
 
 if TYPE_CHECKING:
     from fedvault.messages import RefusalCode

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, TypeAlias, TypeGuard
 
 from fedvault.durable import atomic_write
-from fedvault.privacy.errors import InvalidConfigError, StoreError
+from fedvault.errors import InvalidConfigError, StoreError
 
 from .records import LedgerRow
 from .store import RoundStore

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedvault.config import JobConfig
+from fedvault.errors import InvalidConfigError, StoreError
 from fedvault.flower_env import ConfigValue
-from fedvault.privacy.errors import InvalidConfigError, StoreError
 
 if TYPE_CHECKING:
     from flwr.app import Context

@@ -27,7 +27,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.coordinator.aggregation import aggregation_mode
 from fedvault.coordinator.key_ceremony import KeyCeremony, KeyDirectory
-from fedvault.coordinator.operator_api import requested_control
 from fedvault.coordinator.records import (
     AuditEvent,
     ModelBlob,
@@ -39,10 +38,10 @@ from fedvault.coordinator.report import build_report, summarise, write_report
 from fedvault.coordinator.run_settings import RunSettings
 from fedvault.coordinator.store import RoundStore
 from fedvault.coordinator.strategy import EvalSpec, RoundOutcome, SecureFedAvg
+from fedvault.errors import StoreError
 from fedvault.fingerprint import TaskFingerprint, fingerprint_task
 from fedvault.messages import SUMMARY_KEY, ModelPayload, RefusalCode, payload_to_record
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
-from fedvault.privacy.errors import StoreError
 from fedvault.privacy.he_context import HeContext
 from fedvault.task_registry import LoadedTask, load_task
 
@@ -483,7 +482,7 @@ def _committed_round(store: RoundStore, job_id: int, number: int) -> RoundView:
 
 def _wait_while_paused(store: RoundStore, job_name: str, poll_s: float) -> str:
     """Honour operators' stop/pause requests between rounds."""
-    while (control := requested_control(store, job_name)) == "pause":
+    while (control := store.requested_control(job_name)) == "pause":
         time.sleep(poll_s)
     return control
 

@@ -28,14 +28,14 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine, LargeBinary, String, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError, StoreError
+from fedvault.errors import FedvaultError, InvalidConfigError, StoreError
 
 from .at_rest import AT_REST_NONE, AtRestCipher, RowSealer, model_context, state_context
 from .migrations import current_revision
@@ -79,7 +79,10 @@ from .store_models import (
     utcnow,
 )
 
-__all__ = ["DEFAULT_STORE_FILENAME", "JOB_STATUSES", "RoundStore", "sqlite_url"]
+#: What operators asked of a job (:meth:`RoundStore.requested_control`).
+JobControl = Literal["run", "pause", "stop"]
+
+__all__ = ["DEFAULT_STORE_FILENAME", "JOB_STATUSES", "JobControl", "RoundStore", "sqlite_url"]
 
 DEFAULT_STORE_FILENAME = "fedvault.sqlite"
 ACTOR = "coordinator"
@@ -661,6 +664,29 @@ class RoundStore:
         with self._session(f"append audit event {event.kind!r}", write=True) as s:
             job = None if job_id is None else self._job_row(s, job_id)
             append_audit_events(s, job, [event])
+
+    def requested_control(self, job_name: str) -> JobControl:
+        """What operators asked of a job: ``"run"``, ``"pause"`` or ``"stop"``.
+
+        The round loop calls this after each committed round (and before the
+        first): on ``"stop"`` it ends the loop *without* setting the job to
+        ``finished`` (the stored status is already ``stopped``); on ``"pause"`` it
+        polls again every few seconds until the answer changes. A pause is the
+        latest ``operator_action`` event of the job whose action is ``pause`` or
+        ``resume``; the store keeps no ``paused`` status.
+        """
+        job = self.get_job(job_name)
+        if job is None:
+            raise StoreError(
+                f"no job {job_name!r} in the round store; open it with open_job() first"
+            )
+        if job.status == "stopped":
+            return "stop"
+        for event in reversed(self.audit_events(job.id)):
+            action = event.detail.get("action") if event.kind == "operator_action" else None
+            if action in ("pause", "resume"):
+                return "pause" if action == "pause" else "run"
+        return "run"
 
     def audit_events(self, job_id: int | None = None) -> list[AuditRow]:
         """Audit events in chain order, all or one job's."""

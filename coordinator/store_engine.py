@@ -26,7 +26,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from fedvault.privacy.errors import KeyMismatchError, StoreError
+from fedvault.errors import KeyMismatchError, StoreError
 
 from .migrations import current_revision, head_revision, upgrade
 from .store_models import StoreMetaTable

@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from fedvault.privacy.errors import StoreError
+from fedvault.errors import StoreError
 
 from .at_rest import AT_REST_NONE, AT_REST_SCHEMES
 from .records import AuditEvent, AuditRow, HospitalEval, Job, LedgerRow, Participation, RoundView

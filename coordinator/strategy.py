@@ -30,6 +30,7 @@ from fedvault.coordinator.aggregation import (
     aggregation_mode,
 )
 from fedvault.coordinator.records import AuditEvent, HospitalEval, Participation
+from fedvault.errors import FedvaultError, MalformedUpdateError
 from fedvault.messages import (
     CONFIG_KEY,
     ENVELOPE_KEY,
@@ -41,7 +42,6 @@ from fedvault.messages import (
     payload_to_record,
 )
 from fedvault.metrics import EvalResult, pool
-from fedvault.privacy.errors import FedvaultError, MalformedUpdateError
 from fedvault.privacy.he import parse_envelope
 from fedvault.privacy.he_context import HeContext
 from fedvault.task import TaskKind

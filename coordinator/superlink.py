@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedvault.errors import FedvaultError, InvalidConfigError
 from fedvault.flower_env import (
     ConfigValue,
     FlowerProcessError,
@@ -39,7 +40,6 @@ from fedvault.flower_env import (
     toml_table,
     write_cli_config,
 )
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError
 
 __all__ = [
     "ControlApiError",

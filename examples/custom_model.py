@@ -72,8 +72,8 @@ TASK = Task(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Simulate three hospitals for five rounds on ``TASK``."""
+    from fedvault.app.simulation import simulate
     from fedvault.config import JobConfig
-    from fedvault.simulation import simulate
 
     parser = argparse.ArgumentParser(description="Federated training of your own model.")
     parser.add_argument("--out", type=Path, default=Path("runs/custom-mlp"))

@@ -42,7 +42,6 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedvault.examples.task import run_cli
 from fedvault.task import Task, TrainingDefaults
 
 __all__ = ["EXAMPLE", "NUM_FEATURES", "TASK", "build_model", "load_data", "main"]
@@ -104,6 +103,9 @@ EXAMPLE = TASK
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Simulate a 3-hospital consortium on this example (``--help`` for options)."""
+    # Imported here: a task definition loads without the simulation stack.
+    from fedvault.app.simulation import run_cli
+
     return run_cli(TASK, argv, hospitals=3, rounds=10)
 
 

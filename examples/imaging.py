@@ -63,7 +63,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedvault.examples.task import run_cli
 from fedvault.task import Task, TrainingDefaults
 
 __all__ = [
@@ -240,6 +239,9 @@ EXAMPLE = TASK
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Simulate a 3-hospital consortium on this example (``--help`` for options)."""
+    # Imported here: a task definition loads without the simulation stack.
+    from fedvault.app.simulation import run_cli
+
     return run_cli(TASK, argv, hospitals=3, rounds=10)
 
 

@@ -1,3 +1,3 @@
-from fedvault.cli import main
+from fedvault.app.cli import main
 
 main()

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal, Protocol, get_args
 
+from fedvault.errors import InvalidConfigError
 from fedvault.partition import Partition
 from fedvault.privacy.dp import AccountantName, PrivacyConfig
-from fedvault.privacy.errors import InvalidConfigError
 
 __all__ = [
     "DEFAULT_MAX_UPDATE_BYTES",

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError, TaskMismatchError
+from fedvault.errors import InvalidConfigError, MalformedUpdateError, TaskMismatchError
 
 if TYPE_CHECKING:
     from fedvault.task import Task

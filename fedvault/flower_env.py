@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError
+from fedvault.errors import FedvaultError, InvalidConfigError
 
 __all__ = [
     "ConfigValue",

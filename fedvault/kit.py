@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-from fedvault.privacy.errors import FedvaultError, InvalidConfigError
+from fedvault.errors import FedvaultError, InvalidConfigError
 from fedvault.privacy.pki import (
     Role,
     certificate_fingerprint,

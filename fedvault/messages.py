@@ -41,7 +41,7 @@ from flwr.app import (
 )
 
 from fedvault.config import JobConfig
-from fedvault.privacy.errors import (
+from fedvault.errors import (
     BudgetExhaustedError,
     DataError,
     FedvaultError,
@@ -93,7 +93,7 @@ SUMMARY_KEY = "job-summary"  # the final report, sent to hospitals when a job en
 #: 32-bit columns, and no hospital holds two billion records.
 MAX_SAMPLES = 2**31 - 1
 _MAX_STEPS = 2**63 - 1
-# Hospital names as provisioning allows them (fedvault.provision), or "node-<id>".
+# Hospital names as provisioning allows them (fedvault.app.provision), or "node-<id>".
 _HOSPITAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

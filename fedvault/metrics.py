@@ -22,7 +22,7 @@ from typing import Any, get_args
 
 import numpy as np
 
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.task import MetricFn, TaskKind
 
 __all__ = [

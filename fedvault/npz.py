@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.errors import MalformedUpdateError
 
 __all__ = ["arrays_from_bytes", "arrays_to_bytes"]
 

@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedvault.privacy.errors import DataError, InvalidConfigError
+from fedvault.errors import DataError, InvalidConfigError
 
 __all__ = ["Partition", "partition_indices"]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from fedvault.privacy.errors import InvalidConfigError
+from fedvault.errors import InvalidConfigError
 
 if TYPE_CHECKING:  # torch loads with a task's model and data, not with its description
     from torch import Tensor, nn

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from fedvault.privacy.errors import InvalidConfigError
+from fedvault.errors import InvalidConfigError
 from fedvault.task import Task, TrainingDefaults
 
 __all__ = [

@@ -1,0 +1,18 @@
+"""Below everything but the wire formats: DP-SGD planning and accounting (Opacus), BFV
+encryption and its packing, certificates and key sealing.
+
+Imports only :mod:`fedvault.errors` and :mod:`fedvault.proto`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "dp",
+    "fixed_point",
+    "he",
+    "he_context",
+    "packing",
+    "pki",
+    "seal_bytes",
+    "sealing",
+]

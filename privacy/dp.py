@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 
 __all__ = [
     "AccountantName",

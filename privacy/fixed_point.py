@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 
 __all__ = ["FixedPoint", "decode", "encode"]
 

@@ -31,13 +31,13 @@ import numpy as np
 import tenseal.sealapi as sealapi
 from google.protobuf.message import DecodeError
 
-from fedvault.privacy import fixed_point, seal_bytes
-from fedvault.privacy.errors import (
+from fedvault.errors import (
     InvalidConfigError,
     KeyMismatchError,
     MalformedUpdateError,
     SecretKeyExposureError,
 )
+from fedvault.privacy import fixed_point, seal_bytes
 from fedvault.privacy.fixed_point import FixedPoint
 from fedvault.privacy.he_context import HeContext
 from fedvault.privacy.packing import Layout, Scatter, iter_slices, layout_of

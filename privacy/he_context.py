@@ -34,7 +34,7 @@ from typing import Any
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from fedvault.privacy.errors import (
+from fedvault.errors import (
     InvalidConfigError,
     MalformedUpdateError,
     SecretKeyExposureError,

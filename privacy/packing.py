@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.errors import MalformedUpdateError
 from fedvault.proto import update_pb2
 
 __all__ = [

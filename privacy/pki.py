@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedvault.privacy.errors import InvalidConfigError
+from fedvault.errors import InvalidConfigError
 
 __all__ = [
     "HOSPITAL_UNIT",

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedvault.privacy.errors import InvalidConfigError, KeyMismatchError, MalformedUpdateError
+from fedvault.errors import InvalidConfigError, KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.pki import common_name, is_hospital_certificate, verify_issued_by
 
 __all__ = [

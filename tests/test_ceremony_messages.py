@@ -24,6 +24,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedvault.app.provision import provision
 from fedvault.client.client_app import make_client_app
 from fedvault.client.keys import KeyStore
 from fedvault.client.site import HospitalIdentity
@@ -35,6 +36,12 @@ from fedvault.coordinator.server_app import CoordinatorSettings, run_job
 from fedvault.coordinator.store import RoundStore
 from fedvault.coordinator.store_engine import sqlite_url
 from fedvault.coordinator.strategy import RoundOutcome
+from fedvault.errors import (
+    BudgetExhaustedError,
+    FedvaultError,
+    KeyMismatchError,
+    MalformedUpdateError,
+)
 from fedvault.examples import get_example
 from fedvault.kit import Kit
 from fedvault.messages import (
@@ -55,13 +62,6 @@ from fedvault.messages import (
     refusal_reason,
 )
 from fedvault.privacy import errors
-from fedvault.privacy.errors import (
-    BudgetExhaustedError,
-    FedvaultError,
-    KeyMismatchError,
-    MalformedUpdateError,
-)
-from fedvault.provision import provision
 from fedvault.task_registry import load_task
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "consortium.toml"

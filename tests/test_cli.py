@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedvault.cli import app
+from fedvault.app.cli import app
 
 runner = CliRunner()
 
@@ -54,7 +54,7 @@ def test_print_summary_reads_the_typed_report() -> None:
 
     from rich.console import Console
 
-    from fedvault.cli import print_summary
+    from fedvault.app.cli import print_summary
     from fedvault.coordinator.report import Report
 
     report = Report.from_json(

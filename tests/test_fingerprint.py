@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedvault.errors import InvalidConfigError, MalformedUpdateError, TaskMismatchError
 from fedvault.fingerprint import TaskFingerprint, code_identity, fingerprint_task
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError, TaskMismatchError
 from fedvault.task import Task, TrainingDefaults
 
 TASK_SOURCE = """\

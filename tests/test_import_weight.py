@@ -31,7 +31,7 @@ def _heavy_modules_after(code: str, *args: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "module", ["fedvault.coordinator.daemon", "fedvault.cli", "fedvault.config"]
+    "module", ["fedvault.coordinator.daemon", "fedvault.app.cli", "fedvault.config"]
 )
 def test_module_does_not_import_the_training_stack(module: str) -> None:
     assert _heavy_modules_after(f"import {module}") == "[]"

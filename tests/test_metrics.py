@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.metrics import (
     HIST_BINS_BINARY,
     HIST_BINS_MULTICLASS,
@@ -25,7 +26,6 @@ from fedvault.metrics import (
     metric_names,
     pool,
 )
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 
 # Pooled AUROCs are exact for scores rounded to the histogram bins; against the raw
 # scores they are off by at most the share of tied (same-bin) pairs, in practice far less.

@@ -14,12 +14,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import text
 
-from fedvault.client.archive import ModelArchive
-from fedvault.client.keys import KeyStore
-from fedvault.coordinator.records import HospitalEval, ModelBlob, Participation, RoundCommit
-from fedvault.coordinator.store import RoundStore
-from fedvault.messages import ModelPayload
-from fedvault.model_export import (
+from fedvault.app.model_export import (
     ModelVersion,
     build_card,
     export_from_hospital,
@@ -31,8 +26,13 @@ from fedvault.model_export import (
     weights_digest,
     write_export,
 )
+from fedvault.client.archive import ModelArchive
+from fedvault.client.keys import KeyStore
+from fedvault.coordinator.records import HospitalEval, ModelBlob, Participation, RoundCommit
+from fedvault.coordinator.store import RoundStore
+from fedvault.errors import InvalidConfigError, KeyMismatchError, StoreError
+from fedvault.messages import ModelPayload
 from fedvault.npz import arrays_to_bytes
-from fedvault.privacy.errors import InvalidConfigError, KeyMismatchError, StoreError
 from fedvault.privacy.he import encrypt_update
 from fedvault.privacy.he_context import HeContext
 

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
+from fedvault.errors import DataError, InvalidConfigError
 from fedvault.partition import Partition, partition_indices
-from fedvault.privacy.errors import DataError, InvalidConfigError
 
 # 10 classes x 100 samples, in class order (the worst case for a lazy split).
 LABELS = np.repeat(np.arange(10), 100)

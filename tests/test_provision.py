@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from fedvault.app.provision import ProvisionResult, load_consortium, parse_consortium, provision
+from fedvault.errors import InvalidConfigError
 from fedvault.kit import Kit, KitError, KitKind
-from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.pki import Role, role_from_certificate
 from fedvault.privacy.sealing import seal_context_for
-from fedvault.provision import ProvisionResult, load_consortium, parse_consortium, provision
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "consortium.toml"
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]

@@ -34,7 +34,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, inspect
 
-from fedvault.privacy.errors import StoreError
+from fedvault.errors import StoreError
 
 from ..store_models import Base
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fedvault.client.archive import ModelArchive, write_durably
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.messages import ModelPayload
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 
 CONFIG = json.dumps({"job": "j", "task": "digits", "secure_aggregation": "he"})
 FINGERPRINT = json.dumps({"task": "digits", "digest": "ab" * 32})

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from fedvault.client.ledger import LocalLedger
+from fedvault.errors import BudgetExhaustedError
 from fedvault.privacy.dp import compute_epsilon
-from fedvault.privacy.errors import BudgetExhaustedError
 
 DELTA, NM, SR, STEPS = 1e-5, 1.0, 0.1, 20
 ACCOUNTANT = "rdp"  # ten times faster than PRV; what is tested does not depend on it

@@ -23,7 +23,7 @@ from fedvault.client.data import (
     write_csv_partition,
     write_spec,
 )
-from fedvault.privacy.errors import DataError
+from fedvault.errors import DataError
 
 NAMES = ["row_id", "age", "marker"]
 

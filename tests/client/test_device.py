@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedvault.client.training import pick_device
-from fedvault.privacy.errors import InvalidConfigError
+from fedvault.errors import InvalidConfigError
 
 
 def test_auto_takes_a_gpu_when_there_is_one() -> None:

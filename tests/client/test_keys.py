@@ -9,12 +9,12 @@ import pytest
 import tenseal as ts
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from fedvault.app.provision import provision
 from fedvault.client.keys import KeyStore, custodian_ceremony, install_sealed_key
 from fedvault.coordinator.key_ceremony import KeyDirectory
+from fedvault.errors import KeyMismatchError, SecretKeyExposureError
 from fedvault.kit import Kit
-from fedvault.privacy.errors import KeyMismatchError, SecretKeyExposureError
 from fedvault.privacy.he_context import HeContext
-from fedvault.provision import provision
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "consortium.toml"
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from fedvault.client.ledger import LocalLedger
-from fedvault.privacy.dp import AccountantState, compute_epsilon
-from fedvault.privacy.errors import (
+from fedvault.errors import (
     BudgetExhaustedError,
     InvalidConfigError,
     StoreError,
 )
+from fedvault.privacy.dp import AccountantState, compute_epsilon
 
 DELTA = 1e-5
 NM, SR, STEPS = 1.0, 0.1, 20  # one round: 20 DP-SGD steps

@@ -9,8 +9,8 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedvault.client.node_settings import NODE_CONFIG_KEYS, NodeSettings
+from fedvault.errors import InvalidConfigError
 from fedvault.flower_env import ConfigValue, toml_table
-from fedvault.privacy.errors import InvalidConfigError
 
 FULL = NodeSettings(
     kit=Path("/srv/kit"),
@@ -81,8 +81,8 @@ def test_a_mistyped_value_is_refused(key: str, value: ConfigValue, match: str) -
 
 
 def test_kit_sites_identify_the_hospital_from_the_node_config(tmp_path: Path) -> None:
+    from fedvault.app.provision import provision
     from fedvault.client.kit_sites import KitSites
-    from fedvault.provision import provision
 
     example = Path(__file__).resolve().parents[2] / "examples" / "consortium.toml"
     kits = provision(example, tmp_path / "kits").hospital_kits

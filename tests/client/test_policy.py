@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fedvault.client.policy import POLICY_FILE, AllowedTask, SitePolicy, write_policy
-from fedvault.privacy.errors import InvalidConfigError, PolicyRefusalError
+from fedvault.errors import InvalidConfigError, PolicyRefusalError
 
 FP_OK = "sha256:" + "ab" * 32
 FP_OTHER = "sha256:" + "cd" * 32

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedvault.coordinator.aggregation import PlainFedAvg
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.errors import MalformedUpdateError
 
 WEIGHTS = (3.0, 50.0, 1234.0)
 

@@ -23,8 +23,8 @@ from fedvault.coordinator.aggregation import (
     _check_plaintext,
     aggregation_mode,
 )
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.messages import ModelPayload
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.privacy.he import Aggregator, decrypt_average, encrypt_update, parse_envelope
 from fedvault.privacy.he_context import HeContext
 

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from fedvault.coordinator.at_rest import AtRestCipher, model_context, state_context
 from fedvault.coordinator.records import ModelBlob, RoundCommit
 from fedvault.coordinator.store import RoundStore, sqlite_url
-from fedvault.privacy.errors import InvalidConfigError, KeyMismatchError, StoreError
+from fedvault.errors import InvalidConfigError, KeyMismatchError, StoreError
 
 if TYPE_CHECKING:  # fixtures' types; conftest is not importable under --import-mode=importlib
     from conftest import Rounds, StoreTarget

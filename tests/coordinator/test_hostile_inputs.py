@@ -67,6 +67,7 @@ from fedvault.coordinator.server_app import _to_blob
 from fedvault.coordinator.store import RoundStore, sqlite_url
 from fedvault.coordinator.store_models import Base
 from fedvault.coordinator.strategy import RoundOutcome, SecureFedAvg
+from fedvault.errors import InvalidConfigError
 from fedvault.messages import (
     ENVELOPE_KEY,
     METRICS_KEY,
@@ -78,7 +79,6 @@ from fedvault.messages import (
     payload_to_record,
 )
 from fedvault.privacy.dp import PrivacyConfig
-from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.he import FORMAT_VERSION, encrypt_update, parse_envelope
 from fedvault.privacy.he_context import HeContext
 from fedvault.proto import update_pb2

@@ -8,7 +8,7 @@ import pytest
 
 from fedvault.config import JobConfig
 from fedvault.coordinator.daemon import load_job_file
-from fedvault.privacy.errors import InvalidConfigError
+from fedvault.errors import InvalidConfigError
 
 HEAD = '[job]\nname = "oncology"\nexample = "breast-cancer"\nhospitals = 4\nrounds = 3\n'
 
@@ -97,7 +97,7 @@ def test_a_job_does_not_resume_with_other_task_code() -> None:
     from fedvault.coordinator.daemon import check_task_unchanged
     from fedvault.coordinator.records import AuditEvent
     from fedvault.coordinator.store import RoundStore
-    from fedvault.privacy.errors import TaskMismatchError
+    from fedvault.errors import TaskMismatchError
     from fedvault.task_registry import describe
 
     ours = describe("digits").fingerprint_json

@@ -33,7 +33,7 @@ from fedvault.coordinator.store_models import (
     audit_hash,
     canonical_json,
 )
-from fedvault.privacy.errors import StoreError
+from fedvault.errors import StoreError
 
 if TYPE_CHECKING:  # fixtures' types; conftest is not importable under --import-mode=importlib
     from conftest import Rounds, StoreTarget

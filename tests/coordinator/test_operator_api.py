@@ -20,17 +20,19 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fedvault.coordinator.operator_api import ACCESS, requested_control, serve
-from fedvault.coordinator.records import HospitalEval, ModelBlob, Participation, RoundCommit
-from fedvault.coordinator.store import RoundStore, sqlite_url
-from fedvault.kit import Kit, KitError
-from fedvault.operator_client import (
+from fedvault.app.operator_client import (
     OperatorApiError,
     OperatorClient,
     OperatorPermissionError,
     OperatorUnavailableError,
 )
-from fedvault.privacy.errors import InvalidConfigError
+from fedvault.app.provision import ProvisionResult, provision
+from fedvault.app.status_view import render_status
+from fedvault.coordinator.operator_api import ACCESS, serve
+from fedvault.coordinator.records import HospitalEval, ModelBlob, Participation, RoundCommit
+from fedvault.coordinator.store import RoundStore, sqlite_url
+from fedvault.errors import InvalidConfigError
+from fedvault.kit import Kit, KitError
 from fedvault.privacy.pki import (
     Role,
     certificate_to_pem,
@@ -39,8 +41,6 @@ from fedvault.privacy.pki import (
     private_key_to_pem,
 )
 from fedvault.proto import admin_pb2
-from fedvault.provision import ProvisionResult, provision
-from fedvault.status_view import render_status
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,14 +277,14 @@ def test_admin_stops_pauses_and_resumes(env: Env) -> None:
         paused = c.pause_job("to-control", reason="maintenance window")
         assert (paused.status, paused.paused) == ("running", True)
         with env.store() as store:
-            assert requested_control(store, "to-control") == "pause"
+            assert store.requested_control("to-control") == "pause"
         with pytest.raises(OperatorApiError, match="already paused"):
             c.pause_job("to-control")
         assert c.resume_job("to-control").paused is False
         with pytest.raises(OperatorApiError, match="is not paused"):
             c.resume_job("to-control")
         with env.store() as store:
-            assert requested_control(store, "to-control") == "run"
+            assert store.requested_control("to-control") == "run"
         stopped = c.stop_job("to-control", reason="enough")
         assert stopped.status == "stopped"
         with pytest.raises(OperatorApiError, match="is stopped; only a running job"):
@@ -292,8 +292,8 @@ def test_admin_stops_pauses_and_resumes(env: Env) -> None:
     with env.store() as store:
         job = store.get_job("to-control")
         assert job is not None and job.status == "stopped"
-        assert requested_control(store, "to-control") == "stop"
-        assert requested_control(store, "study") == "run"
+        assert store.requested_control("to-control") == "stop"
+        assert store.requested_control("study") == "run"
     actions = [(a, d["method"], d["reason"]) for a, d in _audit(env, "operator_action")]
     assert actions == [
         ("alice", "PauseJob", "maintenance window"),

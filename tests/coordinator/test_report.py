@@ -15,7 +15,7 @@ from fedvault import durable
 from fedvault.coordinator.records import HospitalEval, Participation
 from fedvault.coordinator.report import build_report, write_report
 from fedvault.coordinator.store import RoundStore
-from fedvault.privacy.errors import StoreError
+from fedvault.errors import StoreError
 
 if TYPE_CHECKING:  # fixtures' types; conftest is not importable under --import-mode=importlib
     from conftest import Rounds

@@ -16,7 +16,7 @@ from fedvault.coordinator.report import (
     RoundReport,
     summarise,
 )
-from fedvault.privacy.errors import InvalidConfigError
+from fedvault.errors import InvalidConfigError
 
 HOSPITAL = HospitalPrivacy(
     samples=100,

@@ -10,8 +10,8 @@ from flwr.app import Context, RecordDict
 from fedvault.config import JobConfig, PrivacyConfig, TrainingConfig
 from fedvault.coordinator import daemon
 from fedvault.coordinator.run_settings import RUN_CONFIG_KEYS, RunSettings
+from fedvault.errors import InvalidConfigError, StoreError
 from fedvault.flower_env import ConfigValue
-from fedvault.privacy.errors import InvalidConfigError, StoreError
 
 JOB = JobConfig(
     job="oncology",
@@ -67,9 +67,9 @@ def test_mistyped_values_are_refused() -> None:
 
 
 def test_the_server_app_builds_its_settings_from_the_run_config(tmp_path: Path) -> None:
+    from fedvault.app.provision import provision
     from fedvault.coordinator.server_app import settings_from_run_config
     from fedvault.kit import Kit
-    from fedvault.provision import provision
 
     example = Path(__file__).resolve().parents[2] / "examples" / "consortium.toml"
     kit = Kit.load(provision(example, tmp_path / "kits").coordinator_kit)

@@ -23,7 +23,7 @@ from fedvault.coordinator.records import (
 )
 from fedvault.coordinator.store import RoundStore, sqlite_url
 from fedvault.coordinator.store_models import GENESIS_HASH, canonical_json
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError, StoreError
+from fedvault.errors import InvalidConfigError, MalformedUpdateError, StoreError
 
 if TYPE_CHECKING:  # fixtures' types; conftest is not importable under --import-mode=importlib
     from conftest import Rounds, StoreTarget

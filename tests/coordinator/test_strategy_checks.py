@@ -22,7 +22,7 @@ from fedvault.coordinator.strategy import (
     _check_layout,
     _check_weight,
 )
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.errors import MalformedUpdateError
 
 ACTION = re.compile(r"discard|must|check|run the same|only the first", re.IGNORECASE)
 LAYOUT = ModelLayout((("w", (40, 120), "float32"), ("b", (300,), "float64")), (16, 8))

@@ -12,6 +12,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from fedvault.errors import InvalidConfigError
 from fedvault.examples import (
     BUILT_IN,
     TrainingDefaults,
@@ -20,7 +21,6 @@ from fedvault.examples import (
     digits,
     get_example,
 )
-from fedvault.privacy.errors import InvalidConfigError
 from fedvault.task import Task
 from fedvault.task_registry import describe, installed_tasks, load_task
 

@@ -51,13 +51,13 @@ from pathlib import Path
 
 import pytest
 
+from fedvault.app.demo import JOB_NAME, prepare_consortium
+from fedvault.app.operator_client import OperatorApiError, OperatorClient
 from fedvault.client.ledger import LedgerEntry, LocalLedger
 from fedvault.coordinator.records import AuditRow, LedgerRow, RoundView
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
-from fedvault.demo import JOB_NAME, prepare_consortium
 from fedvault.flower_env import spawn, terminate_tree
 from fedvault.kit import Kit
-from fedvault.operator_client import OperatorApiError, OperatorClient
 
 pytestmark = pytest.mark.e2e
 

@@ -44,16 +44,16 @@ from flwr.app import ConfigRecord
 from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
 
+from fedvault.app.provision import provision
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
 from fedvault.coordinator.store import RoundStore, sqlite_url
 from fedvault.coordinator.superlink import SuperLinkConfig, SuperLinkProcess
+from fedvault.errors import KeyMismatchError
 from fedvault.flower_env import free_port
 from fedvault.kit import Kit, KitError, KitKind
-from fedvault.privacy.errors import KeyMismatchError
 from fedvault.privacy.he import decrypt_average, encrypt_update
 from fedvault.privacy.he_context import HeContext
 from fedvault.privacy.sealing import SealedKeyEnvelope
-from fedvault.provision import provision
 
 if TYPE_CHECKING:
     from conftest import DemoRun

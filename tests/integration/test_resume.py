@@ -113,8 +113,8 @@ from pathlib import Path
 
 from fedvault.config import JobConfig
 from fedvault.examples import get_example
-from fedvault.privacy.errors import FedvaultError
-from fedvault.simulation import simulate
+from fedvault.errors import FedvaultError
+from fedvault.app.simulation import simulate
 
 out, min_hospitals = Path(sys.argv[1]), int(sys.argv[2])
 config = JobConfig.for_example(

@@ -39,10 +39,10 @@ import numpy as np
 import pytest
 import torch
 
+from fedvault.app.demo import provision_loopback, write_hospital_data
 from fedvault.client.data import DataSpec, load_task_data
 from fedvault.client.ledger import LocalLedger
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
-from fedvault.demo import provision_loopback, write_hospital_data
 from fedvault.flower_env import spawn, terminate_tree
 from fedvault.partition import Partition, partition_indices
 
@@ -165,7 +165,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
              "--state", str(coordinator_state)],
             env=env_with(v1), log_path=logs / "coordinator.log",
         )  # fmt: skip
-        from fedvault.demo import _wait_for_enrolment
+        from fedvault.app.demo import _wait_for_enrolment
 
         _wait_for_enrolment(store_url, len(NAMES), procs["coordinator"], logs)
         for name in NAMES:

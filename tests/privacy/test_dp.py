@@ -19,6 +19,7 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.privacy.dp import (
     AccountantState,
     PrivacyConfig,
@@ -26,7 +27,6 @@ from fedvault.privacy.dp import (
     make_private,
     plan_dp,
 )
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 
 DELTA = 1e-5
 

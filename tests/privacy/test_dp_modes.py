@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.client.training import train_private
 from fedvault.config import TrainingConfig
+from fedvault.errors import InvalidConfigError
 from fedvault.privacy.dp import (
     AccountantState,
     DpPlan,
@@ -31,7 +32,6 @@ from fedvault.privacy.dp import (
     make_private,
     plan_dp,
 )
-from fedvault.privacy.errors import InvalidConfigError
 from fedvault.task import Task, TrainingDefaults
 
 DELTA = 1e-5

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedvault.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.privacy import fixed_point, seal_bytes
-from fedvault.privacy.errors import InvalidConfigError, MalformedUpdateError
 from fedvault.privacy.fixed_point import FixedPoint
 from fedvault.privacy.he import Aggregator, decrypt_average, encrypt_update, parse_envelope
 from fedvault.privacy.he_context import HeContext

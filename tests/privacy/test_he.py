@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedvault.privacy.errors import (
+from fedvault.errors import (
     InvalidConfigError,
     KeyMismatchError,
     MalformedUpdateError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tenseal as ts
 
-from fedvault.privacy.errors import (
+from fedvault.errors import (
     InvalidConfigError,
     MalformedUpdateError,
     SecretKeyExposureError,

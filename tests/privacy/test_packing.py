@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedvault.privacy.errors import MalformedUpdateError
+from fedvault.errors import MalformedUpdateError
 from fedvault.privacy.packing import Layout, TensorSpec, flatten, unflatten
 from fedvault.proto import update_pb2
 

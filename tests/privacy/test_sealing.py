@@ -8,7 +8,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from fedvault.privacy.errors import InvalidConfigError, KeyMismatchError, MalformedUpdateError
+from fedvault.errors import InvalidConfigError, KeyMismatchError, MalformedUpdateError
 from fedvault.privacy.pki import Role, create_ca, generate_x25519_keypair, issue_client_cert
 from fedvault.privacy.sealing import (
     SealedKeyEnvelope,

@@ -43,8 +43,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedvault.durable import replace_dir
+from fedvault.errors import InvalidConfigError
 from fedvault.kit import AT_REST_KEY_BYTES, AT_REST_KEY_NAME, KitKind, Manifest, sign_kit
-from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.pki import (
     Role,
     certificate_fingerprint,

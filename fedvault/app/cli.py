@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedvault.privacy.errors import FedvaultError
+from fedvault.errors import FedvaultError
 
 if TYPE_CHECKING:  # imported where used: the CLI starts without the store's stack
     from fedvault.coordinator.report import Report
@@ -145,10 +145,10 @@ def simulate(
     with its model card).
     """
     try:
+        from fedvault.app.simulation import simulate as run
         from fedvault.config import JobConfig
         from fedvault.coordinator.report import Report
-        from fedvault.privacy.errors import InvalidConfigError
-        from fedvault.simulation import simulate as run
+        from fedvault.errors import InvalidConfigError
         from fedvault.task_registry import load_task
 
         if task is not None and example is not None:
@@ -218,7 +218,7 @@ def provision(
 ) -> None:
     """Create the consortium CA, the coordinator's, hospitals' and operators' kits."""
     try:
-        from fedvault.provision import provision as run
+        from fedvault.app.provision import provision as run
 
         result = run(consortium, out)
     except FedvaultError as exc:
@@ -352,9 +352,9 @@ def status(
 ) -> None:
     """Job status, rounds, privacy ledger and audit log, as far as your role allows."""
     try:
+        from fedvault.app.operator_client import OperatorClient
+        from fedvault.app.status_view import render_status
         from fedvault.kit import Kit
-        from fedvault.operator_client import OperatorClient
-        from fedvault.status_view import render_status
 
         with OperatorClient(Kit.load(kit)) as client:
             render_status(client, Console(), job=job)
@@ -369,8 +369,8 @@ def demo(
 ) -> None:
     """A 3-hospital consortium as real processes on 127.0.0.1, end to end."""
     try:
+        from fedvault.app.demo import run_demo
         from fedvault.coordinator.report import Report
-        from fedvault.demo import run_demo
 
         console = Console()
         raw = run_demo(out, console, rounds=rounds)
@@ -421,7 +421,7 @@ _StateOpt = Annotated[
 
 
 def _sides(state: Path | None, store: str | None) -> None:
-    from fedvault.privacy.errors import InvalidConfigError
+    from fedvault.errors import InvalidConfigError
 
     if (state is None) == (store is None):
         raise InvalidConfigError(
@@ -447,7 +447,7 @@ def model_list(
 ) -> None:
     """The model versions (job, round) you can export, with their pooled metrics."""
     try:
-        from fedvault.model_export import list_versions_hospital, list_versions_store
+        from fedvault.app.model_export import list_versions_hospital, list_versions_store
 
         _sides(state, store)
         if state is not None:
@@ -491,7 +491,7 @@ def model_export(
     the coordinator only plaintext jobs, since it cannot decrypt.
     """
     try:
-        from fedvault.model_export import export_from_hospital, export_from_store
+        from fedvault.app.model_export import export_from_hospital, export_from_store
 
         _sides(state, store)
         if state is not None:

@@ -17,7 +17,7 @@ from typing import TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from fedvault.operator_client import (
+from fedvault.app.operator_client import (
     Access,
     AuditLog,
     JobStatus,
@@ -169,7 +169,7 @@ def render_status(
 ) -> None:
     """Print every section the caller's role may read; name the role the others need.
 
-    Raises the client's :class:`~fedvault.operator_client.OperatorApiError` when
+    Raises the client's :class:`~fedvault.app.operator_client.OperatorApiError` when
     the API is unreachable or the certificate carries no role at all.
     """
     access = client.access()

@@ -23,10 +23,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from fedvault.client.archive import ModelArchive
-from fedvault.durable import atomic_write, replace_dir
-from fedvault.metrics import greater_is_better
-from fedvault.model_card import (
+from fedvault.app.model_card import (
     CARD_JSON,
     CARD_MD,
     WEIGHTS_FILE,
@@ -36,7 +33,10 @@ from fedvault.model_card import (
     metrics_by_round,
     weights_digest,
 )
-from fedvault.privacy.errors import InvalidConfigError, KeyMismatchError
+from fedvault.client.archive import ModelArchive
+from fedvault.durable import atomic_write, replace_dir
+from fedvault.errors import InvalidConfigError, KeyMismatchError
+from fedvault.metrics import greater_is_better
 
 __all__ = [
     "ModelVersion",
@@ -235,8 +235,8 @@ def _fingerprint(text: str) -> dict[str, Any] | None:
     policies pin); ``None`` when the coordinator sent none."""
     if not text:
         return None
+    from fedvault.errors import MalformedUpdateError
     from fedvault.fingerprint import TaskFingerprint
-    from fedvault.privacy.errors import MalformedUpdateError
 
     try:
         digest = TaskFingerprint.from_json(text).digest

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from fedvault.errors import FedvaultError
 from fedvault.kit import Kit, KitError, KitKind
-from fedvault.privacy.errors import FedvaultError
 from fedvault.privacy.pki import Role
 from fedvault.proto import admin_pb2, admin_pb2_grpc
 

@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
+from fedvault.errors import FedvaultError
 from fedvault.flower_env import free_port, spawn, terminate_tree
-from fedvault.privacy.errors import FedvaultError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,7 +40,7 @@ def provision_loopback(
 ) -> Path:
     """Provision ``names`` (the first is the key custodian) and ``operators`` (name ->
     role) as a consortium on free 127.0.0.1 ports; the kits go to ``work/kits``."""
-    from fedvault.provision import provision
+    from fedvault.app.provision import provision
 
     toml = work / "consortium.toml"
     toml.write_text(
@@ -101,8 +101,12 @@ def prepare_consortium(
 ) -> dict[str, Path]:
     """Kits, per-hospital data (with each hospital's site policy, ``data/NAME/policy.toml``)
     and the job file under ``work``; returns their paths."""
-    from fedvault.examples.breast_cancer import load_data
     from fedvault.partition import Partition, partition_indices
+    from fedvault.task_registry import load_task
+
+    # By its entry point, like every task a consortium runs: examples sit above the apps.
+    load_data = load_task("breast-cancer").task.load_data
+    assert load_data is not None  # the built-in task ships reference data
 
     names = [f"hospital-{i + 1}" for i in range(hospitals)]
     provision_loopback(work, "demo-consortium", names, {"operator": "admin", "visitor": "guest"})

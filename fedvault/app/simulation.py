@@ -13,11 +13,13 @@ Re-running with the same ``out_dir`` and settings resumes the job.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,9 +36,9 @@ from fedvault.coordinator.records import RoundView
 from fedvault.coordinator.report import REPORT_JSON, Report
 from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
+from fedvault.errors import InvalidConfigError
 from fedvault.fingerprint import fingerprint_task
 from fedvault.partition import Partition, partition_indices
-from fedvault.privacy.errors import InvalidConfigError
 from fedvault.privacy.he_context import HeContext
 from fedvault.task import Task
 from fedvault.task_registry import LoadedTask, load_task
@@ -44,7 +46,7 @@ from fedvault.task_registry import LoadedTask, load_task
 if TYPE_CHECKING:
     from flwr.app import Context
 
-__all__ = ["SimulatedSites", "hospital_name", "simulate"]
+__all__ = ["SimulatedSites", "hospital_name", "run_cli", "simulate"]
 
 PUBLIC_CONTEXT = Path("coordinator") / "he-public.ctx"
 SIMULATION_KEY_EPOCH = 0
@@ -330,7 +332,7 @@ def _export_final_model(config: JobConfig, out_dir: Path) -> None:
     """``OUT/model/``: the final global model as hospital-1 decrypts it, with its card."""
     import shutil
 
-    from fedvault.model_export import export_from_hospital
+    from fedvault.app.model_export import export_from_hospital
 
     target = out_dir / "model"
     if target.exists():
@@ -341,3 +343,46 @@ def _export_final_model(config: JobConfig, out_dir: Path) -> None:
         selector="latest",
         out=target,
     )
+
+
+def run_cli(
+    task: Task, argv: Sequence[str] | None = None, *, hospitals: int, rounds: int
+) -> dict[str, Any]:
+    """Run ``task`` as a simulated consortium from the command line.
+
+    Returns
+    -------
+    dict
+        The simulation report (also written to ``OUT/report.json``).
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m fedvault.examples.{task.name.replace('-', '_')}",
+        description=f"Simulate a consortium training {task.description or task.name}.",
+    )
+    parser.add_argument("--hospitals", type=int, default=hospitals)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
+    parser.add_argument("--secure-aggregation", choices=("he", "none"), default="he")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs") / task.name)
+    args = parser.parse_args(argv)
+    config = JobConfig.for_task(
+        task,
+        hospitals=args.hospitals,
+        rounds=args.rounds,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        partition=args.partition,
+        secure_aggregation=args.secure_aggregation,
+        seed=args.seed,
+    )
+    report: dict[str, Any] = simulate(config, task=task, out_dir=args.out)
+    final = report["final"]
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(final.get("metrics", {}).items()))
+    print(
+        f"{task.name}: {shown} at epsilon {final['epsilon_max']:.2f} "
+        f"(delta {final['delta']:g}); report and model in {args.out}"
+    )
+    return report

@@ -34,6 +34,7 @@ from fedvault.client.sent import SentUpdates
 from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
 from fedvault.config import JobConfig, SecureAggregation
+from fedvault.durable import atomic_write
 from fedvault.errors import (
     FedvaultError,
     KeyMismatchError,
@@ -113,9 +114,7 @@ def _plan(site: HospitalSite, job: JobConfig, n: int, batch_size: int) -> DpPlan
     plan = _derive_plan(job.privacy, n, batch_size, job.training.local_epochs, job.rounds)
     cache[key] = asdict(plan)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(cache))
     return plan
 
 

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from fedvault.coordinator.records import AuditEvent
 from fedvault.coordinator.store import RoundStore
+from fedvault.durable import atomic_write
 from fedvault.errors import (
     KeyMismatchError,
     MalformedUpdateError,
@@ -66,7 +67,7 @@ class KeyDirectory:
         """Start a new key epoch (e.g. after a hospital leaves); the next job start re-keys."""
         epoch = self.current_epoch() + 1
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "current-epoch").write_text(f"{epoch}\n")
+        atomic_write(self.root / "current-epoch", f"{epoch}\n", 0o644)
         return epoch
 
     def _dir(self, epoch: int) -> Path:
@@ -92,14 +93,15 @@ class KeyDirectory:
                 "bump the key epoch to re-key instead"
             )
         self._dir(epoch).mkdir(parents=True, exist_ok=True)
-        (self._dir(epoch) / "public.ctx").write_bytes(ctx.serialize_public())
+        atomic_write(self._dir(epoch) / "public.ctx", ctx.serialize_public(), 0o644)
         return ctx
 
     def custodian_cert(self, epoch: int) -> bytes:
         return (self._dir(epoch) / "custodian.pem").read_bytes()
 
     def save_custodian_cert(self, epoch: int, pem: bytes) -> None:
-        (self._dir(epoch) / "custodian.pem").write_bytes(pem)
+        self._dir(epoch).mkdir(parents=True, exist_ok=True)
+        atomic_write(self._dir(epoch) / "custodian.pem", pem, 0o644)
 
     def envelope(self, epoch: int, hospital: str) -> bytes | None:
         path = self._dir(epoch) / "sealed" / f"{hospital}.env"
@@ -108,7 +110,7 @@ class KeyDirectory:
     def save_envelope(self, epoch: int, hospital: str, data: bytes) -> None:
         path = self._dir(epoch) / "sealed" / f"{hospital}.env"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        atomic_write(path, data)  # sealed to one hospital, but still 0600
 
     def blobs(self) -> list[tuple[str, bytes]]:
         """Everything stored here (for the no-secret-key checks)."""

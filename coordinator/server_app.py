@@ -391,76 +391,22 @@ def run_job(
             return job_row.status
         done = store.last_committed_round(job_row.id)
         obs.on_start(job, done)
-        store.append_audit(
-            AuditEvent(
-                kind="job_resumed" if done else "job_started",
-                actor="coordinator",
-                detail={
-                    "after_round": done,
-                    "mode": job.secure_aggregation.value,
-                    "task": job.task,
-                    "task_fingerprint": settings.fingerprint.digest,
-                    "task_version": settings.fingerprint.version,
-                },
-            ),
-            job_id=job_row.id,
-        )
+        _audit_start(store, settings, job_row.id, done)
         runner = _RoundRunner(grid, settings, store, job_row.id)
         runner.summary = _summary(store, settings)
         runner.ensure_keys()
-        latest = store.latest_model(job_row.id)
-        if latest is None:
-            initial = _initial_model(settings, runner.public, runner.key_epoch)
-            latest = store.save_initial_model(job_row.id, _to_blob(0, initial, 1.0))
-        model = _from_blob(latest)
+        model = _latest_model(store, settings, runner)
         for number in range(done + 1, job.rounds + 1):
             if _wait_while_paused(store, job.job, settings.pause_poll_s) == "stop":
                 log.info("job %s stopped by an operator before round %d", job.job, number)
                 _write_report(store, settings)
                 return "stopped"
-            outcome = None
-            for attempt in range(1, job.max_round_attempts + 1):
-                candidate = runner.train(number, model)
-                if candidate.model is not None and candidate.accepted >= job.quorum:
-                    outcome = candidate
-                    break
-                reason = (
-                    f"{candidate.accepted} of {job.quorum} required hospitals contributed: "
-                    + "; ".join(
-                        f"{p.hospital} {p.status}: {p.reason}"
-                        for p in candidate.participations
-                        if p.status != "ok"
-                    )
-                )
-                store.record_failed_round(
-                    job_row.id, number, reason=reason, participations=candidate.participations
-                )
-                # Each refusal, rejection and missing reply of the attempt is its own
-                # audit row, as it is for a committed round (round.failed sums them up).
-                for event in candidate.audit:
-                    store.append_audit(event, job_id=job_row.id)
-                obs.on_round_failed(number, attempt, reason)
-                if _final_refusal(candidate.participations):
-                    break  # spent budgets and refused consent do not come back
+            outcome = _train_round(runner, number, model, obs)
             if outcome is None:
                 store.set_job_status(job_row.id, "failed")
                 _write_report(store, settings)
                 return "failed"
-            assert outcome.model is not None
-            store.commit_round(
-                job_row.id,
-                RoundCommit(
-                    number=number,
-                    model=_to_blob(number, outcome.model, outcome.total_weight),
-                    participations=tuple(outcome.participations),
-                    train_loss=outcome.train_loss,
-                    audit=tuple(outcome.audit),
-                    previous_evaluations=tuple(outcome.evaluations.hospitals),
-                    previous_pooled=outcome.evaluations.pooled(runner.eval_spec),
-                ),
-            )
-            model = outcome.model
-            runner.summary = _write_report(store, settings) or _summary(store, settings)
+            model = _commit_round(runner, number, outcome)
             obs.on_round(_committed_round(store, job_row.id, number))
         final = _committed_round(store, job_row.id, job.rounds)
         if not final.evaluations:
@@ -470,6 +416,88 @@ def run_job(
         store.set_job_status(job_row.id, "finished")
         runner.announce(_write_report(store, settings) or _summary(store, settings))
         return "finished"
+
+
+def _audit_start(store: RoundStore, settings: CoordinatorSettings, job_id: int, done: int) -> None:
+    """Record that the job starts (or resumes after round ``done``), and with which task."""
+    job = settings.job
+    store.append_audit(
+        AuditEvent(
+            kind="job_resumed" if done else "job_started",
+            actor="coordinator",
+            detail={
+                "after_round": done,
+                "mode": job.secure_aggregation.value,
+                "task": job.task,
+                "task_fingerprint": settings.fingerprint.digest,
+                "task_version": settings.fingerprint.version,
+            },
+        ),
+        job_id=job_id,
+    )
+
+
+def _latest_model(
+    store: RoundStore, settings: CoordinatorSettings, runner: _RoundRunner
+) -> ModelPayload:
+    """The last committed global model, or the seeded initial one, saved, for a new job."""
+    latest = store.latest_model(runner.job_id)
+    if latest is None:
+        initial = _initial_model(settings, runner.public, runner.key_epoch)
+        latest = store.save_initial_model(runner.job_id, _to_blob(0, initial, 1.0))
+    return _from_blob(latest)
+
+
+def _train_round(
+    runner: _RoundRunner, number: int, model: ModelPayload, obs: RoundObserver
+) -> RoundOutcome | None:
+    """Train round ``number`` until a quorum contributes, up to the job's attempts;
+    ``None`` when every attempt failed (each is recorded as a failed round)."""
+    job, store, job_id = runner.job, runner.store, runner.job_id
+    for attempt in range(1, job.max_round_attempts + 1):
+        candidate = runner.train(number, model)
+        if candidate.model is not None and candidate.accepted >= job.quorum:
+            return candidate
+        reason = (
+            f"{candidate.accepted} of {job.quorum} required hospitals contributed: "
+            + "; ".join(
+                f"{p.hospital} {p.status}: {p.reason}"
+                for p in candidate.participations
+                if p.status != "ok"
+            )
+        )
+        store.record_failed_round(
+            job_id, number, reason=reason, participations=candidate.participations
+        )
+        # Each refusal, rejection and missing reply of the attempt is its own
+        # audit row, as it is for a committed round (round.failed sums them up).
+        for event in candidate.audit:
+            store.append_audit(event, job_id=job_id)
+        obs.on_round_failed(number, attempt, reason)
+        if _final_refusal(candidate.participations):
+            break  # spent budgets and refused consent do not come back
+    return None
+
+
+def _commit_round(runner: _RoundRunner, number: int, outcome: RoundOutcome) -> ModelPayload:
+    """Commit round ``number`` in one transaction and refresh the job summary;
+    returns the new global model."""
+    assert outcome.model is not None
+    store, settings = runner.store, runner.settings
+    store.commit_round(
+        runner.job_id,
+        RoundCommit(
+            number=number,
+            model=_to_blob(number, outcome.model, outcome.total_weight),
+            participations=tuple(outcome.participations),
+            train_loss=outcome.train_loss,
+            audit=tuple(outcome.audit),
+            previous_evaluations=tuple(outcome.evaluations.hospitals),
+            previous_pooled=outcome.evaluations.pooled(runner.eval_spec),
+        ),
+    )
+    runner.summary = _write_report(store, settings) or _summary(store, settings)
+    return outcome.model
 
 
 def _committed_round(store: RoundStore, job_id: int, number: int) -> RoundView:

@@ -214,6 +214,64 @@ def sign_kit(
     return signed
 
 
+def _verify_signed_manifest(
+    root: Path, expected_ca_sha256: str | None
+) -> tuple[x509.Certificate, Manifest]:
+    """Check the manifest signature against the kit's CA, parse it, and check the CA pin."""
+
+    def fail(what: str) -> KitError:
+        return _failure(root, what)
+
+    raw: dict[str, bytes] = {}
+    for name in (_CA, MANIFEST_NAME, SIGNATURE_NAME):
+        try:
+            raw[name] = (root / name).read_bytes()
+        except OSError:
+            raise fail(f"{name} is missing") from None
+    try:
+        ca_cert = load_certificate_pem(raw[_CA], what=_CA)
+        signature = base64.b64decode(raw[SIGNATURE_NAME].strip(), validate=True)
+        public = ca_cert.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise InvalidSignature
+        public.verify(signature, raw[MANIFEST_NAME], ec.ECDSA(hashes.SHA384()))
+    except (InvalidConfigError, InvalidSignature, ValueError, binascii.Error):
+        raise fail(
+            f"{MANIFEST_NAME} was modified (its signature in {SIGNATURE_NAME} does not verify "
+            f"against {_CA}; one of the three was changed)"
+        ) from None
+    try:
+        manifest = Manifest.from_json(raw[MANIFEST_NAME])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise fail(f"{MANIFEST_NAME} is signed but cannot be read ({exc})") from None
+    fingerprint = certificate_fingerprint(ca_cert)
+    if manifest.ca_sha256 != fingerprint:
+        raise fail(f"{_CA} was modified (fingerprint differs from the manifest)")
+    if expected_ca_sha256 is not None and expected_ca_sha256.lower() != fingerprint:
+        raise KitError(
+            f"kit {root} belongs to CA {fingerprint}, not the pinned CA {expected_ca_sha256}; "
+            "use the kit of your consortium"
+        )
+    return ca_cert, manifest
+
+
+def _verify_files(root: Path, manifest: Manifest) -> None:
+    """Check every listed file's SHA-256, then mode 0600 on the private keys."""
+    for name, entry in manifest.files.items():
+        path = root / name
+        if path.is_symlink() or not path.is_file():
+            raise _failure(root, f"{name} is missing (or a symlink)")
+        if _sha256(path) != entry.sha256:
+            raise _failure(root, f"{name} was modified")
+    for name, entry in manifest.files.items():
+        mode = (root / name).stat().st_mode & 0o777
+        if entry.secret and mode & 0o077:
+            raise KitError(
+                f"kit {root}: private key {name} is readable by group/others (mode "
+                f"{mode:04o}); run `chmod 600 {root / name}` and check who copied it"
+            )
+
+
 @dataclass(frozen=True)
 class Kit:
     """A verified kit: typed paths and the parsed manifest. Build with :meth:`load`."""
@@ -242,57 +300,12 @@ class Kit:
             Naming the file at fault and what to do.
         """
         root = Path(kit_dir)
-
-        def fail(what: str) -> KitError:
-            return _failure(root, what)
-
         if not root.is_dir():
             raise KitError(
                 f"kit {root} is not a directory; pass the kit folder `fedvault provision` wrote"
             )
-        raw: dict[str, bytes] = {}
-        for name in (_CA, MANIFEST_NAME, SIGNATURE_NAME):
-            try:
-                raw[name] = (root / name).read_bytes()
-            except OSError:
-                raise fail(f"{name} is missing") from None
-        try:
-            ca_cert = load_certificate_pem(raw[_CA], what=_CA)
-            signature = base64.b64decode(raw[SIGNATURE_NAME].strip(), validate=True)
-            public = ca_cert.public_key()
-            if not isinstance(public, ec.EllipticCurvePublicKey):
-                raise InvalidSignature
-            public.verify(signature, raw[MANIFEST_NAME], ec.ECDSA(hashes.SHA384()))
-        except (InvalidConfigError, InvalidSignature, ValueError, binascii.Error):
-            raise fail(
-                f"{MANIFEST_NAME} was modified (its signature in {SIGNATURE_NAME} does not verify "
-                f"against {_CA}; one of the three was changed)"
-            ) from None
-        try:
-            manifest = Manifest.from_json(raw[MANIFEST_NAME])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise fail(f"{MANIFEST_NAME} is signed but cannot be read ({exc})") from None
-        fingerprint = certificate_fingerprint(ca_cert)
-        if manifest.ca_sha256 != fingerprint:
-            raise fail(f"{_CA} was modified (fingerprint differs from the manifest)")
-        if expected_ca_sha256 is not None and expected_ca_sha256.lower() != fingerprint:
-            raise KitError(
-                f"kit {root} belongs to CA {fingerprint}, not the pinned CA {expected_ca_sha256}; "
-                "use the kit of your consortium"
-            )
-        for name, entry in manifest.files.items():
-            path = root / name
-            if path.is_symlink() or not path.is_file():
-                raise fail(f"{name} is missing (or a symlink)")
-            if _sha256(path) != entry.sha256:
-                raise fail(f"{name} was modified")
-        for name, entry in manifest.files.items():
-            mode = (root / name).stat().st_mode & 0o777
-            if entry.secret and mode & 0o077:
-                raise KitError(
-                    f"kit {root}: private key {name} is readable by group/others (mode "
-                    f"{mode:04o}); run `chmod 600 {root / name}` and check who copied it"
-                )
+        ca_cert, manifest = _verify_signed_manifest(root, expected_ca_sha256)
+        _verify_files(root, manifest)
         kit = cls(root, manifest, ca_cert)
         if expected_kind is not None and manifest.kind is not expected_kind:
             raise KitError(
@@ -302,7 +315,7 @@ class Kit:
         try:
             verify_issued_by(kit.certificate(), ca_cert)
         except InvalidConfigError as exc:
-            raise fail(str(exc)) from None
+            raise _failure(root, str(exc)) from None
         return kit
 
     # ---- reading files -------------------------------------------------------------

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedvault.durable import atomic_write
 from fedvault.errors import InvalidConfigError
 
 __all__ = [
@@ -471,21 +472,20 @@ def _make_private_dirs(directory: Path) -> None:
 def _write(path: str | os.PathLike[str], data: bytes, mode: int) -> Path:
     p = Path(path)
     _make_private_dirs(p.parent)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(p, flags, mode), "wb") as f:
-        os.fchmod(f.fileno(), mode)  # also fixes a pre-existing file and an odd umask
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    # A temp file with the mode from its first byte, fsynced, renamed over the
+    # target (a symlink there is replaced, not followed), then the directory
+    # fsynced: a crash leaves the old file or the new one, never a torn key.
+    atomic_write(p, data, mode)
     return p
 
 
 def write_secret(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write a private key file that is mode 0600 from its first byte.
 
-    ``os.open`` with the mode closes the window in which ``open(); chmod()``
-    leaves a fresh key world-readable; ``fchmod`` also tightens a file that
-    existed with a looser mode. Missing parent directories are created 0700.
+    The temp file gets the mode before any byte is written, closing the window
+    in which ``open(); chmod()`` leaves a fresh key world-readable; a file that
+    existed with a looser mode is replaced by one with 0600. Missing parent
+    directories are created 0700.
     """
     return _write(path, data, 0o600)
 

@@ -24,6 +24,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedvault import errors
 from fedvault.app.provision import provision
 from fedvault.client.client_app import make_client_app
 from fedvault.client.keys import KeyStore
@@ -61,7 +62,6 @@ from fedvault.messages import (
     refusal_code,
     refusal_reason,
 )
-from fedvault.privacy import errors
 from fedvault.task_registry import load_task
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "consortium.toml"

@@ -382,7 +382,7 @@ def _job_task(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from rich.console import Console
 
-    from fedvault import simulation
+    from fedvault.app import simulation
     from fedvault.config import JobConfig
 
     task, info = _job_task(spec)

@@ -4,11 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
+AUDIT_OUT ?= audit-out
 
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test bench soak lint proto clean
+.PHONY: install demo test audit bench soak lint proto clean
 
 install: $(STAMP)
 
@@ -24,6 +25,18 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# The empirical privacy audit (fedvault audit privacy): breast-cancer at ε = 3, once with
+# DP-SGD as planned (the claim must hold: exit 0, or the target fails) and once with DP off
+# (the same audit must refute the claim: its exit 1 is the expected outcome; 0 means the
+# audit has no teeth and fails the target, as does any error).
+audit: install
+	rm -rf $(AUDIT_OUT)
+	$(BIN)/fedvault audit privacy --task breast-cancer --epsilon 3 --out $(AUDIT_OUT)/dp
+	$(BIN)/fedvault audit privacy --task breast-cancer --epsilon 3 --no-dp \
+		--out $(AUDIT_OUT)/no-dp; rc=$$?; if [ $$rc -ne 1 ]; then \
+		echo "make audit: with DP off the audit should refute ε = 3 (exit 1), got exit $$rc"; \
+		exit 1; fi
 
 # Not part of `make test`: timings and load, side by side in one run (bench/README.md).
 bench: install
@@ -53,4 +66,4 @@ proto: install
 		proto/admin_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(AUDIT_OUT) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

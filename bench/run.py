@@ -39,6 +39,7 @@ SECTIONS: dict[str, str] = {
     "round": "bench.round_overhead",
     "scale": "bench.sim_scale",
     "big": "bench.big_model",
+    "lora": "bench.lora",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

@@ -1,5 +1,7 @@
-"""The hospital side: the ClientApp, local DP-SGD training, site data, policy,
-keys, the privacy ledger, the model archive and the hospital daemon.
+"""The hospital side.
+
+The ClientApp, local DP-SGD training, site data, policy, keys, the privacy
+ledger, the model archive and the hospital daemon.
 
 Imports the shared base and the layers below; never :mod:`fedvault.coordinator`.
 """

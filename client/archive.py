@@ -25,10 +25,10 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from fedvault.durable import atomic_write, fsync_dir
 from fedvault.errors import InvalidConfigError, MalformedUpdateError
+from fedvault.json_types import JSONObject
 from fedvault.messages import ModelPayload
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
 
@@ -162,7 +162,7 @@ class ModelArchive:
         text = json.dumps(info, indent=2, sort_keys=True) + "\n"
         write_durably(path, text.encode("utf-8"), overwrite=False)
 
-    def put_summary(self, job: str, summary: Mapping[str, Any]) -> None:
+    def put_summary(self, job: str, summary: Mapping[str, object]) -> None:
         """Replace the job's ``summary.json`` (the job report the coordinator relays).
 
         Raises
@@ -259,7 +259,7 @@ class ModelArchive:
                 f"{path} is unreadable ({exc}); restore it from a backup of the state directory"
             ) from exc
 
-    def summary(self, job: str) -> dict[str, Any] | None:
+    def summary(self, job: str) -> JSONObject | None:
         """The latest job report the coordinator relayed, or ``None`` if none arrived."""
         path = self._existing_job(job) / _SUMMARY
         if not path.exists():

@@ -90,8 +90,11 @@ def _train_seed(job: JobConfig, hospital: str, server_round: int) -> int:
 def _derive_plan(
     privacy: PrivacyConfig, n: int, batch_size: int, local_epochs: int, rounds: int
 ) -> DpPlan:
-    """plan_dp, memoised per process: a simulation worker plays many hospitals
-    of similar size, and the noise search depends on nothing else (~1 s each)."""
+    """plan_dp, memoised per process.
+
+    A simulation worker plays many hospitals of similar size, and the noise
+    search depends on nothing else (~1 s each).
+    """
     return plan_dp(
         privacy, num_samples=n, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds
     )
@@ -206,6 +209,7 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
             device=site.device,
             seed=_train_seed(job, site.name, instr.server_round),
             max_physical_batch_size=site.max_physical_batch,
+            secure_rng=site.secure_rng,
         )
         # The spend is on the books before the update can leave the hospital.
         entry = ledger.record_round(
@@ -298,6 +302,44 @@ def _keep_summary(who: HospitalIdentity, msg: Message) -> Message:
     return Message(RecordDict({SUMMARY_KEY: reply}), reply_to=msg)
 
 
+def _evaluate(site: HospitalSite, instr: RoundInstruction) -> EvalReply:
+    """Evaluate the global model on this hospital's held-out data (with its consent)."""
+    ledger = LocalLedger(site.ledger_path, hospital=site.name)
+    try:
+        _consent(site, instr, ledger)
+    finally:
+        ledger.close()
+    model = site.build_model()
+    set_weights(model, _global_model(site, instr), site.task.shared_names(model))
+    _archive(site, instr, instr.server_round)
+    accuracy, loss, seen, evaluation = _evaluation(site, model)
+    return EvalReply(
+        hospital=site.name,
+        status=ReplyStatus.OK,
+        accuracy=accuracy,
+        loss=loss,
+        samples=seen,
+        evaluation=evaluation,
+    )
+
+
+def _query(who: HospitalIdentity, msg: Message) -> Message:
+    """Answer a query: the job's final summary, or a key-ceremony request."""
+    if SUMMARY_KEY in msg.content.config_records:
+        return _keep_summary(who, msg)
+    try:
+        reply = _ceremony(who, ceremony_request(msg))
+    except (FedvaultError, KeyError, TypeError, ValueError) as exc:
+        log.warning("%s refused a key-ceremony request: %s", who.name, exc)
+        reply = CeremonyReply(
+            hospital=who.name,
+            status=ReplyStatus.REFUSED,
+            reason=refusal_reason(exc),
+            code=refusal_code(exc),
+        )
+    return Message(reply.to_content(), reply_to=msg)
+
+
 def make_client_app(sites: SiteProvider) -> ClientApp:
     """A ClientApp serving the hospitals that ``sites`` resolves."""
     app = ClientApp()
@@ -335,24 +377,7 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
         instr = RoundInstruction.from_message(msg)
         name = sites.identity(context).name
         try:
-            site = sites.site(context, instr.job)
-            ledger = LocalLedger(site.ledger_path, hospital=site.name)
-            try:
-                _consent(site, instr, ledger)
-            finally:
-                ledger.close()
-            model = site.build_model()
-            set_weights(model, _global_model(site, instr), site.task.shared_names(model))
-            _archive(site, instr, instr.server_round)
-            accuracy, loss, seen, evaluation = _evaluation(site, model)
-            reply = EvalReply(
-                hospital=site.name,
-                status=ReplyStatus.OK,
-                accuracy=accuracy,
-                loss=loss,
-                samples=seen,
-                evaluation=evaluation,
-            )
+            reply = _evaluate(sites.site(context, instr.job), instr)
         except FedvaultError as exc:
             reply = EvalReply(
                 hospital=name,
@@ -364,20 +389,7 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
 
     @app.query()
     def key_ceremony(msg: Message, context: Context) -> Message:
-        who = sites.identity(context)
-        if SUMMARY_KEY in msg.content.config_records:
-            return _keep_summary(who, msg)
-        try:
-            reply = _ceremony(who, ceremony_request(msg))
-        except (FedvaultError, KeyError, TypeError, ValueError) as exc:
-            log.warning("%s refused a key-ceremony request: %s", who.name, exc)
-            reply = CeremonyReply(
-                hospital=who.name,
-                status=ReplyStatus.REFUSED,
-                reason=refusal_reason(exc),
-                code=refusal_code(exc),
-            )
-        return Message(reply.to_content(), reply_to=msg)
+        return _query(sites.identity(context), msg)
 
     return app
 

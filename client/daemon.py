@@ -29,6 +29,8 @@ log = logging.getLogger("fedvault.client")
 
 @dataclass(frozen=True)
 class ClientOptions:
+    """How to run one hospital's daemon: its kit, data spec, state directory and node settings."""
+
     kit_dir: Path
     data: Path
     state_dir: Path
@@ -79,8 +81,11 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
 
 
 def _announce_policy(hospital: str, path: Path) -> None:
-    """Check the site policy before the first round: a file that does not parse stops
-    the daemon (exit 2); a missing one is allowed, but nothing will train until it exists."""
+    """Check the site policy before the first round.
+
+    A file that does not parse stops the daemon (exit 2); a missing one is allowed,
+    but nothing will train until it exists.
+    """
     from fedvault.errors import PolicyRefusalError
 
     try:

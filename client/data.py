@@ -135,10 +135,9 @@ class DataSpec:
 
     @classmethod
     def from_mapping(
-        cls, raw: Mapping[str, Any], *, base_dir: Path, source: str = "data spec"
+        cls, raw: Mapping[str, object], *, base_dir: Path, source: str = "data spec"
     ) -> DataSpec:
         """Build a spec from parsed TOML; ``source`` names it in error messages."""
-
         unknown = sorted(set(raw) - set(_CHECKS))
         if unknown:
             raise DataError(
@@ -152,37 +151,39 @@ class DataSpec:
             if key in absent or not valid(raw[key]):
                 got = f"got {raw[key]!r}" if key in raw else "it is missing"
                 raise DataError(f"{source}: {key} must be {want}; {got} (see {_README})")
+        # Any: each value was checked against _CHECKS above.
+        checked: Mapping[str, Any] = raw
         wrong = _TABLE_ONLY if kind == "entrypoint" else ("entry_point",)
-        stray = [key for key in wrong if key in raw]
+        stray = [key for key in wrong if key in checked]
         if stray:
             raise DataError(
-                f"{source}: {stray} do not apply to format = {raw['format']!r}; remove them "
+                f"{source}: {stray} do not apply to format = {checked['format']!r}; remove them "
                 f"(see {_README})"
             )
-        features = raw.get("features", [])
+        features = checked.get("features", [])
         dupes = sorted({f for f in features if features.count(f) > 1})
         if dupes:
             raise DataError(f"{source}: duplicate feature names {dupes}; list each column once")
-        if raw.get("label") in features:
+        if checked.get("label") in features:
             raise DataError(
-                f"{source}: the label column {raw['label']!r} is also listed in features; "
+                f"{source}: the label column {checked['label']!r} is also listed in features; "
                 "remove it from features (the model must not see the answer)"
             )
         base = Path(base_dir)
         return cls(
-            format=raw["format"],
+            format=checked["format"],
             base_dir=base,
-            train=base / raw["train"] if "train" in raw else None,
-            test=base / raw["test"] if "test" in raw else None,
-            holdout=float(raw.get("holdout", 0.2)),
-            seed=raw.get("seed", 0),
-            label=raw.get("label"),
+            train=base / checked["train"] if "train" in checked else None,
+            test=base / checked["test"] if "test" in checked else None,
+            holdout=float(checked.get("holdout", 0.2)),
+            seed=checked.get("seed", 0),
+            label=checked.get("label"),
             features=tuple(features),
-            labels=tuple(raw.get("labels", ())),
-            min_records=raw.get("min_records", 20),
-            entry_point=raw.get("entry_point"),
-            dtype=raw.get("dtype", "float32"),
-            allow_missing_labels=raw.get("allow_missing_labels", False),
+            labels=tuple(checked.get("labels", ())),
+            min_records=checked.get("min_records", 20),
+            entry_point=checked.get("entry_point"),
+            dtype=checked.get("dtype", "float32"),
+            allow_missing_labels=checked.get("allow_missing_labels", False),
         )
 
 
@@ -394,7 +395,7 @@ def write_csv_partition(
             writer.writerow([*map(repr, row), int(lab) if integer else repr(float(lab))])
 
 
-def write_spec(path: Path, **fields: Any) -> Path:
+def write_spec(path: Path, **fields: object) -> Path:
     """Write a data spec TOML file from ``fields`` and return its path.
 
     The text is checked with :meth:`DataSpec.from_mapping` before it is
@@ -434,8 +435,10 @@ def _toml_char(c: str) -> str:
 def _read_table(
     spec: DataSpec, path: Path, *, regression: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Declared columns of ``path`` as float64 features ``(n, f)`` and int64 labels
-    (float64 targets for ``regression``)."""
+    """Declared columns of ``path`` as float64 features and int64 labels.
+
+    Features are ``(n, f)``; labels are float64 targets for ``regression``.
+    """
     if not path.is_file():
         raise DataError(f"data file {path} (named in the data spec) not found; fix the path")
     label = cast(str, spec.label)

@@ -45,15 +45,18 @@ class KeyStore:
         return self.root / f"epoch-{epoch}" / "he-secret.ctx"
 
     def epochs(self) -> list[int]:
+        """The key epochs this hospital holds a secret context for, ascending."""
         if not self.root.is_dir():
             return []
         found = (_EPOCH_DIR.match(p.name) for p in self.root.iterdir())
         return sorted(int(m.group(1)) for m in found if m and self._path(int(m.group(1))).exists())
 
     def has(self, epoch: int) -> bool:
+        """Whether the secret context of ``epoch`` is stored here."""
         return self._path(epoch).exists()
 
     def get(self, epoch: int) -> HeContext:
+        """The secret context of ``epoch`` (cached); :class:`KeyMismatchError` if not held."""
         if epoch not in self._cache:
             path = self._path(epoch)
             if not path.exists():

@@ -35,11 +35,13 @@ class KitSites:
     """Resolves the one hospital this SuperNode serves."""
 
     def identity(self, context: Context) -> HospitalIdentity:
+        """The hospital named by the node config's kit, with its key store."""
         node = NodeSettings.from_context(context)
         kit = Kit.load(node.kit, expected_kind=KitKind.HOSPITAL)
         return HospitalIdentity(name=kit.party, keys=KeyStore(node.state_dir), kit=kit)
 
     def site(self, context: Context, job: JobConfig) -> HospitalSite:
+        """The hospital ready to run ``job``: its policy, task, checked data and device."""
         who = self.identity(context)
         node = NodeSettings.from_context(context)
         policy = SitePolicy.load(node.policy_path)  # no policy: nothing is allowed

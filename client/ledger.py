@@ -222,7 +222,7 @@ class LocalLedger:
             raise StoreError(f"cannot read the privacy ledger at {self._path}: {exc}") from exc
 
     def state(self, job: str) -> AccountantState:
-        """This job's accumulated accountant state (empty if it never trained here)."""
+        """The accumulated accountant state of ``job`` (empty if it never trained here)."""
         return self._read().get(job, AccountantState(self._accountant))
 
     def total_state(self) -> AccountantState:
@@ -234,8 +234,10 @@ class LocalLedger:
         return self.total_state().epsilon(delta)
 
     def spent_elsewhere(self, job: str, *, delta: float) -> float:
-        """Epsilon spent over every job but ``job`` at ``delta`` (what a site
-        policy's total limit adds a new job's budget to)."""
+        """Epsilon spent over every job but ``job`` at ``delta``.
+
+        What a site policy's total limit adds a new job's budget to.
+        """
         others = [state for name, state in self._read().items() if name != job]
         return _compose(self._accountant, others).epsilon(delta) if others else 0.0
 

@@ -29,8 +29,10 @@ NODE_CONFIG_KEYS = ("kit", "data", "state-dir")
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """One hospital's node config: its kit, data spec and state directory, and the
-    optional site policy file, device, memory cap and ε budget.
+    """One hospital's node config.
+
+    Its kit, data spec and state directory, and the optional site policy file,
+    device, memory cap and ε budget.
 
     ``policy`` ``None``: ``state_dir / policy.toml`` (:attr:`policy_path`).
     ``epsilon_budget`` / ``max_physical_batch`` ``None``: not set (the job's ε, the

@@ -116,6 +116,45 @@ class AllowedTask:
     fingerprints: tuple[str, ...] = ()
 
 
+def _bad(
+    source: Path, key: str, want: str, value: Any, missing: bool = False
+) -> InvalidConfigError:
+    """The error for ``key`` of the policy at ``source`` not being ``want`` (or missing)."""
+    got = "it is missing" if missing else f"got {value!r}"
+    return InvalidConfigError(f"site policy {source}: {key} must be {want}; {got}")
+
+
+def _refuse_unknown(
+    source: Path, table: Mapping[str, Any], known: Sequence[str], where: str
+) -> None:
+    """Refuse the keys of ``table`` (``where`` in the policy) that are not ``known``."""
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise InvalidConfigError(
+            f"site policy {source}: unknown keys {unknown} {where}; the known keys "
+            f"are {sorted(known)} (format: see fedvault.client.policy)"
+        )
+
+
+def _allowed_task(source: Path, i: int, entry: Mapping[str, Any]) -> AllowedTask:
+    """The ``i``-th ``[[tasks]]`` entry, checked against :data:`_TASK_KEYS`."""
+    where = f"[[tasks]] entry {i}"
+    if _is_name(entry.get("name")):
+        where += f" ({entry['name']!r})"
+    _refuse_unknown(source, entry, list(_TASK_KEYS), f"in {where}")
+    if "name" not in entry:
+        raise _bad(source, f"{where} name", _TASK_KEYS["name"][1], None, missing=True)
+    for key, value in entry.items():
+        valid, want = _TASK_KEYS[key]
+        if not valid(value):
+            raise _bad(source, f"{where} {key}", want, value)
+    return AllowedTask(
+        name=entry["name"],
+        versions=tuple(entry.get("versions", ())),
+        fingerprints=tuple(entry.get("fingerprints", ())),
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class SitePolicy:
     """A hospital's site policy, read once from its TOML file (format: module docstring).
@@ -160,52 +199,23 @@ class SitePolicy:
         return cls.from_mapping(raw, source=path)
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], *, source: Path) -> SitePolicy:
+    def from_mapping(cls, raw: Mapping[str, object], *, source: Path) -> SitePolicy:
         """Build a policy from parsed TOML; ``source`` names it in error messages."""
-
-        def bad(key: str, want: str, value: Any, missing: bool = False) -> InvalidConfigError:
-            got = "it is missing" if missing else f"got {value!r}"
-            return InvalidConfigError(f"site policy {source}: {key} must be {want}; {got}")
-
-        def refuse_unknown(table: Mapping[str, Any], known: Sequence[str], where: str) -> None:
-            unknown = sorted(set(table) - set(known))
-            if unknown:
-                raise InvalidConfigError(
-                    f"site policy {source}: unknown keys {unknown} {where}; the known keys "
-                    f"are {sorted(known)} (format: see fedvault.client.policy)"
-                )
-
-        refuse_unknown(raw, _TOP, "at the top level ([limits] and [[tasks]] only)")
+        _refuse_unknown(source, raw, _TOP, "at the top level ([limits] and [[tasks]] only)")
         limits = raw.get("limits", {})
         if not isinstance(limits, dict):
-            raise bad("limits", "a [limits] table", limits)
-        refuse_unknown(limits, list(_LIMITS), "in [limits]")
+            raise _bad(source, "limits", "a [limits] table", limits)
+        _refuse_unknown(source, limits, list(_LIMITS), "in [limits]")
         for key, value in limits.items():
             valid, want = _LIMITS[key]
             if not valid(value):
-                raise bad(f"[limits] {key}", want, value)
+                raise _bad(source, f"[limits] {key}", want, value)
         entries = raw.get("tasks", [])
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise bad("tasks", 'a list of [[tasks]] tables, each with name = "TASK"', entries)
-        tasks: list[AllowedTask] = []
-        for i, entry in enumerate(entries, start=1):
-            where = f"[[tasks]] entry {i}"
-            if _is_name(entry.get("name")):
-                where += f" ({entry['name']!r})"
-            refuse_unknown(entry, list(_TASK_KEYS), f"in {where}")
-            if "name" not in entry:
-                raise bad(f"{where} name", _TASK_KEYS["name"][1], None, missing=True)
-            for key, value in entry.items():
-                valid, want = _TASK_KEYS[key]
-                if not valid(value):
-                    raise bad(f"{where} {key}", want, value)
-            tasks.append(
-                AllowedTask(
-                    name=entry["name"],
-                    versions=tuple(entry.get("versions", ())),
-                    fingerprints=tuple(entry.get("fingerprints", ())),
-                )
+            raise _bad(
+                source, "tasks", 'a list of [[tasks]] tables, each with name = "TASK"', entries
             )
+        tasks = [_allowed_task(source, i, entry) for i, entry in enumerate(entries, start=1)]
         names = [t.name for t in tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

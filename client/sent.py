@@ -45,6 +45,7 @@ class SentUpdates:
         return base.with_suffix(".json"), base.with_suffix(".update")
 
     def get(self, instr: RoundInstruction) -> TrainReply | None:
+        """The reply already released for ``instr``, or ``None`` if there is none."""
         meta_path, blob_path = self._paths(instr)
         if not (meta_path.exists() and blob_path.exists()):
             return None
@@ -58,6 +59,7 @@ class SentUpdates:
         return TrainReply(update=update, **meta)
 
     def put(self, instr: RoundInstruction, reply: TrainReply) -> None:
+        """Keep a successful ``reply`` to ``instr`` durably; refusals are not kept."""
         if reply.status is not ReplyStatus.OK or reply.update is None:
             return
         meta_path, blob_path = self._paths(instr)

@@ -32,6 +32,8 @@ __all__ = ["HospitalIdentity", "HospitalSite", "SiteProvider"]
 
 @dataclass(frozen=True)
 class HospitalSite:
+    """One hospital as a job sees it: its data, task, keys, device, policy and state."""
+
     name: str
     state_dir: Path  # the hospital's own ledger, keys and model versions live here
     train_data: Dataset
@@ -48,13 +50,19 @@ class HospitalSite:
     # The most records one forward/backward pass may hold (memory); a larger
     # logical DP-SGD batch is split into virtual steps with the same ε.
     max_physical_batch: int | None = None
+    # DP-SGD noise and Poisson batches from a CSPRNG (ChaCha20, keyed by the OS):
+    # always in deployment. `fedvault simulate` may turn it off for seeded,
+    # reproducible runs (torch's generator).
+    secure_rng: bool = True
 
     @property
     def build_model(self) -> Callable[[], nn.Module]:
+        """The task's model factory."""
         return self.task.build_model
 
     @property
     def ledger_path(self) -> Path:
+        """The hospital's privacy ledger (SQLite) in its state directory."""
         return self.state_dir / "ledger.sqlite"
 
 
@@ -68,10 +76,17 @@ class HospitalIdentity:
 
     @property
     def state_dir(self) -> Path:
+        """The hospital's state directory (where its key store lives)."""
         return self.keys.root.parent  # the KeyStore lives in the state directory
 
 
 class SiteProvider(Protocol):
-    def site(self, context: Context, job: JobConfig) -> HospitalSite: ...
+    """Resolves the hospital a ClientApp serves, from its Flower context."""
 
-    def identity(self, context: Context) -> HospitalIdentity: ...
+    def site(self, context: Context, job: JobConfig) -> HospitalSite:
+        """The hospital ready to run ``job``."""
+        ...
+
+    def identity(self, context: Context) -> HospitalIdentity:
+        """Who the hospital is and where its keys live (for the key ceremony)."""
+        ...

@@ -118,8 +118,10 @@ class SuperNodeConfig:
 
 
 def supernode_command() -> list[str]:
-    """``flower-supernode``, through a wrapper that exits when its Fleet connection
-    ends (Flower's would idle forever; see :mod:`fedvault.client.supernode_entry`)."""
+    """``flower-supernode``, through a wrapper that exits when its Fleet connection ends.
+
+    Flower's would idle forever; see :mod:`fedvault.client.supernode_entry`.
+    """
     return [sys.executable, "-m", "fedvault.client.supernode_entry"]
 
 

@@ -25,6 +25,7 @@ CONNECTION_ENDED_TEXT = "the SuperNode's connection to the SuperLink ended"
 
 
 def main() -> None:
+    """Run ``flower-supernode``; exit with :data:`CONNECTION_ENDED` when its loop ends."""
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     flower_supernode()  # returns only when the message loop has ended

@@ -54,8 +54,10 @@ class LocalResult:
 
 
 def pick_device(preference: str = "auto") -> torch.device:
-    """The device a hospital trains on: ``"auto"`` (its GPU when it has one, else the
-    CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    """The device a hospital trains on.
+
+    ``"auto"`` (its GPU when it has one, else the CPU), ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``.
 
     Raises
     ------
@@ -84,8 +86,10 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def get_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """The model's state as named numpy arrays (the order is the state dict's);
-    ``names``: only those (the tensors a task shares, see ``Task.shared_names``)."""
+    """The model's state as named numpy arrays (the order is the state dict's).
+
+    ``names``: only those (the tensors a task shares, see ``Task.shared_names``).
+    """
     state = model.state_dict()
     keep = state.keys() if names is None else names
     return {k: state[k].detach().cpu().numpy().copy() for k in keep}
@@ -134,6 +138,7 @@ def train_private(
     max_physical_batch_size: int | None = None,
     grad_sample_mode: GradSampleMode = "auto",
     mixed_precision: bool = False,
+    secure_rng: bool = True,
 ) -> LocalResult:
     """Run one round of local DP-SGD, continuing the job's accountant ``state``.
 
@@ -154,6 +159,11 @@ def train_private(
     particular. Off by default: per-sample norms and, in ghost mode, the
     batch's summed gradient are then rounded to bfloat16 (~3 significant
     digits), which the exact-arithmetic DP-SGD analysis does not cover.
+
+    ``secure_rng``: draw the noise and the Poisson batches from a CSPRNG
+    (on, as a deployed hospital trains; see
+    :func:`fedvault.privacy.dp.make_private`); off, from torch's generator
+    seeded by ``seed``: reproducible, for simulations and tests.
 
     Raises
     ------
@@ -176,30 +186,12 @@ def train_private(
         state=state,
         grad_sample_mode=grad_sample_mode,
         criterion=task.criterion(),
+        secure_rng=secure_rng,
     )
-    criterion = private.criterion
-    assert criterion is not None  # make_private returns the criterion it was given
-    total_loss, total_seen = 0.0, 0
     with _physical_batches(private, max_physical_batch_size) as batches:
-        for _ in range(training.local_epochs):
-            for features, labels in batches:
-                features, labels = features.to(device), labels.to(device)
-                private.optimizer.zero_grad(set_to_none=True)
-                logits = _forward(private, features, device, mixed_precision)
-                if mixed_precision and logits.is_floating_point():
-                    logits = logits.float()  # the loss in float32, as Opacus' AMP support does
-                # Poisson sampling can draw an empty batch; Opacus still takes the
-                # (noise-only) step so the accountant's step count stays exact. The
-                # zero must depend on the parameters (it gives each a zero gradient),
-                # in ghost mode too: the wrapped loss of no sample is NaN.
-                loss = criterion(logits, labels) if len(labels) else logits.sum() * 0.0
-                loss.backward()
-                # With a physical-batch cap this step only accumulates the clipped
-                # gradients until the logical batch's last physical batch.
-                private.optimizer.step()
-                if len(labels):
-                    total_loss += float(loss.detach()) * len(labels)
-                    total_seen += len(labels)
+        total_loss, total_seen = _local_epochs(
+            private, batches, training.local_epochs, device, mixed_precision
+        )
     model.to("cpu")
     after = private.state()
     return LocalResult(
@@ -207,6 +199,42 @@ def train_private(
         state=after,
         round_steps=after.steps - state.steps,  # optimizer steps = logical batches
     )
+
+
+def _local_epochs(
+    private: PrivateTraining,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    device: torch.device,
+    mixed_precision: bool,
+) -> tuple[float, int]:
+    """Run ``epochs`` passes of DP-SGD steps over ``batches``.
+
+    Returns the summed loss (weighted by batch size) and the number of samples seen.
+    """
+    criterion = private.criterion
+    assert criterion is not None  # make_private returns the criterion it was given
+    total_loss, total_seen = 0.0, 0
+    for _ in range(epochs):
+        for features, labels in batches:
+            features, labels = features.to(device), labels.to(device)
+            private.optimizer.zero_grad(set_to_none=True)
+            logits = _forward(private, features, device, mixed_precision)
+            if mixed_precision and logits.is_floating_point():
+                logits = logits.float()  # the loss in float32, as Opacus' AMP support does
+            # Poisson sampling can draw an empty batch; Opacus still takes the
+            # (noise-only) step so the accountant's step count stays exact. The
+            # zero must depend on the parameters (it gives each a zero gradient),
+            # in ghost mode too: the wrapped loss of no sample is NaN.
+            loss = criterion(logits, labels) if len(labels) else logits.sum() * 0.0
+            loss.backward()
+            # With a physical-batch cap this step only accumulates the clipped
+            # gradients until the logical batch's last physical batch.
+            private.optimizer.step()
+            if len(labels):
+                total_loss += float(loss.detach()) * len(labels)
+                total_seen += len(labels)
+    return total_loss, total_seen
 
 
 def make_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:

@@ -1,5 +1,7 @@
-"""The coordinator side: the ServerApp and round loop, aggregation, the round
-store, the key ceremony, the operator API and the coordinator daemon.
+"""The coordinator side.
+
+The ServerApp and round loop, aggregation, the round store, the key ceremony,
+the operator API and the coordinator daemon.
 
 Imports the shared base and the layers below; never :mod:`fedvault.client`.
 """

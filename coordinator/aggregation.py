@@ -55,6 +55,7 @@ __all__ = [
     "ModelLayout",
     "ParsedUpdate",
     "PlainFedAvg",
+    "ShapedArray",
     "UpdateAggregator",
     "aggregation_mode",
 ]
@@ -63,6 +64,20 @@ UpdateT = TypeVar("UpdateT", contravariant=True)
 ResultT = TypeVar("ResultT", covariant=True)
 U = TypeVar("U")
 R = TypeVar("R")
+
+
+class ShapedArray(Protocol):
+    """What a layout reads of an array: numpy's, or Flower's :class:`~flwr.app.Array`."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's dimensions."""
+        ...
+
+    @property
+    def dtype(self) -> object:
+        """The array's element type (its ``str`` is the name the layout records)."""
+        ...
 
 
 @runtime_checkable
@@ -76,14 +91,22 @@ class UpdateAggregator(Protocol[UpdateT, ResultT]):
     """
 
     @property
-    def count(self) -> int: ...
+    def count(self) -> int:
+        """The number of updates added."""
+        ...
 
     @property
-    def total_weight(self) -> float: ...
+    def total_weight(self) -> float:
+        """The sum of the added updates' weights."""
+        ...
 
-    def add(self, update: UpdateT, /, *, weight: float) -> None: ...
+    def add(self, update: UpdateT, /, *, weight: float) -> None:
+        """Validate ``update`` and fold it in with ``weight``; a refused one changes nothing."""
+        ...
 
-    def result(self) -> ResultT: ...
+    def result(self) -> ResultT:
+        """The aggregate so far."""
+        ...
 
 
 @contextlib.contextmanager
@@ -211,13 +234,14 @@ class ModelLayout:
 
     @classmethod
     def of_envelope(cls, env: update_pb2.UpdateEnvelope) -> ModelLayout:
+        """Of an encrypted update's envelope, with its fixed-point encoding."""
         return cls(
             tuple((t.name, tuple(int(d) for d in t.shape), t.dtype) for t in env.layout.tensors),
             (env.scale_bits, env.value_bound_bits),
         )
 
     @classmethod
-    def of_arrays(cls, arrays: Mapping[str, Any]) -> ModelLayout:
+    def of_arrays(cls, arrays: Mapping[str, ShapedArray]) -> ModelLayout:
         """Of named arrays (numpy's, or Flower's :class:`~flwr.app.Array`)."""
         return cls(tuple((k, tuple(v.shape), str(v.dtype)) for k, v in arrays.items()))
 
@@ -405,6 +429,8 @@ _ENCRYPTED, _PLAIN = _Encrypted(), _Plain()
 
 
 def aggregation_mode(mode: SecureAggregation) -> AggregationMode[Any, Any]:
-    """The coordinator's behaviour for a job's ``secure_aggregation``: the one place
-    on the coordinator that tells ``he`` from ``none``."""
+    """The coordinator's behaviour for a job's ``secure_aggregation``.
+
+    The one place on the coordinator that tells ``he`` from ``none``.
+    """
     return _ENCRYPTED if mode.encrypted else _PLAIN

@@ -120,6 +120,8 @@ def load_job_file(path: Path) -> JobConfig:
 
 @dataclass(frozen=True)
 class CoordinatorOptions:
+    """How to run the coordinator daemon: its kit, job file, state, store and retry policy."""
+
     kit_dir: Path
     job_file: Path
     state_dir: Path

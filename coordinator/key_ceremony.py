@@ -60,6 +60,7 @@ class KeyDirectory:
     root: Path
 
     def current_epoch(self) -> int:
+        """The current key epoch (1 until the first :meth:`bump_epoch`)."""
         path = self.root / "current-epoch"
         return int(path.read_text().strip()) if path.exists() else 1
 
@@ -74,10 +75,12 @@ class KeyDirectory:
         return self.root / f"epoch-{epoch}"
 
     def public(self, epoch: int) -> HeContext | None:
+        """The public HE context of ``epoch``, or ``None`` if not stored yet."""
         path = self._dir(epoch) / "public.ctx"
         return HeContext.from_bytes(path.read_bytes()) if path.exists() else None
 
     def save_public(self, epoch: int, data: bytes) -> HeContext:
+        """Store the public context of ``epoch``; refuse a secret one or a different one."""
         ctx = HeContext.from_bytes(data)
         if ctx.is_private:
             # Refuse before writing: the coordinator must never hold a secret key.
@@ -97,17 +100,21 @@ class KeyDirectory:
         return ctx
 
     def custodian_cert(self, epoch: int) -> bytes:
+        """The custodian's certificate (PEM) that signed the envelopes of ``epoch``."""
         return (self._dir(epoch) / "custodian.pem").read_bytes()
 
     def save_custodian_cert(self, epoch: int, pem: bytes) -> None:
+        """Store the custodian's certificate (PEM) for ``epoch``."""
         self._dir(epoch).mkdir(parents=True, exist_ok=True)
         atomic_write(self._dir(epoch) / "custodian.pem", pem, 0o644)
 
     def envelope(self, epoch: int, hospital: str) -> bytes | None:
+        """The key envelope of ``epoch`` sealed to ``hospital``, or ``None`` if not stored."""
         path = self._dir(epoch) / "sealed" / f"{hospital}.env"
         return path.read_bytes() if path.exists() else None
 
     def save_envelope(self, epoch: int, hospital: str, data: bytes) -> None:
+        """Store the key envelope of ``epoch`` sealed to ``hospital``."""
         path = self._dir(epoch) / "sealed" / f"{hospital}.env"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)  # sealed to one hospital, but still 0600

@@ -156,6 +156,7 @@ class AccessControl(grpc.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        """Wrap a unary method's handler in the access check; other methods get none."""
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return None
@@ -372,6 +373,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def GetAccess(  # noqa: N802
         self, request: admin_pb2.GetAccessRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetAccessResponse:
+        """Who the caller is and which methods its role may call."""
         caller = _current()
         return admin_pb2.GetAccessResponse(
             common_name=caller.common_name,
@@ -390,11 +392,13 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def GetJobStatus(  # noqa: N802
         self, request: admin_pb2.GetJobStatusRequest, context: grpc.ServicerContext
     ) -> admin_pb2.JobStatus:
+        """A job's status and final metrics (empty ``request.job``: the most recent)."""
         return self._status(self._job(request.job))
 
     def ListRounds(  # noqa: N802
         self, request: admin_pb2.ListRoundsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListRoundsResponse:
+        """Every committed round and failed attempt of the job, in order."""
         job = self._job(request.job)
         rounds = [_round_summary(v) for v in self._store.rounds(job.id)]
         return admin_pb2.ListRoundsResponse(job=job.name, rounds=rounds)
@@ -402,6 +406,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def ListParticipants(  # noqa: N802
         self, request: admin_pb2.ListParticipantsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListParticipantsResponse:
+        """The hospitals asked to train in one round (its committed attempt, else the last)."""
         if request.round < 1:
             raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, "round must be >= 1")
         job = self._job(request.job)
@@ -417,6 +422,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def GetPrivacyLedger(  # noqa: N802
         self, request: admin_pb2.GetPrivacyLedgerRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetPrivacyLedgerResponse:
+        """Each hospital's cumulative privacy spend per round, and the job's ε budget."""
         job = self._job(request.job)
         entries = [_copy(admin_pb2.LedgerEntry, r) for r in self._store.ledger(job.id)]
         return admin_pb2.GetPrivacyLedgerResponse(
@@ -426,6 +432,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def GetAuditLog(  # noqa: N802
         self, request: admin_pb2.GetAuditLogRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetAuditLogResponse:
+        """The newest audit events (of one job, or all) and the hash chain's verification."""
         job_id = self._job(request.job).id if request.job else None
         events = self._store.audit_events(job_id)
         broken = self._store.verify_audit_chain()
@@ -439,16 +446,19 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def StopJob(  # noqa: N802
         self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.JobStatus:
+        """Ask the round loop to stop the job after the current round (audited)."""
         return self._control(request, "StopJob", "stop")
 
     def PauseJob(  # noqa: N802
         self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.JobStatus:
+        """Ask the round loop to wait before the next round (audited)."""
         return self._control(request, "PauseJob", "pause")
 
     def ResumeJob(  # noqa: N802
         self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.JobStatus:
+        """Lift a pause (audited)."""
         return self._control(request, "ResumeJob", "resume")
 
     def _control(

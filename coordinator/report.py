@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TypeAlias, TypeGuard
+from typing import IO, TypeGuard
 
 from fedvault.durable import atomic_write
 from fedvault.errors import InvalidConfigError, StoreError
+from fedvault.json_types import JSONObject, JSONValue
 
 from .records import LedgerRow
 from .store import RoundStore
@@ -50,12 +51,7 @@ __all__ = [
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
 
-#: A JSON value as ``json.dumps`` writes it; every ``to_json`` below is built of these.
-JSONValue: TypeAlias = (
-    Mapping[str, "JSONValue"] | Sequence["JSONValue"] | str | int | float | bool | None
-)
-#: A JSON object: what each ``to_json`` returns.
-JSONObject: TypeAlias = dict[str, JSONValue]
+# JSONValue / JSONObject (re-exported here): every ``to_json`` below is built of these.
 
 
 # -- the report's shape -----------------------------------------------------------
@@ -67,8 +63,11 @@ JSONObject: TypeAlias = dict[str, JSONValue]
 
 @dataclass(frozen=True)
 class HospitalPrivacy:
-    """One hospital of a job: its training samples (latest round it trained in) and its
-    cumulative privacy spend; ``None`` where nothing is known (no ledger entry yet)."""
+    """One hospital of a job.
+
+    Its training samples (latest round it trained in) and its cumulative privacy
+    spend; ``None`` where nothing is known (no ledger entry yet).
+    """
 
     samples: int | None = None
     noise_multiplier: float | None = None
@@ -79,6 +78,7 @@ class HospitalPrivacy:
     delta: float | None = None
 
     def to_json(self) -> JSONObject:
+        """The hospital's entry in ``report.json``'s ``hospitals``."""
         return {
             "samples": self.samples,
             "noise_multiplier": self.noise_multiplier,
@@ -104,8 +104,11 @@ class HospitalPrivacy:
 
 @dataclass(frozen=True)
 class RoundReport:
-    """One committed round: the pooled and per-hospital metrics of its evaluation, each
-    hospital's cumulative ε, who trained, who did not and why, and the bytes received."""
+    """One committed round.
+
+    The pooled and per-hospital metrics of its evaluation, each hospital's
+    cumulative ε, who trained, who did not and why, and the bytes received.
+    """
 
     round: int
     accuracy: float | None = None
@@ -121,6 +124,7 @@ class RoundReport:
     bytes_received: int = 0
 
     def to_json(self) -> JSONObject:
+        """The round's entry in ``report.json``'s ``rounds``."""
         return {
             "round": self.round,
             "accuracy": self.accuracy,
@@ -156,8 +160,11 @@ class RoundReport:
 
 @dataclass(frozen=True)
 class FinalReport:
-    """The job's end (so far): the last committed round's evaluation, the largest ε and δ
-    any hospital spent, how many rounds were committed, and the job's status."""
+    """The job's end (so far).
+
+    The last committed round's evaluation, the largest ε and δ any hospital spent,
+    how many rounds were committed, and the job's status.
+    """
 
     accuracy: float | None
     loss: float | None
@@ -169,6 +176,7 @@ class FinalReport:
     status: str
 
     def to_json(self) -> JSONObject:
+        """The ``final`` object of ``report.json``."""
         return {
             "accuracy": self.accuracy,
             "loss": self.loss,
@@ -196,8 +204,11 @@ class FinalReport:
 
 @dataclass(frozen=True)
 class Report:
-    """``report.json``: the job's stored configuration, its committed rounds in order,
-    its end, and its hospitals by name."""
+    """The contents of ``report.json``.
+
+    The job's stored configuration, its committed rounds in order, its end, and
+    its hospitals by name.
+    """
 
     config: Mapping[str, JSONValue]
     rounds: tuple[RoundReport, ...]
@@ -238,13 +249,16 @@ class SummaryRound:
     epsilon: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> JSONObject:
+        """The round's entry in the summary's ``rounds``."""
         return {"round": self.round, "metrics": dict(self.metrics), "epsilon": dict(self.epsilon)}
 
 
 @dataclass(frozen=True)
 class ReportSummary:
-    """The compact report the coordinator relays to hospitals with the final model
-    (see :func:`summarise`); they keep it beside their model versions."""
+    """The compact report the coordinator relays to hospitals with the final model.
+
+    See :func:`summarise`; they keep it beside their model versions.
+    """
 
     consortium: str
     job: str | None
@@ -254,6 +268,7 @@ class ReportSummary:
     hospitals: Mapping[str, HospitalPrivacy]
 
     def to_json(self) -> JSONObject:
+        """The summary as a JSON object, as hospitals keep it."""
         return {
             "consortium": self.consortium,
             "job": self.job,
@@ -520,8 +535,11 @@ def write_report(
 
 
 def _plot(report: Report, out: IO[bytes]) -> None:
-    """Two panels: the task's pooled test metrics per round; cumulative ε per hospital
-    against the target."""
+    """Draw the report's figure into ``out`` as a PNG.
+
+    Two panels: the task's pooled test metrics per round; cumulative ε per hospital
+    against the target.
+    """
     # Imported here: matplotlib is slow to import and only the report needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -32,9 +32,11 @@ RUN_CONFIG_KEYS = ("job-config", "store", "state-dir", "custodian", "kit")
 
 @dataclass(frozen=True)
 class RunSettings:
-    """One job's run config: the job, where its round store and state are, the key
-    custodian, and the coordinator kit (its path: Flower keeps run config in its
-    database, so the at-rest key is read from the kit by the ServerApp, never sent).
+    """One job's run config.
+
+    The job, where its round store and state are, the key custodian, and the
+    coordinator kit (its path: Flower keeps run config in its database, so the
+    at-rest key is read from the kit by the ServerApp, never sent).
     """
 
     job: JobConfig
@@ -44,8 +46,10 @@ class RunSettings:
     kit: Path
 
     def to_flower(self) -> dict[str, ConfigValue]:
-        """The run config ``flwr run`` submits (``--run-config``), keys as
-        :data:`RUN_CONFIG_KEYS`."""
+        """The run config ``flwr run`` submits (``--run-config``).
+
+        Its keys are :data:`RUN_CONFIG_KEYS`.
+        """
         return {
             "job-config": self.job.to_json(),
             "store": self.store,

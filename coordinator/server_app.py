@@ -87,6 +87,7 @@ class CoordinatorSettings:
 
     @property
     def eval_spec(self) -> EvalSpec:
+        """What the strategy needs of the task's metrics to check and pool evaluations."""
         task = self.task.task
         return EvalSpec(
             kind=task.kind, num_classes=task.num_classes, extra_metrics=tuple(task.metrics)
@@ -96,11 +97,17 @@ class CoordinatorSettings:
 class RoundObserver(Protocol):
     """Hooks for progress displays; the loop works without one."""
 
-    def on_start(self, job: JobConfig, resumed_after: int) -> None: ...
+    def on_start(self, job: JobConfig, resumed_after: int) -> None:
+        """The job starts, or resumes after committed round ``resumed_after`` (0: fresh)."""
+        ...
 
-    def on_round(self, view: RoundView) -> None: ...
+    def on_round(self, view: RoundView) -> None:
+        """A round was committed."""
+        ...
 
-    def on_round_failed(self, number: int, attempt: int, reason: str) -> None: ...
+    def on_round_failed(self, number: int, attempt: int, reason: str) -> None:
+        """An attempt at round ``number`` failed for ``reason``."""
+        ...
 
 
 class _LogObserver:
@@ -146,8 +153,11 @@ def _from_blob(blob: ModelBlob) -> ModelPayload:
 
 
 def _enrolled_nodes(store: RoundStore | None) -> dict[int, str] | None:
-    """Node id -> hospital from the coordinator's enrolment records; ``None`` when
-    nothing was enrolled (a simulation: Flower made the nodes, nobody claims a key)."""
+    """Node id -> hospital from the coordinator's enrolment records.
+
+    ``None`` when nothing was enrolled (a simulation: Flower made the nodes,
+    nobody claims a key).
+    """
     if store is None:
         return None
     enrolled = {
@@ -244,8 +254,9 @@ class _RoundRunner:
     def _exchange(
         self, messages: list[Message], on_reply: Callable[[Message], None]
     ) -> dict[int, str]:
-        """Send ``messages``; hand each good reply to ``on_reply`` as it arrives;
-        return why each other addressed node gave none.
+        """Send ``messages``; hand each good reply to ``on_reply`` as it arrives.
+
+        Returns why each other addressed node gave none.
 
         Replies are pulled a few at a time and handed on at once, never
         collected: the ServerApp holds at most :data:`_PULL_BATCH` updates,
@@ -354,9 +365,12 @@ class _RoundRunner:
         )
 
     def announce(self, summary: str) -> None:
-        """Hand every connected hospital the job's final report, to keep beside its
-        model versions (the model card of an export). Best effort: a hospital that
-        is offline now keeps the summary of the last round it took part in."""
+        """Hand every connected hospital the job's final report.
+
+        Each keeps it beside its model versions (the model card of an export).
+        Best effort: a hospital that is offline now keeps the summary of the last
+        round it took part in.
+        """
         nodes = list(self.grid.get_node_ids())
         if not nodes or not summary:
             return
@@ -451,8 +465,10 @@ def _latest_model(
 def _train_round(
     runner: _RoundRunner, number: int, model: ModelPayload, obs: RoundObserver
 ) -> RoundOutcome | None:
-    """Train round ``number`` until a quorum contributes, up to the job's attempts;
-    ``None`` when every attempt failed (each is recorded as a failed round)."""
+    """Train round ``number`` until a quorum contributes, up to the job's attempts.
+
+    ``None`` when every attempt failed (each is recorded as a failed round).
+    """
     job, store, job_id = runner.job, runner.store, runner.job_id
     for attempt in range(1, job.max_round_attempts + 1):
         candidate = runner.train(number, model)
@@ -480,8 +496,10 @@ def _train_round(
 
 
 def _commit_round(runner: _RoundRunner, number: int, outcome: RoundOutcome) -> ModelPayload:
-    """Commit round ``number`` in one transaction and refresh the job summary;
-    returns the new global model."""
+    """Commit round ``number`` in one transaction and refresh the job summary.
+
+    Returns the new global model.
+    """
     assert outcome.model is not None
     store, settings = runner.store, runner.settings
     store.commit_round(
@@ -501,8 +519,11 @@ def _commit_round(runner: _RoundRunner, number: int, outcome: RoundOutcome) -> M
 
 
 def _committed_round(store: RoundStore, job_id: int, number: int) -> RoundView:
-    """Round ``number`` as committed, read alone: re-reading every round after
-    each one made a job's reads grow with rounds x hospitals."""
+    """Round ``number`` as committed, read alone.
+
+    Re-reading every round after each one made a job's reads grow with
+    rounds x hospitals.
+    """
     rounds = store.rounds(job_id, after=number - 1)
     (view,) = [v for v in rounds if v.number == number and v.status == "committed"]
     return view
@@ -530,8 +551,10 @@ _FINAL_REFUSALS = frozenset(
 
 
 def _final_refusal(participations: Sequence[Participation]) -> bool:
-    """Whether retrying the round cannot help: every hospital that did not
-    contribute refused with a final code."""
+    """Whether retrying the round cannot help.
+
+    It cannot when every hospital that did not contribute refused with a final code.
+    """
     missing = [p for p in participations if p.status != "ok"]
     return bool(missing) and all(p.code in _FINAL_REFUSALS for p in missing)
 

@@ -267,7 +267,7 @@ class RoundStore:
 
     # -- jobs ---------------------------------------------------------------------
 
-    def open_job(self, name: str, config: Mapping[str, Any]) -> Job:
+    def open_job(self, name: str, config: Mapping[str, object]) -> Job:
         """Create job ``name``, or return it to resume when ``config`` is unchanged.
 
         Raises
@@ -617,8 +617,9 @@ class RoundStore:
             return [int(r) for r in rounds]
 
     def rounds(self, job_id: int, *, after: int = 0) -> list[RoundView]:
-        """Every committed round and failed attempt numbered above ``after``, by
-        (number, attempt); 3 queries.
+        """Every committed round and failed attempt numbered above ``after``.
+
+        Ordered by (number, attempt); 3 queries.
 
         A participation's ``accountant_state`` is ``None`` when it is encrypted
         at rest and this store was opened without the key (read-only tooling).

@@ -59,9 +59,10 @@ def db_reason(exc: BaseException) -> str:
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
-def create_store_engine(url: URL, engine_kwargs: Mapping[str, Any] | None) -> Engine:
+def create_store_engine(url: URL, engine_kwargs: Mapping[str, object] | None) -> Engine:
     """An engine with the store's SQLite pragmas and explicit BEGIN (see the module)."""
-    kwargs = dict(engine_kwargs or {})
+    # Any: SQLAlchemy's create_engine checks the options it is given.
+    kwargs: dict[str, Any] = dict(engine_kwargs or {})
     if url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return create_engine(url, **kwargs)

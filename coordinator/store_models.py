@@ -97,7 +97,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def canonical_json(value: Any) -> str:
+def canonical_json(value: object) -> str:
     """Serialise ``value`` to one canonical JSON text.
 
     Sorted keys, no whitespace and no NaN/Infinity (not JSON, and not equal to
@@ -110,7 +110,7 @@ def canonical_json(value: Any) -> str:
 
 
 def audit_hash(
-    prev_hash: str, *, kind: str, actor: str, job: str | None, detail: Any, created_at: datetime
+    prev_hash: str, *, kind: str, actor: str, job: str | None, detail: object, created_at: datetime
 ) -> str:
     """Hash one audit event onto the chain (see the module docstring)."""
     body = canonical_json(
@@ -237,8 +237,11 @@ class RoundTable(Base):
 
 
 class ParticipationTable(Base):
-    """A hospital in a round. ``status = 'evaluated'`` marks a hospital that
-    only evaluated the round's model (it was not asked to train)."""
+    """A hospital in a round.
+
+    ``status = 'evaluated'`` marks a hospital that only evaluated the round's
+    model (it was not asked to train).
+    """
 
     __tablename__ = "participations"
     __table_args__ = (
@@ -274,8 +277,10 @@ class ParticipationTable(Base):
 
 
 class ModelTable(Base):
-    """The global model after each committed round: ciphertext (HE) or plaintext,
-    with its SHA-256 so a corrupted blob is caught before a hospital decrypts it.
+    """The global model after each committed round.
+
+    Ciphertext (HE) or plaintext, with its SHA-256 so a corrupted blob is caught
+    before a hospital decrypts it.
 
     ``at_rest`` says how ``blob`` is stored (see :mod:`.at_rest`); ``sha256`` is
     always that of the model itself, so the audit trail binds the same hash

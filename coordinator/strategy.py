@@ -53,14 +53,18 @@ log = logging.getLogger("fedvault.coordinator")
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What the coordinator knows of the task's metrics: enough to check and pool
-    the hospitals' evaluations (:mod:`fedvault.metrics`), nothing that trains."""
+    """What the coordinator knows of the task's metrics.
+
+    Enough to check and pool the hospitals' evaluations (:mod:`fedvault.metrics`),
+    nothing that trains.
+    """
 
     kind: TaskKind = "multiclass"
     num_classes: int = 2
     extra_metrics: tuple[str, ...] = ()
 
     def parse(self, text: str, hospital: str) -> EvalResult:
+        """Check ``hospital``'s metrics JSON against the task's metrics and parse it."""
         try:
             return EvalResult.from_json(
                 text,
@@ -80,11 +84,13 @@ class Evaluations:
     results: list[EvalResult] = field(default_factory=list)
 
     def add(self, evaluation: HospitalEval, result: EvalResult | None) -> None:
+        """Add a hospital's evaluation, and its metrics (if it sent any) to the pool."""
         self.hospitals.append(evaluation)
         if result is not None:
             self.results.append(result)
 
     def pooled(self, spec: EvalSpec) -> dict[str, float]:
+        """The task's metrics pooled over the hospitals that sent them."""
         return pool(spec.kind, self.results, num_classes=spec.num_classes)
 
 
@@ -119,6 +125,7 @@ class RoundOutcome:
 
     @property
     def accepted(self) -> int:
+        """How many hospitals contributed an update."""
         return sum(p.status == "ok" for p in self.participations)
 
     def record(self, participation: Participation) -> bool:
@@ -181,12 +188,14 @@ class SecureFedAvg(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Training instructions for every connected node; remembers the model's layout."""
         self.expect_model(server_round, arrays)
         return self._messages(arrays, config, grid, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global model and training metrics (see :meth:`collect_train`)."""
         outcome = self.collect_train(server_round, replies)
         if outcome.model is None:
             return None, None
@@ -198,11 +207,13 @@ class SecureFedAvg(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Evaluation instructions for every connected node."""
         return self._messages(arrays, config, grid, MessageType.EVALUATE)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """The pooled evaluation metrics; ``None`` when no hospital evaluated."""
         evals = self.collect_evaluate(server_round, replies)
         total = sum(e.samples for e in evals.hospitals)
         if not total:
@@ -212,6 +223,7 @@ class SecureFedAvg(Strategy):
         return MetricRecord({**pooled, "num-examples": total})
 
     def summary(self) -> None:
+        """Log the strategy's configuration."""
         log.info(
             "SecureFedAvg: mode=%s, hospitals=%d, quorum=%d, key epoch=%d",
             self.job.secure_aggregation.value,
@@ -251,11 +263,14 @@ class SecureFedAvg(Strategy):
         return collector.finish()
 
     def round_collector(self, server_round: int) -> RoundCollector:
-        """Aggregate ``server_round`` reply by reply, as the replies arrive (see
-        :class:`RoundCollector`); :meth:`collect_train` is the same over a list."""
+        """Aggregate ``server_round`` reply by reply, as the replies arrive.
+
+        See :class:`RoundCollector`; :meth:`collect_train` is the same over a list.
+        """
         return RoundCollector(self, server_round)
 
     def collect_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluations:
+        """The valid evaluations, each hospital's first only; the rest are logged."""
         evals = Evaluations()
         seen: set[str] = set()
         for msg in replies:
@@ -378,9 +393,11 @@ class RoundCollector:
     # --- one reply ---------------------------------------------------------------
 
     def _admit(self, msg: Message, node: int, repeated: bool) -> TrainReply | None:
-        """The reply, if it parses, its node may speak for its hospital and it is the
-        first; otherwise ``None``, the rejection recorded against the sender as far
-        as it is known (the node, its enrolled hospital, the hospital it names)."""
+        """The reply, if it parses, its node may speak for its hospital and it is the first.
+
+        Otherwise ``None``, the rejection recorded against the sender as far as it
+        is known (the node, its enrolled hospital, the hospital it names).
+        """
         actor = f"node-{node}"
         try:
             reply = TrainReply.from_message(msg, max_bytes=self.strategy.job.max_update_bytes)
@@ -410,8 +427,10 @@ class RoundCollector:
         self.outcome.record(participation)
 
     def _identity_actor(self, node: int, repeated: bool) -> str:
-        """Whom a reply in another hospital's name is recorded against: the node's
-        enrolled hospital, or the node itself once that hospital's row is taken."""
+        """Whom a reply in another hospital's name is recorded against.
+
+        The node's enrolled hospital, or the node itself once that hospital's row is taken.
+        """
         sender = (self.strategy.enrolled or {}).get(node, f"node-{node}")
         if repeated or any(p.hospital == sender for p in self.outcome.participations):
             sender = f"node-{node}"  # the sender's own row is already taken
@@ -483,8 +502,10 @@ def _evaluation(spec: EvalSpec, reply: TrainReply) -> tuple[HospitalEval, EvalRe
 
 
 def _check_identity(enrolled: Mapping[int, str] | None, node: int, claimed: str) -> None:
-    """``node`` may speak for ``claimed``: enrolment bound it to that hospital
-    (``enrolled`` is ``None`` in a simulation: no binding)."""
+    """``node`` may speak for ``claimed``: enrolment bound it to that hospital.
+
+    ``enrolled`` is ``None`` in a simulation: no binding.
+    """
     if enrolled is None:
         return
     hospital = enrolled.get(node)
@@ -513,8 +534,10 @@ def _check_first_reply(
 
 
 def _check_layout(expected: ModelLayout | None, got: ModelLayout) -> None:
-    """The update has the tensors (and encoding) of the model sent this round; with
-    no model recorded for the round, the aggregator compares updates among themselves."""
+    """The update has the tensors (and encoding) of the model sent this round.
+
+    With no model recorded for the round, the aggregator compares updates among themselves.
+    """
     if expected is not None:
         expected.check(got)
 

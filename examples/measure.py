@@ -43,7 +43,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -123,6 +123,62 @@ def _regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     }
 
 
+def _local_round(
+    global_model: nn.Module,
+    data: Dataset[Any],
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    defaults: TrainingDefaults,
+    batch_size: int,
+    noise_multiplier: float,
+    state: AccountantState,
+) -> tuple[dict[str, torch.Tensor], float, AccountantState]:
+    """One hospital's local DP-SGD on a copy of the global model.
+
+    Returns its weights, its mean local loss and its accountant state after the round.
+    """
+    model = copy.deepcopy(global_model).train()
+    loader = DataLoader(data, batch_size=batch_size)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=defaults.learning_rate, momentum=defaults.momentum
+    )
+    private = make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=defaults.max_grad_norm,
+        state=state,
+    )
+    total, seen = 0.0, 0
+    for _ in range(defaults.local_epochs):
+        for features, targets in private.data_loader:
+            private.optimizer.zero_grad(set_to_none=True)
+            outputs = private.module(features)
+            # An empty Poisson batch still takes its (noise-only) step.
+            loss = criterion(outputs, targets) if len(targets) else outputs.sum() * 0.0
+            loss.backward()
+            private.optimizer.step()
+            total += float(loss.detach()) * len(targets)
+            seen += len(targets)
+    update = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Per-sample gradients take batch x weights floats: free them before the next copy.
+    private.optimizer.zero_grad(set_to_none=True)
+    return update, total / max(seen, 1), private.state()
+
+
+def _fedavg(
+    updates: Sequence[dict[str, torch.Tensor]], sizes: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """The sample-weighted mean of the hospitals' weights (in float64, then their dtype)."""
+    weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    averaged = {
+        k: sum(float(w) * u[k].double() for w, u in zip(weights, updates, strict=True))
+        for k in updates[0]
+    }
+    return {k: v.to(updates[0][k].dtype) for k, v in averaged.items()}  # type: ignore[union-attr]
+
+
 def emulate_job(
     task: Task,
     seed: int,
@@ -162,44 +218,18 @@ def emulate_job(
     for round_ in range(1, rounds + 1):
         updates, losses = [], []
         for h, shard in enumerate(shards):
-            model = copy.deepcopy(global_model).train()
-            loader = DataLoader(Subset(train, shard.tolist()), batch_size=batches[h])
-            optimizer = torch.optim.SGD(
-                model.parameters(), lr=defaults.learning_rate, momentum=defaults.momentum
-            )
-            private = make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
+            update, loss, states[h] = _local_round(
+                global_model,
+                Subset(train, shard.tolist()),
+                criterion,
+                defaults=defaults,
+                batch_size=batches[h],
                 noise_multiplier=plans[h].noise_multiplier,
-                max_grad_norm=defaults.max_grad_norm,
                 state=states[h],
             )
-            total, seen = 0.0, 0
-            for _ in range(defaults.local_epochs):
-                for features, targets in private.data_loader:
-                    private.optimizer.zero_grad(set_to_none=True)
-                    outputs = private.module(features)
-                    # An empty Poisson batch still takes its (noise-only) step.
-                    loss = criterion(outputs, targets) if len(targets) else outputs.sum() * 0.0
-                    loss.backward()
-                    private.optimizer.step()
-                    total += float(loss.detach()) * len(targets)
-                    seen += len(targets)
-            states[h] = private.state()
-            losses.append(total / max(seen, 1))
-            updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            # Per-sample gradients take batch x weights floats: free them before the next copy.
-            private.optimizer.zero_grad(set_to_none=True)
-            del private, model, optimizer
-        weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
-        averaged = {
-            k: sum(float(w) * u[k].double() for w, u in zip(weights, updates, strict=True))
-            for k in updates[0]
-        }
-        global_model.load_state_dict(
-            {k: v.to(updates[0][k].dtype) for k, v in averaged.items()}  # type: ignore[union-attr]
-        )
+            losses.append(loss)
+            updates.append(update)
+        global_model.load_state_dict(_fedavg(updates, sizes))
         if verbose:
             shown = _fmt(evaluate(task, global_model, test))
             print(

@@ -40,7 +40,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers loads: nothing is downloaded
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -50,10 +50,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fedvault.client.training import train_private
+from fedvault.client.training import LocalResult, train_private
 from fedvault.config import TrainingConfig
 from fedvault.partition import Partition, partition_indices
-from fedvault.privacy.dp import AccountantState, PrivacyConfig, plan_dp
+from fedvault.privacy.dp import AccountantState, DpPlan, PrivacyConfig, plan_dp
 from fedvault.task import Task, TrainingDefaults
 from fedvault.task_registry import load_task
 
@@ -72,6 +72,98 @@ def evaluate(model: nn.Module, test: Dataset[Any]) -> dict[str, float]:
         targets.append(labels)
     p, y = torch.cat(scores).numpy(), torch.cat(targets).numpy()
     return {"accuracy": float(accuracy_score(y, p > 0.5)), "auroc": float(roc_auc_score(y, p))}
+
+
+def _training_config(defaults: TrainingDefaults) -> TrainingConfig:
+    """The local training settings of every hospital, from the task's defaults."""
+    return TrainingConfig(
+        batch_size=defaults.batch_size,
+        learning_rate=defaults.learning_rate,
+        local_epochs=defaults.local_epochs,
+        momentum=defaults.momentum,
+        optimizer=defaults.optimizer,
+    )
+
+
+def _dp_plans(
+    sizes: Sequence[int],
+    batches: Sequence[int],
+    *,
+    epsilon: float,
+    delta: float,
+    defaults: TrainingDefaults,
+    rounds: int,
+) -> list[DpPlan]:
+    """Each hospital's DP-SGD plan for the whole job (the noise that spends ε)."""
+    privacy = PrivacyConfig(epsilon=epsilon, delta=delta, max_grad_norm=defaults.max_grad_norm)
+    return [
+        plan_dp(
+            privacy, num_samples=n, batch_size=b, local_epochs=defaults.local_epochs, rounds=rounds
+        )
+        for n, b in zip(sizes, batches, strict=True)
+    ]
+
+
+def _local_update(
+    task: Task,
+    global_model: nn.Module,
+    data: Dataset[Any],
+    names: Sequence[str],
+    *,
+    training: TrainingConfig,
+    max_grad_norm: float,
+    batch_size: int,
+    plan: DpPlan,
+    state: AccountantState,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], LocalResult]:
+    """One hospital's round of local DP-SGD on a copy of the global model.
+
+    Returns its shared tensors after training, and the training result (loss,
+    accountant state).
+    """
+    model = copy.deepcopy(global_model)
+    # The hospital's own training step, as a deployed client runs it.
+    local = train_private(
+        model,
+        data,
+        task=task,
+        training=training,
+        max_grad_norm=max_grad_norm,
+        batch_size=batch_size,
+        plan=plan,
+        state=state,
+        device=torch.device("cpu"),
+        seed=seed,
+    )
+    trained = model.state_dict()
+    return {k: trained[k].detach().clone() for k in names}, local
+
+
+def _weighted_mean(
+    updates: Sequence[dict[str, torch.Tensor]], sizes: Sequence[int], names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The sample-weighted mean of the hospitals' shared tensors (in float64, then float32)."""
+    weights = [n / sum(sizes) for n in sizes]
+    # cast: a sum over at least one hospital's tensor is a tensor, never the start value 0.
+    return {
+        k: cast(
+            torch.Tensor, sum(w * u[k].double() for w, u in zip(weights, updates, strict=True))
+        ).float()
+        for k in names
+    }
+
+
+def _print_round(
+    name: str, round_: int, losses: Sequence[float], metrics: dict[str, float], start: float
+) -> None:
+    """One progress line: the round's mean local loss and the global model's test metrics."""
+    shown = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    print(
+        f"    {name} round {round_}: local loss {np.mean(losses):.4f}  {shown}  "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
 
 
 def emulate(
@@ -101,57 +193,34 @@ def emulate(
     shared_bytes = sum(state[k].numel() for k in names) * 4  # float32 on the wire
     trainable = sum(p.numel() for p in global_model.parameters() if p.requires_grad)
     sizes = [len(s) for s in shards]
-    privacy = PrivacyConfig(epsilon=epsilon, delta=delta, max_grad_norm=defaults.max_grad_norm)
     batches = [min(defaults.batch_size, n) for n in sizes]
-    plans = [
-        plan_dp(
-            privacy, num_samples=n, batch_size=b, local_epochs=defaults.local_epochs, rounds=rounds
-        )
-        for n, b in zip(sizes, batches, strict=True)
-    ]
-    accountants = [AccountantState("prv") for _ in shards]
-    training = TrainingConfig(
-        batch_size=defaults.batch_size,
-        learning_rate=defaults.learning_rate,
-        local_epochs=defaults.local_epochs,
-        momentum=defaults.momentum,
-        optimizer=defaults.optimizer,
+    plans = _dp_plans(
+        sizes, batches, epsilon=epsilon, delta=delta, defaults=defaults, rounds=rounds
     )
+    accountants = [AccountantState("prv") for _ in shards]
+    training = _training_config(defaults)
     start = time.perf_counter()
     for round_ in range(1, rounds + 1):
         updates, losses = [], []
         for h, shard in enumerate(shards):
-            model = copy.deepcopy(global_model)
-            # The hospital's own training step, as a deployed client runs it.
-            local = train_private(
-                model,
+            update, local = _local_update(
+                task,
+                global_model,
                 Subset(train, shard.tolist()),
-                task=task,
+                names,
                 training=training,
                 max_grad_norm=defaults.max_grad_norm,
                 batch_size=batches[h],
                 plan=plans[h],
                 state=accountants[h],
-                device=torch.device("cpu"),
                 seed=seed * 1_000_003 + round_ * 1_009 + h,
             )
             accountants[h] = local.state
             losses.append(local.loss)
-            trained = model.state_dict()
-            updates.append({k: trained[k].detach().clone() for k in names})
-        weights = [n / sum(sizes) for n in sizes]
-        averaged = {
-            k: sum(w * u[k].double() for w, u in zip(weights, updates, strict=True)).float()
-            for k in names
-        }
-        global_model.load_state_dict(averaged, strict=False)
+            updates.append(update)
+        global_model.load_state_dict(_weighted_mean(updates, sizes, names), strict=False)
         if verbose:
-            shown = "  ".join(f"{k} {v:.3f}" for k, v in evaluate(global_model, test).items())
-            print(
-                f"    {task.name} round {round_}: local loss {np.mean(losses):.4f}  {shown}  "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+            _print_round(task.name, round_, losses, evaluate(global_model, test), start)
     seconds = (time.perf_counter() - start) / rounds
     return {
         "trainable": trainable,

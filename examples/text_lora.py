@@ -59,26 +59,26 @@ which changes no output and saves time.
 :data:`BASELINE_TASK` (``text-frozen-head``) is the comparison: the same frozen
 encoder and linear head, no LoRA (770 trainable weights, a 3,080-byte update).
 
-**Status under DP: not yet a win.** Measured with ``python
-examples/measure_text.py --rounds 4`` (seed 0, 3 hospitals iid, epsilon 8,
-delta 1e-5, the defaults below, one CPU run): both tasks end at chance
-(text-lora accuracy 0.482, AUROC 0.503; text-frozen-head 0.490, 0.502).
-Without privacy the task is learnable but needs steps: LoRA with Adam (batch
-32) sits at chance for about 75 steps, then jumps to 1.0 by step 125; a
-4-round DP job at these defaults takes 32 clipped SGD steps per hospital
-(noise multiplier 0.81), and even with the noise switched off, clipped SGD
-made no progress in that many steps at the learning rates tried (0.05-4, with
-and without momentum, LoRA alpha 16-128): the clipped gradient's mean over a
-batch is about 0.07 of the clipping norm (per-sample gradients point many
-ways), while the head's gradient takes most of each sample's clipping budget.
-The defaults are therefore placeholders, not tuned values. Likely to help:
-more records per hospital (DP-SGD's signal-to-noise grows with it), more
-rounds, an adaptive optimiser (fedvault trains with plain SGD) or per-layer
-clipping.
+**Under DP.** Measured with ``python examples/measure_text.py --rounds 6
+--verbose`` (seed 0, 3 hospitals iid with 3,200 notes each, epsilon 8, delta
+1e-5, the defaults below: Poisson batches of 400, one local epoch per round,
+DP-Adam at learning rate 0.01; noise multiplier 0.88, 48 steps per hospital):
+``text-lora`` reaches test accuracy 0.995 (AUROC 1.000) and
+``text-frozen-head`` 0.563 (AUROC 0.597) at the same epsilon, data and seed. The
+update is 150,536 bytes (float32) against 3,080. What made LoRA learn under
+DP: enough records per hospital (DP-SGD's noise per step falls with the
+batch; with 800 notes per hospital and batches of 100 both tasks stayed at
+chance) and Adam. Per-sample gradients of the adapters are about a tenth of
+the head's (norms 0.34 against 3.4 at initialisation), so after clipping and
+noise plain SGD barely moves them; Adam scales each coordinate by its own
+running magnitude, which is post-processing of the privatised gradient (ε
+is unchanged). Without noise LoRA's accuracy sits at chance for about 50
+steps, then jumps to 1.0: a 4-round job at the same settings stops before
+the jump.
 
 Run it::
 
-    python -m fedvault.examples.text_lora --hospitals 3 --rounds 4 --epsilon 8
+    python -m fedvault.examples.text_lora --hospitals 3 --rounds 6 --epsilon 8
     python examples/measure_text.py          # LoRA vs frozen head, same epsilon
 """
 
@@ -128,7 +128,7 @@ __all__ = [
 NUM_CLASSES = 2
 NUM_TRAIN = 9600
 NUM_TEST = 600
-#: Token ids per note, [CLS] and [SEP] included (the longest of 3,000 notes has 34; none is cut).
+#: Token ids per note, [CLS] and [SEP] included (at seed 0 the longest of 10,200 has 26).
 MAX_LEN = 40
 PAD_ID = 0
 LORA_RANK = 8
@@ -341,6 +341,7 @@ class TextClassifier(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, num_classes)`` of token ids ``(batch, seq)``."""
         if ids.is_floating_point():
             ids = ids.round().long()
         mask = ids != PAD_ID
@@ -417,7 +418,7 @@ TASK = Task(
     num_outputs=NUM_CLASSES,
     defaults=_DEFAULTS,
     shared="trainable",
-    description="LoRA on a frozen MiniLM sentence encoder, generated triage notes (3,000)",
+    description="LoRA on a frozen MiniLM sentence encoder, generated triage notes (10,200)",
 )
 
 BASELINE_TASK = Task(
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Imported here: a task definition loads without the simulation stack.
     from fedvault.app.simulation import run_cli
 
-    return run_cli(TASK, argv, hospitals=3, rounds=4)
+    return run_cli(TASK, argv, hospitals=3, rounds=6)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, cast, get_args
 
 from fedvault.errors import InvalidConfigError
+from fedvault.json_types import JSONObject
 from fedvault.partition import Partition
 from fedvault.privacy.dp import AccountantName, PrivacyConfig
 
@@ -59,6 +60,7 @@ class SecureAggregation(StrEnum):
 
     @classmethod
     def parse(cls, text: str) -> SecureAggregation:
+        """The mode named ``text``; :class:`InvalidConfigError` lists the choices."""
         try:
             return cls(text)
         except ValueError:
@@ -122,8 +124,11 @@ class TrainingConfig:
 
 
 class _TaskLike(Protocol):
-    """What :meth:`JobConfig.for_task` reads of a task (a :class:`~fedvault.task.Task`,
-    or the torch-free :class:`~fedvault.task_registry.TaskDescription`)."""
+    """What :meth:`JobConfig.for_task` reads of a task.
+
+    A :class:`~fedvault.task.Task`, or the torch-free
+    :class:`~fedvault.task_registry.TaskDescription`.
+    """
 
     @property
     def name(self) -> str: ...
@@ -235,7 +240,7 @@ class JobConfig:
         seed: int = 0,
         job: str | None = None,
         reference: str | None = None,
-        **overrides: Any,
+        **overrides: float | str,
     ) -> JobConfig:
         """A job on ``task`` with its tuned training defaults.
 
@@ -263,7 +268,7 @@ class JobConfig:
             elif key == "max_grad_norm":
                 max_grad_norm = value
             elif key == "accountant":
-                accountant = value
+                accountant = cast(AccountantName, value)  # PrivacyConfig validates it
             elif key in (
                 "min_hospitals",
                 "round_timeout_s",
@@ -297,7 +302,7 @@ class JobConfig:
 
     # --- serialisation -------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         """JSON-safe, nested form (stored with the job, sent with each round)."""
         out = asdict(self)
         out["partition"] = str(self.partition)
@@ -305,13 +310,15 @@ class JobConfig:
         return out
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as compact JSON with sorted keys."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
+    def from_dict(cls, data: Mapping[str, object]) -> JobConfig:
         """Parse and validate; :class:`InvalidConfigError` names what is wrong."""
         try:
-            fields = dict(data)
+            # Any: the values are checked by the constructors below (TypeError, ValueError).
+            fields: dict[str, Any] = dict(data)
             if "example" in fields and "task" not in fields:  # jobs stored before tasks
                 fields["task"] = fields.pop("example")
             privacy = PrivacyConfig(**dict(fields.pop("privacy")))
@@ -335,6 +342,7 @@ class JobConfig:
 
     @classmethod
     def from_json(cls, text: str) -> JobConfig:
+        """Parse and validate JSON (see :meth:`from_dict`)."""
         try:
             data = json.loads(text)
         except (TypeError, ValueError) as exc:
@@ -344,6 +352,7 @@ class JobConfig:
         return cls.from_dict(data)
 
     def with_job(self, job: str) -> JobConfig:
+        """A copy with the job named ``job``."""
         return replace(self, job=job)
 
     #: Earlier name of :meth:`for_task`.

@@ -120,8 +120,10 @@ def atomic_write(
 
 
 def _link_no_clobber(tmp: str, path: Path) -> bool:
-    """Give the finished ``tmp`` the name ``path`` unless ``path`` exists; the caller
-    removes ``tmp``."""
+    """Give the finished ``tmp`` the name ``path`` unless ``path`` exists.
+
+    The caller removes ``tmp``.
+    """
     try:
         os.link(tmp, path)  # atomic and never clobbers: the first copy wins
     except FileExistsError:

@@ -268,6 +268,17 @@ def _claims(dist: metadata.Distribution, top: str) -> bool:
     return top in listed or any(f == top or module_file.fullmatch(f) for f in firsts)
 
 
+def _builtin_sha256(module: str) -> str:
+    """SHA-256 of a built-in task's own module file (see :func:`_code_sha256`)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        raise InvalidConfigError(f"cannot find task module {module!r}; is fedvault installed?")
+    with open(spec.origin, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    rel = "/".join(module.split(".")) + ".py"
+    return hashlib.sha256(f"{rel}\0{digest}\n".encode()).hexdigest()
+
+
 def _code_sha256(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "fedvault" and len(parts) > 1:
@@ -275,13 +286,7 @@ def _code_sha256(module: str) -> str:
         # distribution part); hashing all of it would make every checkout,
         # build directory or stray file a "different task". The task's own
         # module is what defines its model, data and defaults.
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-            raise InvalidConfigError(f"cannot find task module {module!r}; is fedvault installed?")
-        with open(spec.origin, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        rel = "/".join(parts) + ".py"
-        return hashlib.sha256(f"{rel}\0{digest}\n".encode()).hexdigest()
+        return _builtin_sha256(module)
     roots: list[tuple[str, int, Path]] = []  # (import name, search order, directory)
     files: list[tuple[str, Path]] = []
     for i in range(1, len(parts) + 1):

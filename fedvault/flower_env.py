@@ -298,8 +298,11 @@ def process_children() -> dict[int, list[int]]:
 
 
 def descendants(root: int, children: Mapping[int, list[int]] | None = None) -> set[int]:
-    """All descendants of ``root``, from ``children`` (one :func:`process_children`
-    read can serve many roots) or a fresh read of ``/proc``."""
+    """All descendants of ``root``.
+
+    From ``children`` (one :func:`process_children` read can serve many roots) or
+    a fresh read of ``/proc``.
+    """
     children = process_children() if children is None else children
     found: set[int] = set()
     stack = [root]

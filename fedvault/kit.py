@@ -340,14 +340,17 @@ class Kit:
 
     @property
     def kind(self) -> KitKind:
+        """Whose kit this is: the coordinator's, a hospital's or an operator's."""
         return self.manifest.kind
 
     @property
     def party(self) -> str:
+        """The name of the party the kit belongs to."""
         return self.manifest.party
 
     @property
     def consortium(self) -> str:
+        """The name of the consortium."""
         return self.manifest.consortium
 
     @property
@@ -357,14 +360,17 @@ class Kit:
 
     @property
     def coordinator_address(self) -> str:
+        """The coordinator's Fleet API address (``host:port``) hospitals connect to."""
         return self.manifest.coordinator
 
     @property
     def operator_api_address(self) -> str:
+        """The coordinator's operator API address (``host:port``)."""
         return self.manifest.operator_api
 
     @property
     def custodian(self) -> str:
+        """The hospital that generates the HE secret key (the key custodian)."""
         return self.manifest.custodian
 
     @property
@@ -376,6 +382,7 @@ class Kit:
 
     @property
     def ca_path(self) -> Path:
+        """The consortium CA's certificate."""
         return self.path(_CA)
 
     @property
@@ -389,6 +396,7 @@ class Kit:
         return self.path(_LEAF[self.kind][1])
 
     def certificate(self) -> x509.Certificate:
+        """The party's certificate, read and checked against the manifest."""
         return load_certificate_pem(self.read(_LEAF[self.kind][0]), what=_LEAF[self.kind][0])
 
     def private_key(self) -> ec.EllipticCurvePrivateKey:

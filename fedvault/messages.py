@@ -98,6 +98,8 @@ _HOSPITAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ReplyStatus(StrEnum):
+    """Whether a hospital answered a request (``ok``) or declined it (``refused``)."""
+
     OK = "ok"
     REFUSED = "refused"  # the hospital declined on purpose (budget, key epoch, data)
 
@@ -173,12 +175,14 @@ class ModelPayload:
 
     @property
     def nbytes(self) -> int:
+        """The payload's size in bytes: the envelope's, or the arrays' data."""
         if self.envelope is not None:
             return len(self.envelope)
         return sum(int(a.nbytes) for a in (self.arrays or {}).values())
 
 
 def payload_to_record(payload: ModelPayload) -> ArrayRecord:
+    """The payload as a Flower ``ArrayRecord`` (an envelope as one uint8 array)."""
     if payload.envelope is not None:
         buf = np.frombuffer(payload.envelope, dtype=np.uint8)
         return ArrayRecord({ENVELOPE_KEY: Array(buf)})
@@ -188,6 +192,7 @@ def payload_to_record(payload: ModelPayload) -> ArrayRecord:
 
 
 def payload_from_record(record: ArrayRecord) -> ModelPayload:
+    """The payload an ``ArrayRecord`` carries; :class:`MalformedUpdateError` if malformed."""
     if ENVELOPE_KEY in record:
         if len(record) != 1:
             raise MalformedUpdateError(
@@ -280,6 +285,7 @@ class RoundInstruction:
     summary: str = ""
 
     def to_content(self) -> RecordDict:
+        """The instruction as message content: the model and a config record."""
         return RecordDict(
             {
                 MODEL_KEY: payload_to_record(self.model),
@@ -297,6 +303,7 @@ class RoundInstruction:
 
     @classmethod
     def from_message(cls, msg: Message) -> RoundInstruction:
+        """Parse and validate the coordinator's instruction for one round."""
         content = msg.content
         try:
             config = content.config_records[CONFIG_KEY]
@@ -352,6 +359,7 @@ class TrainReply:
         object.__setattr__(self, "code", _check_refusal(self.status, self.code))
 
     def to_content(self) -> RecordDict:
+        """The reply as message content: status, metrics and (when accepted) the update."""
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
             STATUS_KEY: ConfigRecord(
                 {
@@ -453,6 +461,8 @@ class TrainReply:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalReply:
+    """A hospital's evaluation of the global model on its held-out data, or its refusal."""
+
     hospital: str
     status: ReplyStatus
     reason: str = ""
@@ -466,6 +476,7 @@ class EvalReply:
         object.__setattr__(self, "code", _check_refusal(self.status, self.code))
 
     def to_content(self) -> RecordDict:
+        """The reply as message content: a status and a metrics record."""
         return RecordDict(
             {
                 STATUS_KEY: ConfigRecord(
@@ -485,6 +496,7 @@ class EvalReply:
 
     @classmethod
     def from_message(cls, msg: Message, *, max_bytes: int | None = None) -> EvalReply:
+        """Parse and validate a hospital's evaluation reply, no larger than ``max_bytes``."""
         keys = frozenset({STATUS_KEY, METRICS_KEY})
         _check_message(msg, "evaluation reply", MessageType.EVALUATE, keys, max_bytes)
         content = msg.content
@@ -601,15 +613,17 @@ def _hospitals(value: object, name: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class HelloRequest:
-    """Coordinator -> every node: who are you, and which key epochs do you hold?"""
+    """Coordinator -> every node: asks which hospital it is and which key epochs it holds."""
 
     ACTION: ClassVar[str] = "hello"
 
     def to_content(self) -> RecordDict:
+        """The request as key-ceremony message content."""
         return _ceremony_content({"action": self.ACTION})
 
     @classmethod
     def from_message(cls, msg: Message) -> HelloRequest:
+        """Parse and validate a hello request."""
         _ceremony_record(msg, request=True, action=cls.ACTION)
         return cls()
 
@@ -623,12 +637,14 @@ class SealKeyRequest:
     recipients: tuple[str, ...] = ()
 
     def to_content(self) -> RecordDict:
+        """The request as key-ceremony message content."""
         return _ceremony_content(
             {"action": self.ACTION, "epoch": self.epoch, "recipients": list(self.recipients)}
         )
 
     @classmethod
     def from_message(cls, msg: Message) -> SealKeyRequest:
+        """Parse and validate a seal-key request."""
         record = _ceremony_record(msg, request=True, action=cls.ACTION)
         return cls(
             epoch=_epoch(_get(record, "epoch", _CEREMONY_REQUEST)),
@@ -647,6 +663,7 @@ class InstallKeyRequest:
     fingerprint: str  # of the epoch's public context: the opened key must match it
 
     def to_content(self) -> RecordDict:
+        """The request as key-ceremony message content."""
         return _ceremony_content(
             {
                 "action": self.ACTION,
@@ -659,6 +676,7 @@ class InstallKeyRequest:
 
     @classmethod
     def from_message(cls, msg: Message) -> InstallKeyRequest:
+        """Parse and validate an install-key request."""
         record = _ceremony_record(msg, request=True, action=cls.ACTION)
         fingerprint = _text(_get(record, "fingerprint", _CEREMONY_REQUEST), "fingerprint")
         if not fingerprint:
@@ -735,10 +753,12 @@ class CeremonyReply:
         )
 
     def to_content(self) -> RecordDict:
+        """The reply as key-ceremony message content."""
         return _ceremony_content(self._common())
 
     @classmethod
     def from_message(cls, msg: Message) -> CeremonyReply:
+        """Parse and validate a bare key-ceremony reply (a refusal, or an answer's common part)."""
         common = cls._parse_common(_ceremony_record(msg, request=False))
         return CeremonyReply(**common)
 
@@ -751,6 +771,7 @@ class HelloReply(CeremonyReply):
     custodian: bool = False  # whether its kit makes it the consortium's key custodian
 
     def to_content(self) -> RecordDict:
+        """The reply as key-ceremony message content (epochs and custodian when OK)."""
         fields = self._common()
         if self.status is ReplyStatus.OK:
             fields |= {"epochs": list(self.epochs), "custodian": self.custodian}
@@ -758,6 +779,7 @@ class HelloReply(CeremonyReply):
 
     @classmethod
     def from_message(cls, msg: Message) -> HelloReply:
+        """Parse and validate a hello reply."""
         record = _ceremony_record(msg, request=False)
         common = cls._parse_common(record)
         if common["status"] is not ReplyStatus.OK:
@@ -779,6 +801,7 @@ class SealKeyReply(CeremonyReply):
     envelopes: Mapping[str, bytes] = field(default_factory=dict)  # recipient -> sealed key
 
     def to_content(self) -> RecordDict:
+        """The reply as key-ceremony message content (context, cert and envelopes when OK)."""
         fields = self._common()
         if self.status is ReplyStatus.OK:
             fields |= {
@@ -791,6 +814,7 @@ class SealKeyReply(CeremonyReply):
 
     @classmethod
     def from_message(cls, msg: Message) -> SealKeyReply:
+        """Parse and validate the custodian's seal-key reply."""
         record = _ceremony_record(msg, request=False)
         common = cls._parse_common(record)
         if common["status"] is not ReplyStatus.OK:
@@ -821,6 +845,7 @@ class InstallKeyReply(CeremonyReply):
     fingerprint: str = ""
 
     def to_content(self) -> RecordDict:
+        """The reply as key-ceremony message content (the fingerprint when OK)."""
         fields = self._common()
         if self.status is ReplyStatus.OK:
             fields["fingerprint"] = self.fingerprint
@@ -828,6 +853,7 @@ class InstallKeyReply(CeremonyReply):
 
     @classmethod
     def from_message(cls, msg: Message) -> InstallKeyReply:
+        """Parse and validate an install-key reply."""
         record = _ceremony_record(msg, request=False)
         common = cls._parse_common(record)
         if common["status"] is not ReplyStatus.OK:

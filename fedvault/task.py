@@ -176,6 +176,7 @@ class Task:
 
     @property
     def is_classification(self) -> bool:
+        """Whether the task classifies (binary or multiclass), rather than regresses."""
         return self.kind != "regression"
 
     @property
@@ -252,9 +253,12 @@ def _as_array(values: Any, dtype: type) -> np.ndarray:
 
 
 def _regression_loss() -> Callable[[Tensor, Tensor], Tensor]:
-    """Mean squared error of ``(batch, 1)`` or ``(batch,)`` predictions against ``(batch,)``
-    targets, as a ``torch.nn`` loss: Opacus' ghost clipping needs one (it switches the
-    reduction to per-sample)."""
+    """Mean squared error as a ``torch.nn`` loss.
+
+    Of ``(batch, 1)`` or ``(batch,)`` predictions against ``(batch,)`` targets.
+    Opacus' ghost clipping needs a ``torch.nn`` loss (it switches the reduction to
+    per-sample).
+    """
     from torch import nn
 
     class RegressionMSE(nn.MSELoss):

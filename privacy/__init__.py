@@ -1,5 +1,7 @@
-"""Below everything but the wire formats: DP-SGD planning and accounting (Opacus), BFV
-encryption and its packing, certificates and key sealing.
+"""The privacy layer, below everything but the wire formats.
+
+DP-SGD planning and accounting (Opacus), BFV encryption and its packing,
+certificates and key sealing.
 
 Imports only :mod:`fedvault.errors` and :mod:`fedvault.proto`.
 """

@@ -34,6 +34,7 @@ __all__ = [
     "AccountantState",
     "DpPlan",
     "GradSampleMode",
+    "NoiseSource",
     "PrivacyConfig",
     "PrivateTraining",
     "choose_grad_sample_mode",
@@ -50,6 +51,11 @@ _ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)
 #: :func:`choose_grad_sample_mode`).
 GradSampleMode = Literal["auto", "ghost", "hooks"]
 _GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
+#: Where DP-SGD's noise and Poisson batches come from: ``"chacha20"`` (a
+#: ChaCha20 keystream keyed by the OS, :mod:`fedvault.privacy.csprng`) or
+#: ``"torch"`` (torch's seeded Mersenne Twister: reproducible, predictable).
+NoiseSource = Literal["chacha20", "torch"]
+_NOISE_SOURCES: dict[bool, NoiseSource] = {True: "chacha20", False: "torch"}
 _STATE_FORMAT = "fedvault.accountant_state"
 _STATE_VERSION = 1
 
@@ -394,7 +400,8 @@ class PrivateTraining:
     ``criterion`` is the loss to train with: in ghost mode Opacus' wrapped loss
     (its ``backward()`` runs the two passes of ghost clipping, so the plain
     loss must not be used), in hooks mode the criterion given to
-    :func:`make_private` (``None`` if none was given).
+    :func:`make_private` (``None`` if none was given). ``noise_source``: where
+    the noise and the Poisson batches come from (see :data:`NoiseSource`).
     """
 
     module: GradSampleModule
@@ -403,6 +410,7 @@ class PrivateTraining:
     engine: PrivacyEngine
     criterion: Callable[..., Any] | None = None
     grad_sample_mode: Literal["ghost", "hooks"] = "hooks"
+    noise_source: NoiseSource = "torch"
 
     def state(self) -> AccountantState:
         """Accountant history after the steps taken so far (all rounds of the job)."""
@@ -553,7 +561,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     state: AccountantState,
-    secure_mode: bool = False,
+    secure_rng: bool = True,
     grad_sample_mode: GradSampleMode = "auto",
     criterion: Callable[..., Any] | None = None,
 ) -> PrivateTraining:
@@ -561,9 +569,15 @@ def make_private(
 
     The engine's accountant is restored from ``state`` *before* any step, so
     epsilon keeps composing across rounds and process restarts. Sampling is
-    Poisson (what the accountant assumes). ``secure_mode`` draws noise and
-    batches from a CSPRNG (needs ``torchcsprng``) and should be on in
-    production.
+    Poisson (what the accountant assumes).
+
+    ``secure_rng`` (on by default, as a deployed hospital trains): the
+    Gaussian noise and the Poisson batches come from a ChaCha20 keystream
+    keyed by the operating system, with a floating-point-robust Gaussian
+    (:mod:`fedvault.privacy.csprng`): unpredictable, and different on every
+    run whatever torch's seed. Off: torch's seeded Mersenne Twister, faster
+    and reproducible (simulations, tests), but predictable from its seed.
+    The step, the step count and epsilon are the same either way.
 
     Per-sample clipping is by ghost clipping or by hooks
     (``grad_sample_mode``): ``"auto"`` picks ghost when
@@ -582,40 +596,71 @@ def make_private(
     ------
     InvalidConfigError
         For a bad noise/clipping parameter or mode, a layer Opacus cannot
-        handle, ``grad_sample_mode="ghost"`` for a model or loss ghost clipping
-        cannot clip exactly, or ``secure_mode`` without ``torchcsprng``.
+        handle, or ``grad_sample_mode="ghost"`` for a model or loss ghost
+        clipping cannot clip exactly.
     """
+    _check_dp_arguments(noise_multiplier, max_grad_norm, grad_sample_mode)
+    _check_module(module)
+    mode = _resolve_mode(grad_sample_mode, module, criterion)
+    engine, private_module, dp_optimizer, dp_loader, loss = _engine_make_private(
+        state,
+        mode,
+        criterion,
+        module=module,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        poisson_sampling=True,
+        grad_sample_mode=mode,
+    )
+    if secure_rng:
+        from fedvault.privacy.csprng import secure_data_loader, secure_noise
+
+        dp_optimizer = secure_noise(dp_optimizer)
+        dp_loader = secure_data_loader(dp_loader)
+    return PrivateTraining(
+        module=private_module,
+        optimizer=dp_optimizer,
+        data_loader=dp_loader,
+        engine=engine,
+        criterion=loss,
+        grad_sample_mode=mode,
+        noise_source=_NOISE_SOURCES[secure_rng],
+    )
+
+
+def _check_dp_arguments(noise_multiplier: float, max_grad_norm: float, mode: object) -> None:
     _require_positive("noise_multiplier", noise_multiplier, "take it from plan_dp()")
     _require_positive(
         "max_grad_norm", max_grad_norm, "it is the per-sample clipping norm, e.g. 1.0"
     )
-    if grad_sample_mode not in _GRAD_SAMPLE_MODES:
+    if mode not in _GRAD_SAMPLE_MODES:
         raise InvalidConfigError(
             f"grad_sample_mode must be one of {', '.join(map(repr, _GRAD_SAMPLE_MODES))} "
-            f"(got {grad_sample_mode!r})"
+            f"(got {mode!r})"
         )
-    _check_module(module)
-    mode = _resolve_mode(grad_sample_mode, module, criterion)
+
+
+def _engine_make_private(
+    state: AccountantState,
+    mode: Literal["ghost", "hooks"],
+    criterion: Callable[..., Any] | None,
+    **common: Any,
+) -> tuple[
+    PrivacyEngine, GradSampleModule, DPOptimizer, DataLoader[Any], Callable[..., Any] | None
+]:
+    """Opacus' engine (continuing ``state``) and its ``make_private`` in ``mode``.
+
+    Returns the engine, module, optimizer, loader and the loss to train with.
+    """
     from opacus import PrivacyEngine
     from opacus.validators.errors import UnsupportedError
 
-    try:
-        engine = PrivacyEngine(accountant=state.accountant, secure_mode=secure_mode)
-    except ImportError as exc:
-        raise InvalidConfigError(
-            "secure_mode=True needs the torchcsprng package for cryptographic noise; "
-            "install it on this hospital's machine or run with secure_mode=False for experiments"
-        ) from exc
+    # Opacus' own secure_mode needs torchcsprng (no build for this torch):
+    # make_private swaps in fedvault's CSPRNG afterwards instead.
+    engine = PrivacyEngine(accountant=state.accountant, secure_mode=False)
     engine.accountant = state.to_opacus()
-    common: dict[str, Any] = {
-        "module": module,
-        "optimizer": optimizer,
-        "data_loader": data_loader,
-        "noise_multiplier": float(noise_multiplier),
-        "max_grad_norm": float(max_grad_norm),
-        "poisson_sampling": True,
-        "grad_sample_mode": mode,
-    }
     try:
         if mode == "ghost":
             private_module, dp_optimizer, dp_loss, dp_loader = engine.make_private(
@@ -630,14 +675,7 @@ def make_private(
             f"Opacus cannot train this model privately: {exc}. "
             "Try opacus.validators.ModuleValidator.fix(model)"
         ) from exc
-    return PrivateTraining(
-        module=cast("GradSampleModule", private_module),
-        optimizer=dp_optimizer,
-        data_loader=dp_loader,
-        engine=engine,
-        criterion=loss,
-        grad_sample_mode=mode,
-    )
+    return engine, cast("GradSampleModule", private_module), dp_optimizer, dp_loader, loss
 
 
 def _resolve_mode(

@@ -244,8 +244,10 @@ _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _loader(threads: int | None = None) -> ThreadPoolExecutor:
-    """This process's chunk-loading pool of ``threads`` (default: one per core); a
-    forked child gets its own, since threads don't fork."""
+    """The current process's chunk-loading pool of ``threads`` (default: one per core).
+
+    A forked child gets its own, since threads don't fork.
+    """
     key = (os.getpid(), threads or os.cpu_count() or 1)
     if key not in _pools:
         _pools[key] = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="fedvault-he")
@@ -261,8 +263,10 @@ def _load_chunks(
     start: int = 0,
     stop: int | None = None,
 ) -> list[Any]:
-    """Deserialize and validate chunks ``start:stop`` (default all); the count and
-    sizes of every chunk are checked first, whatever the window."""
+    """Deserialize and validate chunks ``start:stop`` (default all).
+
+    The count and sizes of every chunk are checked first, whatever the window.
+    """
     params = ctx.params
     slots = params.slots
     expected = math.ceil(layout.size / slots)
@@ -460,8 +464,11 @@ class Aggregator:
     def _check_sample_weight(
         self, sample_weight: float, expected: float | None, spec: FixedPoint
     ) -> float:
-        """The update's weight is valid, the one expected, and the round's total stays
-        within what the encoding sums exactly; returns that new total."""
+        """Check the update's weight; returns the round's new total.
+
+        The weight is valid, the one expected, and the round's total stays within
+        what the encoding sums exactly.
+        """
         weight = _check_weight(sample_weight, "sample_weight")
         if expected is not None and weight != expected:
             raise MalformedUpdateError(
@@ -512,8 +519,10 @@ _DECRYPT_WINDOW = 64
 def _decrypt(
     ctx: HeContext, data: bytes, key_epoch: int | None, *, average: bool
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Decrypt chunk by chunk into the output tensors (the average in the layout's
-    dtypes, or the weighted sum in float64), never holding a flat copy."""
+    """Decrypt chunk by chunk into the output tensors, never holding a flat copy.
+
+    The output is the average in the layout's dtypes, or the weighted sum in float64.
+    """
     if not ctx.is_private:
         raise SecretKeyExposureError(
             "this context holds no secret key, so it cannot decrypt; decryption happens "

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any
+from typing import cast
 
 import tenseal as ts
 import tenseal.sealapi as sealapi
@@ -280,34 +280,36 @@ class HeContext:
     # --- SEAL objects for the update path (built lazily, once) -----------------
 
     @cached_property
-    def seal(self) -> Any:
+    def seal(self) -> sealapi.SEALContext:
         """The underlying ``seal::SEALContext``."""
         return self._context.seal_context().data
 
     @cached_property
-    def data_parms_id(self) -> Any:
+    def data_parms_id(self) -> list[int]:
         """parms_id of fresh ciphertexts (the data level: one prime)."""
-        return self.seal.first_parms_id()
+        # cast: the untyped binding returns SEAL's parms_id_type as a list of 4 uint64.
+        return cast("list[int]", self.seal.first_parms_id())
 
     @cached_property
-    def encoder(self) -> Any:
+    def encoder(self) -> sealapi.BatchEncoder:
         """SEAL's batch encoder: N integers mod t <-> one plaintext."""
         return sealapi.BatchEncoder(self.seal)
 
     @cached_property
-    def evaluator(self) -> Any:
+    def evaluator(self) -> sealapi.Evaluator:
         """SEAL's evaluator (only ``add_inplace`` is used)."""
         return sealapi.Evaluator(self.seal)
 
     @cached_property
-    def public_encryptor(self) -> Any:
+    def public_encryptor(self) -> sealapi.Encryptor:
         """Public-key encryptor (the coordinator's initial model)."""
         return sealapi.Encryptor(self.seal, self._context.public_key().data)
 
     @cached_property
-    def secret_encryptor(self) -> Any:
-        """Symmetric encryptor: faster, and SEAL can replace half of each
-        ciphertext by the 64-byte seed it was drawn from.
+    def secret_encryptor(self) -> sealapi.Encryptor:
+        """Symmetric encryptor: the faster one.
+
+        SEAL can replace half of each ciphertext by the 64-byte seed it was drawn from.
 
         Raises
         ------
@@ -318,7 +320,7 @@ class HeContext:
         return sealapi.Encryptor(self.seal, self._context.secret_key().data)
 
     @cached_property
-    def decryptor(self) -> Any:
+    def decryptor(self) -> sealapi.Decryptor:
         """SEAL decryptor (hospitals only).
 
         Raises

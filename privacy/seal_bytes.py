@@ -17,11 +17,11 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import tenseal.sealapi as sealapi
 
-__all__ = ["dump", "load_ciphertext"]
+__all__ = ["Savable", "dump", "load_ciphertext"]
 
 _lock = threading.Lock()
 _dir: Path | None = None
@@ -44,14 +44,22 @@ def _path() -> Path:
     return _scratch() / f"{os.getpid()}-{threading.get_ident()}"
 
 
-def dump(obj: Any) -> bytes:
+class Savable(Protocol):
+    """A SEAL object that saves itself to a file path (a ciphertext, a ``Serializable``)."""
+
+    def save(self, path: str, /) -> None:
+        """Write the object to ``path``."""
+        ...
+
+
+def dump(obj: Savable) -> bytes:
     """Serialize a SEAL ciphertext (or seed-compressed ``Serializable``) to bytes."""
     path = _path()
     obj.save(str(path))
     return path.read_bytes()
 
 
-def load_ciphertext(seal_context: Any, data: bytes) -> Any:
+def load_ciphertext(seal_context: sealapi.SEALContext, data: bytes) -> sealapi.Ciphertext:
     """Load a ciphertext, letting SEAL check it against ``seal_context``.
 
     Raises whatever SEAL raises (``ValueError``/``RuntimeError``) on bytes

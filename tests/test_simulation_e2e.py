@@ -110,10 +110,12 @@ def test_regression_and_imaging_tasks_simulate_with_their_metrics(
     cmd = [
         sys.executable, "-m", "fedvault", "simulate", "--example", task,
         "--hospitals", "2", "--rounds", str(rounds), "--out", str(tmp_path),
+        "--secure-rng",  # noise and batches from the CSPRNG, as deployed hospitals draw them
     ]  # fmt: skip
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "DP noise and sampling: ChaCha20" in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["final"]["status"] == "finished"
     assert set(report["final"]["metrics"]) == expected

@@ -108,6 +108,17 @@ def print_summary(report: Report, console: Console, out_dir: Path) -> None:
     console.print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'report.png'}")
 
 
+#: ``simulate``'s source of DP noise (deployed hospitals always use the CSPRNG).
+_SecureRng = Annotated[
+    bool,
+    typer.Option(
+        "--secure-rng/--fast-rng",
+        help="DP noise and Poisson sampling from a CSPRNG (ChaCha20), as deployed hospitals "
+        "draw them, or from torch's generator seeded by --seed (faster, reproducible)",
+    ),
+]
+
+
 @app.command()
 def simulate(
     task: Annotated[
@@ -124,7 +135,7 @@ def simulate(
     secure_aggregation: Annotated[str, typer.Option(help="he (BFV, encrypted) | none")] = "he",
     epsilon: Annotated[float, typer.Option(help="ε budget per hospital for the job")] = 3.0,
     delta: Annotated[float, typer.Option(help="δ of the (ε, δ) guarantee")] = 1e-5,
-    seed: Annotated[int, typer.Option(help="seeds data split, partition, init and noise")] = 0,
+    seed: Annotated[int, typer.Option(help="seeds data split, partition, init, noise")] = 0,
     out: Annotated[Path, typer.Option(help="output directory (report, plot, store)")] = Path(
         "fedvault-out"
     ),
@@ -138,6 +149,7 @@ def simulate(
     gpus_per_hospital: Annotated[
         float, typer.Option(help="GPUs (a fraction shares one) Ray gives each virtual hospital")
     ] = 0.0,
+    secure_rng: _SecureRng = False,
 ) -> None:
     """Simulate a consortium of virtual hospitals with the production apps.
 
@@ -145,6 +157,7 @@ def simulate(
     with its model card).
     """
     try:
+        from fedvault.app.simulation import noise_source
         from fedvault.app.simulation import simulate as run
         from fedvault.config import JobConfig
         from fedvault.coordinator.report import Report
@@ -176,9 +189,11 @@ def simulate(
                 store_url=store,
                 console=console,
                 gpus_per_hospital=gpus_per_hospital,
+                secure_rng=secure_rng,
             )
         )
         print_summary(report, console, out.resolve())
+        console.print(f"DP noise and sampling: {noise_source(secure_rng)}")
     except FedvaultError as exc:
         _fail(exc)
     if report.final.status != "finished":
@@ -187,7 +202,10 @@ def simulate(
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="The consortium operator's daemon.")
 client_app = typer.Typer(no_args_is_help=True, help="A hospital's daemon.")
-audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
+audit_app = typer.Typer(
+    no_args_is_help=True,
+    help="Audits: the tamper-evident audit log, and an empirical test of the privacy claim.",
+)
 model_app = typer.Typer(no_args_is_help=True, help="Trained model versions: list and export.")
 task_app = typer.Typer(no_args_is_help=True, help="Installed tasks and their fingerprints.")
 app.add_typer(coordinator_app, name="coordinator")
@@ -375,7 +393,7 @@ def demo(
         console = Console()
         raw = run_demo(out, console, rounds=rounds)
         report = Report.from_json(raw)
-        print_summary(report, console, Path(raw.get("out_dir", out or ".")))
+        print_summary(report, console, Path(str(raw.get("out_dir", out or "."))))
     except FedvaultError as exc:
         _fail(exc)
     if report.final.status != "finished":
@@ -405,6 +423,80 @@ def audit_verify(
         "it or its predecessor was altered"
     )
     raise typer.Exit(code=1)
+
+
+@audit_app.command("privacy")
+def audit_privacy(
+    task: Annotated[
+        str, typer.Option(help="an installed task's name or MODULE:ATTR (classification)")
+    ] = "breast-cancer",
+    epsilon: Annotated[float, typer.Option(help="ε budget of the audited job")] = 3.0,
+    delta: Annotated[float, typer.Option(help="δ of the (ε, δ) guarantee")] = 1e-5,
+    rounds: Annotated[int, typer.Option(help="federated rounds of the audited job")] = 10,
+    canaries: Annotated[
+        int, typer.Option(help="canaries drawn, each included with p = 1/2")
+    ] = 1000,
+    confidence: Annotated[float, typer.Option(help="confidence of the lower bound")] = 0.95,
+    seed: Annotated[int, typer.Option(help="seeds the canaries, their coins and the model")] = 0,
+    no_dp: Annotated[
+        bool, typer.Option("--no-dp", help="train without noise (clipping kept): must fail")
+    ] = False,
+    noise_scale: Annotated[
+        float, typer.Option(help="multiply the planned noise (e.g. 0.01: far below the plan)")
+    ] = 1.0,
+    out: Annotated[Path, typer.Option(help="directory for privacy-audit.json and .png")] = Path(
+        "fedvault-audit"
+    ),
+) -> None:
+    """Test the accountant's ε on a trained model: canaries, membership inference, a lower bound.
+
+    One-run auditing (Steinke, Nasr and Jagielski, NeurIPS 2023). Exit 0 when the
+    empirical lower bound stays at or below the accountant's ε, 1 when it exceeds it.
+    """
+    try:
+        from fedvault.app.audit import AuditSettings, run_privacy_audit
+
+        settings = AuditSettings(
+            task=task,
+            epsilon=epsilon,
+            delta=delta,
+            rounds=rounds,
+            canaries=canaries,
+            confidence=confidence,
+            seed=seed,
+            dp=not no_dp,
+            noise_scale=noise_scale,
+        )
+        result = run_privacy_audit(settings, out)
+    except FedvaultError as exc:
+        _fail(exc)
+    table = Table(title=f"Privacy audit: {result.task}, " + ("DP off" if no_dp else "DP-SGD"))
+    for col in ("accountant ε", "lower bound", "confidence", "canaries", "guesses", "correct"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{result.claimed_epsilon:.3f}",
+        f"{result.lower_bound:.3f}",
+        f"{result.confidence:.0%}",
+        f"{result.canaries} ({result.included} in)",
+        str(result.guesses),
+        str(result.correct),
+    )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"noise σ {result.noise_multiplier:.3g} (planned {result.planned_noise_multiplier:.3g}), "
+        f"sample rate {result.sample_rate:.4g}, {result.steps} DP steps, δ = {result.delta:g}, "
+        f"{result.wall_s:.1f} s"
+    )
+    verdict = (
+        "[green]the claim holds[/green]: the lower bound stays at or below the accountant's ε"
+        if result.holds
+        else "[bold red]the claim is refuted[/bold red]: the lower bound exceeds the accountant's ε"
+    )
+    console.print(verdict)
+    console.print(f"result: {out.resolve() / 'privacy-audit.json'}")
+    if not result.holds:
+        raise typer.Exit(code=1)
 
 
 _StoreOpt = Annotated[
@@ -548,6 +640,7 @@ def task_show(
 
 
 def main() -> None:
+    """Run the ``fedvault`` command line; Ctrl-C exits with code 130."""
     try:
         app()
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.errors import FedvaultError
 from fedvault.flower_env import free_port, spawn, terminate_tree
+from fedvault.json_types import JSONObject
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,8 +39,11 @@ JOB_NAME = "demo-breast-cancer"
 def provision_loopback(
     work: Path, consortium: str, names: Sequence[str], operators: Mapping[str, str]
 ) -> Path:
-    """Provision ``names`` (the first is the key custodian) and ``operators`` (name ->
-    role) as a consortium on free 127.0.0.1 ports; the kits go to ``work/kits``."""
+    """Provision ``names`` and ``operators`` as a consortium on free 127.0.0.1 ports.
+
+    The first of ``names`` is the key custodian; ``operators`` maps name -> role;
+    the kits go to ``work/kits``.
+    """
     from fedvault.app.provision import provision
 
     toml = work / "consortium.toml"
@@ -99,8 +103,10 @@ def write_hospital_data(
 def prepare_consortium(
     work: Path, *, hospitals: int, rounds: int, epsilon: float, seed: int = 0
 ) -> dict[str, Path]:
-    """Kits, per-hospital data (with each hospital's site policy, ``data/NAME/policy.toml``)
-    and the job file under ``work``; returns their paths."""
+    """Kits, per-hospital data and the job file under ``work``; returns their paths.
+
+    Each hospital's data comes with its site policy, ``data/NAME/policy.toml``.
+    """
     from fedvault.partition import Partition, partition_indices
     from fedvault.task_registry import load_task
 
@@ -209,7 +215,8 @@ def run_demo(
     hospitals: int = 3,
     rounds: int = 10,
     epsilon: float = 3.0,
-) -> dict[str, Any]:
+) -> JSONObject:
+    """Run the demo consortium as real processes in ``out_dir``; returns its report."""
     work = Path(out_dir).resolve() if out_dir else Path(tempfile.mkdtemp(prefix="fedvault-demo-"))
     if work.exists() and any(work.iterdir()):
         raise FedvaultError(f"--out {work} is not empty; choose a new directory")

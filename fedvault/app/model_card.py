@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedvault.json_types import JSONObject, JSONValue
 from fedvault.metrics import greater_is_better
 
 __all__ = [
@@ -46,9 +47,12 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def round_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
-    """The finite pooled metrics of one ``summary["rounds"]`` entry, with its ``accuracy``
-    and ``loss`` (all an older report has) unless ``metrics`` names them too."""
+def round_metrics(entry: Mapping[str, object]) -> dict[str, float]:
+    """The finite pooled metrics of one ``summary["rounds"]`` entry.
+
+    With its ``accuracy`` and ``loss`` (all an older report has) unless ``metrics``
+    names them too.
+    """
     raw = {k: entry.get(k) for k in ("accuracy", "loss")} | dict(_mapping(entry.get("metrics")))
     return {
         str(k): float(v)
@@ -58,14 +62,18 @@ def round_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
 
 
 def metrics_by_round(summary: Summary) -> dict[int, dict[str, float]]:
+    """Each round of the summary's ``rounds`` -> its metrics (see :func:`round_metrics`)."""
     rounds = [_mapping(r) for r in (summary or {}).get("rounds") or []]
     return {r["round"]: round_metrics(r) for r in rounds if isinstance(r.get("round"), int)}
 
 
 def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 of the tensors, whatever file holds them (a safetensors header is not
-    byte-stable): per tensor in name order, ``[name, dtype, shape]`` as compact JSON, a
-    NUL, then its C-order little-endian bytes."""
+    """SHA-256 of the tensors, whatever file holds them.
+
+    A safetensors header is not byte-stable, so the digest is over, per tensor in
+    name order, ``[name, dtype, shape]`` as compact JSON, a NUL, then its C-order
+    little-endian bytes.
+    """
     h = hashlib.sha256()
     for name in sorted(weights):
         a = np.asarray(weights[name])
@@ -88,8 +96,11 @@ def _round_entry(summary: Mapping[str, Any], server_round: int) -> Mapping[str, 
 
 
 def _privacy(summary: Mapping[str, Any], server_round: int) -> dict[str, dict[str, Any]]:
-    """Each hospital's (ε, δ) at ``server_round`` (``None``: no ledger entry by then) and
-    at the job's end, with the DP-SGD parameters that re-derive them."""
+    """Each hospital's (ε, δ) at ``server_round`` and at the job's end.
+
+    With the DP-SGD parameters that re-derive them; ε is ``None`` at ``server_round``
+    when the hospital had no ledger entry by then.
+    """
     now = _round_entry(summary, server_round)
     out: dict[str, dict[str, Any]] = {}
     for name, raw in sorted(_mapping(summary.get("hospitals")).items()):
@@ -108,18 +119,21 @@ def _privacy(summary: Mapping[str, Any], server_round: int) -> dict[str, dict[st
 
 def build_card(
     *,
-    job_config: Mapping[str, Any],
-    task_fingerprint: Mapping[str, Any] | None,
+    job_config: Mapping[str, JSONValue],
+    task_fingerprint: Mapping[str, JSONValue] | None,
     server_round: int,
     selector: str,
     summary: Summary,
     consortium: str,
     exported_by: str,
     weights_sha256: str,
-) -> dict[str, Any]:
-    """The JSON model card: a model that leaves the consortium carries what it is (task,
-    job, round and why), how good it is (pooled metrics per round) and what it cost in
-    privacy (each hospital's ε, δ and DP parameters then and at the job's end)."""
+) -> JSONObject:
+    """The JSON model card.
+
+    A model that leaves the consortium carries what it is (task, job, round and
+    why), how good it is (pooled metrics per round) and what it cost in privacy
+    (each hospital's ε, δ and DP parameters then and at the job's end).
+    """
     summary = summary or {}
     metric = str(job_config.get("best_metric") or "loss")
     by_round = metrics_by_round(summary)
@@ -178,7 +192,13 @@ def _base_model_lines(task: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def card_markdown(card: Mapping[str, Any]) -> str:
+def card_markdown(card: Mapping[str, JSONValue]) -> str:
+    """The model card (see :func:`build_card`) as Markdown, for people."""
+    return _markdown(card)
+
+
+def _markdown(card: Mapping[str, Any]) -> str:
+    """:func:`card_markdown`, reading the card's nested JSON as :func:`build_card` shapes it."""
     task, rnd, now = card["task"], card["round"], card["metrics"]["consortium"]
     digest = _mapping(task.get("fingerprint")).get("digest")
     target = _mapping(card["privacy"]["target"])

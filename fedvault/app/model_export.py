@@ -36,6 +36,7 @@ from fedvault.app.model_card import (
 from fedvault.client.archive import ModelArchive
 from fedvault.durable import atomic_write, replace_dir
 from fedvault.errors import InvalidConfigError, KeyMismatchError
+from fedvault.json_types import JSONObject, JSONValue
 from fedvault.metrics import greater_is_better
 
 __all__ = [
@@ -108,7 +109,9 @@ def _check_out(out: Path) -> None:
         )
 
 
-def write_export(out: Path, *, weights: Mapping[str, np.ndarray], card: Mapping[str, Any]) -> Path:
+def write_export(
+    out: Path, *, weights: Mapping[str, np.ndarray], card: Mapping[str, JSONValue]
+) -> Path:
     """Write the export directory ``out`` (missing or empty, else InvalidConfigError).
 
     ``card["weights_sha256"]`` must be :func:`weights_digest` of ``weights``: a card never
@@ -148,7 +151,7 @@ def write_export(out: Path, *, weights: Mapping[str, np.ndarray], card: Mapping[
     return out
 
 
-def load_export(out: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_export(out: Path) -> tuple[dict[str, np.ndarray], JSONObject]:
     """The weights and model card of an export, checked against each other."""
     out = Path(out)
     missing = [f for f in (WEIGHTS_FILE, CARD_JSON, CARD_MD) if not (out / f).is_file()]
@@ -231,8 +234,10 @@ def export_from_hospital(
 
 
 def _fingerprint(text: str) -> dict[str, Any] | None:
-    """The archived task fingerprint as the card shows it, with its digest (what site
-    policies pin); ``None`` when the coordinator sent none."""
+    """The archived task fingerprint as the card shows it, with its digest.
+
+    The digest is what site policies pin; ``None`` when the coordinator sent none.
+    """
     if not text:
         return None
     from fedvault.errors import MalformedUpdateError
@@ -265,8 +270,10 @@ def _decrypt(state_dir: Path, envelope: bytes, job: str, number: int) -> dict[st
 def export_from_store(
     *, store_url: str, job: str, selector: str, out: Path, at_rest_key: bytes | None = None
 ) -> Path:
-    """Export a version of a plaintext job from the coordinator's round store (an ``he``
-    job: :class:`InvalidConfigError`, only hospitals can decrypt it)."""
+    """Export a version of a plaintext job from the coordinator's round store.
+
+    An ``he`` job raises :class:`InvalidConfigError`: only hospitals can decrypt it.
+    """
     from fedvault.config import SecureAggregation
     from fedvault.coordinator.report import build_report
     from fedvault.coordinator.store import RoundStore

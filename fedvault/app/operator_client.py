@@ -286,6 +286,7 @@ class OperatorClient:
         self._stub = admin_pb2_grpc.OperatorServiceStub(self._channel)
 
     def close(self) -> None:
+        """Close the channel to the operator API."""
         self._channel.close()
 
     def __enter__(self) -> OperatorClient:

@@ -157,7 +157,7 @@ def _name(value: object, where: str) -> str:
     return value
 
 
-def parse_consortium(data: Mapping[str, Any], *, source: str = "consortium") -> ConsortiumConfig:
+def parse_consortium(data: Mapping[str, object], *, source: str = "consortium") -> ConsortiumConfig:
     """Validate a parsed TOML document (see ``examples/consortium.toml``)."""
     top = _table(data, source, {"consortium", "hospitals", "operators"})
     c = _table(

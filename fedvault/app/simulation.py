@@ -38,6 +38,7 @@ from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.errors import InvalidConfigError
 from fedvault.fingerprint import fingerprint_task
+from fedvault.json_types import JSONObject
 from fedvault.partition import Partition, partition_indices
 from fedvault.privacy.he_context import HeContext
 from fedvault.task import Task
@@ -46,13 +47,14 @@ from fedvault.task_registry import LoadedTask, load_task
 if TYPE_CHECKING:
     from flwr.app import Context
 
-__all__ = ["SimulatedSites", "hospital_name", "run_cli", "simulate"]
+__all__ = ["SimulatedSites", "hospital_name", "noise_source", "run_cli", "simulate"]
 
 PUBLIC_CONTEXT = Path("coordinator") / "he-public.ctx"
 SIMULATION_KEY_EPOCH = 0
 
 
 def hospital_name(index: int) -> str:
+    """The simulated hospital of partition ``index``: ``hospital-(index+1)``."""
     return f"hospital-{index + 1}"
 
 
@@ -63,7 +65,10 @@ class SimulatedSites:
     Picklable (Ray ships it to worker processes); data and keys are loaded once
     per worker and cached. They belong to the researcher running the
     simulation, so they train without a site policy; the task fingerprint is
-    still checked, as in deployment.
+    still checked, as in deployment. ``secure_rng``: DP-SGD noise and Poisson
+    batches from the CSPRNG, as deployed hospitals draw them; off (the
+    default), from torch's generator seeded by the job's seed, so that a run
+    is reproducible.
     """
 
     loaded: LoadedTask
@@ -71,8 +76,10 @@ class SimulatedSites:
     hospitals: int
     seed: int
     root: Path
+    secure_rng: bool = False
 
     def site(self, context: Context, job: JobConfig) -> HospitalSite:
+        """The virtual hospital of the node's partition, loaded once per worker."""
         index = int(context.node_config["partition-id"])
         key = (self, index, job.secure_aggregation)
         if key not in _SITES:
@@ -80,6 +87,7 @@ class SimulatedSites:
         return _SITES[key]
 
     def identity(self, context: Context) -> HospitalIdentity:
+        """The virtual hospital of the node's partition, with its key store (no kit)."""
         name = hospital_name(int(context.node_config["partition-id"]))
         state_dir = self.root / "hospitals" / name
         return HospitalIdentity(name=name, keys=KeyStore(state_dir), kit=None)
@@ -114,6 +122,7 @@ class SimulatedSites:
             fingerprint=_fingerprint(self.loaded),
             keys=KeyStore(state_dir),
             device=pick_device(),
+            secure_rng=self.secure_rng,
         )
 
 
@@ -229,11 +238,15 @@ def simulate(
     store_url: str | None = None,
     console: Console | None = None,
     gpus_per_hospital: float = 0.0,
-) -> dict[str, Any]:
+    secure_rng: bool = False,
+) -> JSONObject:
     """Run (or resume) ``config`` on ``config.hospitals`` virtual hospitals.
 
     ``gpus_per_hospital``: the GPU share Ray reserves for each virtual hospital
     (0.5: two per GPU); with 0 a hospital still uses a GPU it can see.
+
+    ``secure_rng``: DP noise and Poisson batches from the CSPRNG, as deployed;
+    off (default): from torch's generator seeded by ``config.seed``: reproducible.
 
     Returns the final report (also in ``out_dir/report.json``).
     """
@@ -272,6 +285,7 @@ def simulate(
         hospitals=config.hospitals,
         seed=config.seed,
         root=out_dir,
+        secure_rng=secure_rng,
     )
     out = console or Console(stderr=True)
     observer = RichObserver(out, config.rounds)
@@ -296,6 +310,13 @@ def simulate(
     if Report.from_json(report).final.rounds_completed:
         _export_final_model(config, out_dir)
     return report  # as written: report.json is the contract (docs/design.md)
+
+
+def noise_source(secure_rng: bool) -> str:
+    """How a summary names where the hospitals' DP noise and Poisson batches came from."""
+    if secure_rng:
+        return "ChaCha20 (CSPRNG, as deployed)"
+    return "torch's seeded generator (fast, reproducible; not for deployment)"
 
 
 def _resolve(config: JobConfig, task: Task | None) -> LoadedTask:
@@ -347,7 +368,7 @@ def _export_final_model(config: JobConfig, out_dir: Path) -> None:
 
 def run_cli(
     task: Task, argv: Sequence[str] | None = None, *, hospitals: int, rounds: int
-) -> dict[str, Any]:
+) -> JSONObject:
     """Run ``task`` as a simulated consortium from the command line.
 
     Returns
@@ -366,6 +387,11 @@ def run_cli(
     parser.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
     parser.add_argument("--secure-aggregation", choices=("he", "none"), default="he")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--secure-rng",
+        action="store_true",
+        help="DP noise and sampling from a CSPRNG, as deployed (default: seeded, reproducible)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs") / task.name)
     args = parser.parse_args(argv)
     config = JobConfig.for_task(
@@ -378,11 +404,14 @@ def run_cli(
         secure_aggregation=args.secure_aggregation,
         seed=args.seed,
     )
-    report: dict[str, Any] = simulate(config, task=task, out_dir=args.out)
+    report: dict[str, Any] = simulate(
+        config, task=task, out_dir=args.out, secure_rng=args.secure_rng
+    )
     final = report["final"]
     shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(final.get("metrics", {}).items()))
     print(
         f"{task.name}: {shown} at epsilon {final['epsilon_max']:.2f} "
-        f"(delta {final['delta']:g}); report and model in {args.out}"
+        f"(delta {final['delta']:g}); DP noise from {noise_source(args.secure_rng)}; "
+        f"report and model in {args.out}"
     )
     return report

@@ -9,6 +9,7 @@ Imports only :mod:`fedvault.errors` and :mod:`fedvault.proto`.
 from __future__ import annotations
 
 __all__ = [
+    "audit",
     "dp",
     "fixed_point",
     "he",

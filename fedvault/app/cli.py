@@ -437,7 +437,9 @@ def audit_privacy(
         int, typer.Option(help="canaries drawn, each included with p = 1/2")
     ] = 1000,
     confidence: Annotated[float, typer.Option(help="confidence of the lower bound")] = 0.95,
-    seed: Annotated[int, typer.Option(help="seeds the canaries, their coins and the model")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="seeds the canaries, their coins and the model (not the DP noise)")
+    ] = 0,
     no_dp: Annotated[
         bool, typer.Option("--no-dp", help="train without noise (clipping kept): must fail")
     ] = False,
@@ -470,7 +472,10 @@ def audit_privacy(
         result = run_privacy_audit(settings, out)
     except FedvaultError as exc:
         _fail(exc)
-    table = Table(title=f"Privacy audit: {result.task}, " + ("DP off" if no_dp else "DP-SGD"))
+    mode = (
+        "DP off" if no_dp else "DP-SGD" + ("" if noise_scale == 1 else f", noise × {noise_scale:g}")
+    )
+    table = Table(title=f"Privacy audit: {result.task}, {mode}")
     for col in ("accountant ε", "lower bound", "confidence", "canaries", "guesses", "correct"):
         table.add_column(col, justify="right")
     table.add_row(

@@ -13,6 +13,13 @@ Gaussian noise); the baseline is the same step without privacy. Three cases:
 * ``mlp_1m``: a ~1M-parameter MLP at batch 64, where per-sample gradients are
   64 copies of the model.
 
+Each case's private step is measured twice, side by side: with torch's
+generator (``dp_step_ratio_*``, ``fedvault simulate``'s default) and with the
+noise and Poisson batches from the CSPRNG, as deployed hospitals draw them
+(``dp_step_ratio_secure_rng_*``; ``secure_rng_vs_fast_step_*`` is the ratio
+of the two). ``secure_rng_vs_fast_noise_{1m,10m}``: one noise draw of 1M and
+10M values, the CSPRNG's robust Gaussian against ``torch.normal``.
+
 Levers, each measured alone against the same baseline (``details.dp``): the
 other Opacus grad-sample modes (``ew``, ``functorch``, and ``ghost`` with the
 loss wrapped by ``make_private(criterion=...)`` as ghost clipping requires),
@@ -129,9 +136,18 @@ def _loss(criterion: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def _ours(
-    model: nn.Module, case: Case, x: torch.Tensor, y: torch.Tensor, noise: float = 1.0
+    model: nn.Module,
+    case: Case,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise: float = 1.0,
+    secure_rng: bool = False,
 ) -> Step:
-    """The product's private step: ``make_private`` as ``train_private`` calls it."""
+    """The product's private step: ``make_private`` as ``train_private`` calls it.
+
+    ``secure_rng``: noise from the CSPRNG (``privacy/csprng.py``), as deployed
+    hospitals draw it; off, torch's generator (``fedvault simulate``'s default).
+    """
     loader = DataLoader(TensorDataset(x, y), batch_size=case.batch)
     private = make_private(
         module=model,
@@ -140,6 +156,7 @@ def _ours(
         noise_multiplier=noise if noise > 0 else 1e-12,  # make_private refuses 0
         max_grad_norm=1.0,
         state=AccountantState(),
+        secure_rng=secure_rng,
     )
     if noise == 0:
         private.optimizer.noise_multiplier = 0.0
@@ -217,6 +234,7 @@ def _measure(case: Case, repeats: int) -> dict[str, Any]:
     configs: dict[str, Step] = {
         "plain": _plain(copy.deepcopy(base), case, x, y),
         "ours": _ours(copy.deepcopy(base), case, x, y),
+        "ours_secure_rng": _ours(copy.deepcopy(base), case, x, y, secure_rng=True),
     }
     failed: dict[str, str] = {}
     for mode in MODES:
@@ -275,9 +293,37 @@ def _measure(case: Case, repeats: int) -> dict[str, Any]:
         "plain_step_s": plain,
         "ours_step_s": times["ours"],
         "ratio": times["ours"] / plain,
+        "secure_rng_step_s": times["ours_secure_rng"],
+        "secure_rng_ratio": times["ours_secure_rng"] / plain,
+        "secure_rng_vs_fast": times["ours_secure_rng"] / times["ours"],
         "clock": "thread CPU time",
         "levers": levers,
     }
+
+
+def _noise_draws(quick: bool) -> dict[str, dict[str, float]]:
+    """One noise draw the size of a model: the CSPRNG against ``torch.normal``, interleaved."""
+    from fedvault.privacy.csprng import ChaChaRandom
+
+    rng = ChaChaRandom()
+    out: dict[str, dict[str, float]] = {}
+    for name, n in (("1m", 1_000_000), ("10m", 10_000_000)):
+        ref = torch.empty(n)
+        times = _interleaved(
+            {
+                "secure": lambda ref=ref: rng.gaussian_like(ref, 1.0),
+                "fast": lambda n=n: torch.normal(0.0, 1.0, size=(n,)),
+            },
+            1,
+            2 if quick else 5,
+        )
+        out[name] = {
+            "values": n,
+            "secure_s": times["secure"],
+            "fast_s": times["fast"],
+            "ratio": times["secure"] / times["fast"],
+        }
+    return out
 
 
 def run(quick: bool = False) -> Section:
@@ -294,10 +340,11 @@ def run(quick: bool = False) -> Section:
     torch.set_num_threads(1)
     try:
         res = {c.name: _measure(c, repeats=3 if quick else 7) for c in cases}
+        noise = _noise_draws(quick)
     finally:
         torch.set_num_threads(threads)
     cnn, b64, mlp = res["digits_cnn"], res["digits_cnn_b64"], res["mlp_1m"]
-    section = Section(name="dp", details=res)
+    section = Section(name="dp", details={**res, "noise_draw": noise})
     section.keys = {
         "dp_step_ratio_digits_cnn": cnn["ratio"],
         "dp_step_ratio_digits_cnn_b64": b64["ratio"],
@@ -308,6 +355,14 @@ def run(quick: bool = False) -> Section:
         "dp_step_digits_cnn_s": cnn["ours_step_s"],
         "dp_step_digits_cnn_b64_s": b64["ours_step_s"],
         "dp_step_mlp_s": mlp["ours_step_s"],
+        # The same steps with the noise and Poisson batches from the CSPRNG (deployment).
+        "dp_step_ratio_secure_rng_digits_cnn": cnn["secure_rng_ratio"],
+        "dp_step_ratio_secure_rng_digits_cnn_b64": b64["secure_rng_ratio"],
+        "dp_step_ratio_secure_rng_mlp": mlp["secure_rng_ratio"],
+        "secure_rng_vs_fast_step_digits_cnn": cnn["secure_rng_vs_fast"],
+        "secure_rng_vs_fast_step_digits_cnn_b64": b64["secure_rng_vs_fast"],
+        "secure_rng_vs_fast_step_mlp": mlp["secure_rng_vs_fast"],
+        **{f"secure_rng_vs_fast_noise_{k}": v["ratio"] for k, v in noise.items()},
     }
     for name, r in res.items():
         for lever, v in r["levers"].items():
@@ -337,6 +392,41 @@ def run(quick: bool = False) -> Section:
             "ms",
             "",
             None,
+        ),
+        Row(
+            f"  with CSPRNG noise, digits CNN (batch {cnn['batch']})",
+            cnn["secure_rng_step_s"] * 1e3,
+            cnn["plain_step_s"] * 1e3,
+            "ms",
+            f"<= {TARGET}x",
+            cnn["secure_rng_ratio"] <= TARGET,
+        ),
+        Row(
+            "  with CSPRNG noise, digits CNN (batch 64)",
+            b64["secure_rng_step_s"] * 1e3,
+            b64["plain_step_s"] * 1e3,
+            "ms",
+            f"<= {TARGET}x",
+            b64["secure_rng_ratio"] <= TARGET,
+        ),
+        Row(
+            "  with CSPRNG noise, 1M MLP (batch 64)",
+            mlp["secure_rng_step_s"] * 1e3,
+            mlp["plain_step_s"] * 1e3,
+            "ms",
+            "",
+            None,
+        ),
+        *(
+            Row(
+                f"  noise draw, {name} values: CSPRNG vs torch.normal",
+                v["secure_s"] * 1e3,
+                v["fast_s"] * 1e3,
+                "ms",
+                "",
+                None,
+            )
+            for name, v in noise.items()
         ),
     ]
     for name in ("digits_cnn", "digits_cnn_b64"):

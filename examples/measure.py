@@ -149,6 +149,7 @@ def _local_round(
         noise_multiplier=noise_multiplier,
         max_grad_norm=defaults.max_grad_norm,
         state=state,
+        secure_rng=False,  # seeded noise: a seed fixes the run (see the module docstring)
     )
     total, seen = 0.0, 0
     for _ in range(defaults.local_epochs):

@@ -135,6 +135,7 @@ def _local_update(
         state=state,
         device=torch.device("cpu"),
         seed=seed,
+        secure_rng=False,  # seeded noise, as `fedvault simulate` draws it by default
     )
     trained = model.state_dict()
     return {k: trained[k].detach().clone() for k in names}, local

@@ -416,7 +416,8 @@ def test_control_api_is_closed_to_holders_of_the_ca_certificate(
         outsider.submit_run(app_dir, {"out-file": str(tmp_path / "x.json")})
     with pytest.raises(ControlApiError, match=r"404.*stop-run"):
         outsider.stop_run(1)
-    assert link.control.node_statuses() == before
+    # No node was registered (compare ids: an earlier test's node may go offline meanwhile).
+    assert link.control.node_statuses().keys() == before.keys()
 
     # Raw requests: the Runtime API (task queue) and path tricks get 404 too.
     ctx = ssl.create_default_context(cafile=str(pki["ca"]))

@@ -64,7 +64,8 @@ encoder and linear head, no LoRA (770 trainable weights, a 3,080-byte update).
 1e-5, the defaults below: Poisson batches of 400, one local epoch per round,
 DP-Adam at learning rate 0.01; noise multiplier 0.88, 48 steps per hospital):
 ``text-lora`` reaches test accuracy 0.995 (AUROC 1.000) and
-``text-frozen-head`` 0.563 (AUROC 0.597) at the same epsilon, data and seed. The
+``text-frozen-head`` 0.563 (AUROC 0.597; 0.602 with learning rate 0.05) at the
+same epsilon, data and seed. The
 update is 150,536 bytes (float32) against 3,080. What made LoRA learn under
 DP: enough records per hospital (DP-SGD's noise per step falls with the
 batch; with 800 notes per hospital and batches of 100 both tasks stayed at

@@ -16,6 +16,7 @@ __all__ = [
     "keys",
     "kit_sites",
     "ledger",
+    "masking",
     "node_settings",
     "policy",
     "sent",

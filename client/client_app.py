@@ -17,16 +17,19 @@ Order of a train round (each step can refuse: a RefusalCode and a reason go back
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import zlib
 from dataclasses import asdict
 
+import numpy as np
 from cryptography.hazmat.primitives.serialization import Encoding
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedvault.client import masking
 from fedvault.client.archive import ModelArchive
 from fedvault.client.keys import custodian_ceremony, install_sealed_key
 from fedvault.client.ledger import LocalLedger
@@ -44,6 +47,7 @@ from fedvault.errors import (
 from fedvault.fingerprint import TaskFingerprint
 from fedvault.messages import (
     SUMMARY_KEY,
+    UNMASK_KEY,
     CeremonyReply,
     CeremonyRequest,
     EvalReply,
@@ -56,6 +60,8 @@ from fedvault.messages import (
     SealKeyReply,
     SealKeyRequest,
     TrainReply,
+    UnmaskAnswer,
+    UnmaskQuery,
     ceremony_request,
     refusal_code,
     refusal_reason,
@@ -220,20 +226,7 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         )
     finally:
         ledger.close()
-    weights = get_weights(model, shared)
-    if job.secure_aggregation is SecureAggregation.HE:
-        update = ModelPayload(
-            envelope=encrypt_update(
-                site.keys.get(instr.key_epoch),
-                weights,
-                weight=float(n),
-                key_epoch=instr.key_epoch,
-                job=job.job,
-                server_round=instr.server_round,
-            )
-        )
-    else:
-        update = ModelPayload(arrays=weights)
+    update, masked_shares = _release(site, instr, get_weights(model, shared), n)
     return TrainReply(
         hospital=site.name,
         status=ReplyStatus.OK,
@@ -252,7 +245,78 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         eval_loss=eval_loss,
         eval_samples=eval_samples,
         evaluation=evaluation,
+        masked_shares=masked_shares,
     )
+
+
+def _masks(job: JobConfig) -> bool:
+    """Whether this hospital masks its updates for ``job`` (docs/secagg.md).
+
+    Every ``he`` job with ``masking`` (the default) of at least three hospitals:
+    with two, each learns the other's update from the aggregate anyway.
+    """
+    return job.masked and job.hospitals >= masking.PARAMS.min_participants
+
+
+def _seal_keys(site: HospitalSite | HospitalIdentity) -> masking.SealKeys:
+    """The hospital's X25519 key and the enrolled peers' (the kit's; simulated: its own)."""
+    if site.kit is not None:
+        return site.kit.seal_private_key(), site.kit.seal_public_keys()
+    return masking.simulated_seal_keys(site.state_dir)
+
+
+def _release(
+    site: HospitalSite, instr: RoundInstruction, weights: dict[str, np.ndarray], n: int
+) -> tuple[ModelPayload, str]:
+    """The update as it leaves the hospital, and its masked shares (masked rounds)."""
+    job = instr.job
+    if _masks(job):
+        envelope, shares = masking.masked_update(
+            site.keys, _seal_keys(site), site.name, instr, weights, n, state_dir=site.state_dir
+        )
+        return ModelPayload(envelope=envelope), shares
+    if job.secure_aggregation is SecureAggregation.HE:
+        envelope = encrypt_update(
+            site.keys.get(instr.key_epoch),
+            weights,
+            weight=float(n),
+            key_epoch=instr.key_epoch,
+            job=job.job,
+            server_round=instr.server_round,
+        )
+        return ModelPayload(envelope=envelope), ""
+    return ModelPayload(arrays=weights), ""
+
+
+def _replay(site: HospitalSite, instr: RoundInstruction, reply: TrainReply) -> TrainReply:
+    """A reply already released, re-masked if this is another attempt of a masked round."""
+    log.info("%s: round %d was already answered; replaying it", site.name, instr.server_round)
+    if not _masks(instr.job):
+        return reply
+    fresh = masking.remask(
+        site.keys,
+        _seal_keys(site),
+        site.name,
+        instr,
+        reply.masked_shares,
+        reply.samples,
+        state_dir=site.state_dir,
+    )
+    if fresh is None:
+        return reply
+    envelope, shares = fresh
+    return dataclasses.replace(reply, update=ModelPayload(envelope=envelope), masked_shares=shares)
+
+
+def _unmask(who: HospitalIdentity, msg: Message) -> Message:
+    """Answer a masked round's unmask query (one context per job and round)."""
+    try:
+        query = UnmaskQuery.from_message(msg)
+        answer = masking.answer_unmask(_seal_keys(who), who.name, query, state_dir=who.state_dir)
+    except (FedvaultError, KeyError, TypeError, ValueError) as exc:
+        log.warning("%s refused an unmask query: %s", who.name, exc)
+        answer = UnmaskAnswer(hospital=who.name, status=ReplyStatus.REFUSED, reason=str(exc))
+    return Message(answer.to_content(), reply_to=msg)
 
 
 def _ceremony(who: HospitalIdentity, request: CeremonyRequest) -> CeremonyReply:
@@ -327,6 +391,8 @@ def _query(who: HospitalIdentity, msg: Message) -> Message:
     """Answer a query: the job's final summary, or a key-ceremony request."""
     if SUMMARY_KEY in msg.content.config_records:
         return _keep_summary(who, msg)
+    if UNMASK_KEY in msg.content.config_records:
+        return _unmask(who, msg)
     try:
         reply = _ceremony(who, ceremony_request(msg))
     except (FedvaultError, KeyError, TypeError, ValueError) as exc:
@@ -354,13 +420,8 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
             site = sites.site(context, instr.job)
             sent = SentUpdates(site.state_dir)
             reply = sent.get(instr)
-            if reply is not None:
-                log.info(
-                    "%s: round %d was already answered; replaying it", site.name, instr.server_round
-                )
-            else:
-                reply = _train(site, instr)
-                sent.put(instr, reply)
+            reply = _replay(site, instr, reply) if reply is not None else _train(site, instr)
+            sent.put(instr, reply)
         except FedvaultError as exc:
             log.warning("%s refused round %d: %s", name, instr.server_round, exc)
             reply = TrainReply(

@@ -37,12 +37,21 @@ from fedvault.coordinator.records import (
 from fedvault.coordinator.report import build_report, summarise, write_report
 from fedvault.coordinator.run_settings import RunSettings
 from fedvault.coordinator.store import RoundStore
-from fedvault.coordinator.strategy import EvalSpec, RoundOutcome, SecureFedAvg
-from fedvault.errors import StoreError
+from fedvault.coordinator.strategy import EvalSpec, RoundCollector, RoundOutcome, SecureFedAvg
+from fedvault.errors import FedvaultError, InvalidConfigError, StoreError
 from fedvault.fingerprint import TaskFingerprint, fingerprint_task
-from fedvault.messages import SUMMARY_KEY, ModelPayload, RefusalCode, payload_to_record
+from fedvault.messages import (
+    SUMMARY_KEY,
+    CeremonyReply,
+    HelloRequest,
+    ModelPayload,
+    RefusalCode,
+    payload_to_record,
+    round_context,
+)
 from fedvault.npz import arrays_from_bytes, arrays_to_bytes
 from fedvault.privacy.he_context import HeContext
+from fedvault.privacy.secagg import SecAggParams, UnmaskingSession
 from fedvault.task_registry import LoadedTask, load_task
 
 __all__ = [
@@ -222,6 +231,7 @@ class _RoundRunner:
         # Every hospital the key ceremony ever saw (node id -> name): one that is
         # offline when a round starts is not asked, but recorded as missing.
         self.known: dict[int, str] = {}
+        self.attempts: dict[int, int] = {}  # round -> training attempts made by this runner
 
     def ensure_keys(self) -> None:
         """Every connected hospital holds the current key before a round starts."""
@@ -321,16 +331,27 @@ class _RoundRunner:
     def train(self, number: int, model: ModelPayload) -> RoundOutcome:
         self.ensure_keys()
         assert self.strategy is not None
+        # Each attempt gets its own round context (a masked round's nonce).
+        attempt = self.attempts[number] = self.attempts.get(number, 0) + 1
         if self.ceremony is not None:
             self.known.update(self.ceremony.hospitals)
+        config = self._config(number)
+        try:
+            names, unmasking = self._mask_plan(number, model, attempt)
+        except InvalidConfigError as exc:  # e.g. fewer than three hospitals connected
+            return RoundOutcome(failure=f"the masked round cannot start: {exc}")
+        if unmasking is not None:
+            config["participants"] = list(unmasking.context.participants)
+            config["attempt"] = attempt
         messages = list(
-            self.strategy.configure_train(
-                number, payload_to_record(model), self._config(number), self.grid
-            )
+            self.strategy.configure_train(number, payload_to_record(model), config, self.grid)
         )
+        if unmasking is not None:  # only the hospitals the masks are shared with
+            messages = [m for m in messages if m.metadata.dst_node_id in names]
         asked = {m.metadata.dst_node_id for m in messages}
-        collector = self.strategy.round_collector(number)
+        collector = self.strategy.round_collector(number, unmasking)
         missing = self._exchange(messages, collector.add)
+        self._unmask(collector)
         for node in self.known.keys() - asked:
             missing[node] = "offline: not connected when the round started"
         outcome = collector.finish()
@@ -349,6 +370,64 @@ class _RoundRunner:
                 )
             )
         return outcome
+
+    def _mask_plan(
+        self, number: int, model: ModelPayload, attempt: int
+    ) -> tuple[dict[int, str], UnmaskingSession | None]:
+        """A masked attempt's participants (node -> hospital) and unmasking session.
+
+        ``({}, None)`` for an unmasked job (``none`` mode, ``masking`` off, fewer
+        than three hospitals in the consortium: with two, each learns the other's
+        update from the aggregate anyway).
+
+        Raises
+        ------
+        InvalidConfigError
+            Fewer than three named hospitals are connected: the attempt fails.
+        """
+        params = SecAggParams()
+        if not self.job.masked or self.job.hospitals < params.min_participants:
+            return {}, None
+        assert self.public is not None
+        names = self._hospital_names(list(self.grid.get_node_ids()))
+        context = round_context(
+            self.job.job, number, self.key_epoch, model, tuple(names.values()), attempt
+        )
+        return names, UnmaskingSession(context, params, self.public.params.plain_modulus)
+
+    def _hospital_names(self, nodes: list[int]) -> dict[int, str]:
+        """Connected nodes' hospitals: enrolled or seen in a ceremony, else asked (simulation)."""
+        known = {**(self.enrolled or {}), **self.known}
+        names = {n: known[n] for n in nodes if n in known}
+        unknown = [n for n in nodes if n not in known]
+        if unknown and self.enrolled is None:  # simulation: nobody enrols, so ask
+            replies: list[Message] = []
+            hello = HelloRequest().to_content()
+            self._exchange(
+                [Message(hello, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown],
+                replies.append,
+            )
+            for reply in replies:
+                try:
+                    # Only the name: a simulation's key epoch 0 is no ceremony epoch.
+                    names[reply.metadata.src_node_id] = CeremonyReply.from_message(reply).hospital
+                except FedvaultError as exc:
+                    log.warning("node %d: no usable hello: %s", reply.metadata.src_node_id, exc)
+            self.known.update(names)
+        return names
+
+    def _unmask(self, collector: RoundCollector) -> None:
+        """A masked round's one extra round trip: ask the survivors to unmask the sum."""
+        queries = collector.unmask_queries()
+        if not queries:
+            return
+        messages = [
+            Message(q.to_content(), dst_node_id=node, message_type=MessageType.QUERY)
+            for node, q in queries.items()
+        ]
+        missing = self._exchange(messages, collector.add_unmask)
+        for node, reason in sorted(missing.items()):
+            log.warning("round unmask: %s did not answer: %s", self._name(node), reason)
 
     def evaluate(self, number: int, model: ModelPayload) -> None:
         assert self.strategy is not None
@@ -409,18 +488,18 @@ def run_job(
         runner = _RoundRunner(grid, settings, store, job_row.id)
         runner.summary = _summary(store, settings)
         runner.ensure_keys()
-        model = _latest_model(store, settings, runner)
+        model = _latest_model(store, settings, runner, job_row.id)
         for number in range(done + 1, job.rounds + 1):
             if _wait_while_paused(store, job.job, settings.pause_poll_s) == "stop":
                 log.info("job %s stopped by an operator before round %d", job.job, number)
                 _write_report(store, settings)
                 return "stopped"
-            outcome = _train_round(runner, number, model, obs)
+            outcome = _train_round(runner, store, job_row.id, job, number, model, obs)
             if outcome is None:
                 store.set_job_status(job_row.id, "failed")
                 _write_report(store, settings)
                 return "failed"
-            model = _commit_round(runner, number, outcome)
+            model = _commit_round(runner, store, settings, job_row.id, number, outcome)
             obs.on_round(_committed_round(store, job_row.id, number))
         final = _committed_round(store, job_row.id, job.rounds)
         if not final.evaluations:
@@ -452,30 +531,36 @@ def _audit_start(store: RoundStore, settings: CoordinatorSettings, job_id: int, 
 
 
 def _latest_model(
-    store: RoundStore, settings: CoordinatorSettings, runner: _RoundRunner
+    store: RoundStore, settings: CoordinatorSettings, runner: _RoundRunner, job_id: int
 ) -> ModelPayload:
     """The last committed global model, or the seeded initial one, saved, for a new job."""
-    latest = store.latest_model(runner.job_id)
+    latest = store.latest_model(job_id)
     if latest is None:
         initial = _initial_model(settings, runner.public, runner.key_epoch)
-        latest = store.save_initial_model(runner.job_id, _to_blob(0, initial, 1.0))
+        latest = store.save_initial_model(job_id, _to_blob(0, initial, 1.0))
     return _from_blob(latest)
 
 
 def _train_round(
-    runner: _RoundRunner, number: int, model: ModelPayload, obs: RoundObserver
+    runner: _RoundRunner,
+    store: RoundStore,
+    job_id: int,
+    job: JobConfig,
+    number: int,
+    model: ModelPayload,
+    obs: RoundObserver,
 ) -> RoundOutcome | None:
     """Train round ``number`` until a quorum contributes, up to the job's attempts.
 
     ``None`` when every attempt failed (each is recorded as a failed round).
     """
-    job, store, job_id = runner.job, runner.store, runner.job_id
     for attempt in range(1, job.max_round_attempts + 1):
         candidate = runner.train(number, model)
         if candidate.model is not None and candidate.accepted >= job.quorum:
             return candidate
         reason = (
-            f"{candidate.accepted} of {job.quorum} required hospitals contributed: "
+            (f"{candidate.failure}; " if candidate.failure else "")
+            + f"{candidate.accepted} of {job.quorum} required hospitals contributed: "
             + "; ".join(
                 f"{p.hospital} {p.status}: {p.reason}"
                 for p in candidate.participations
@@ -495,15 +580,21 @@ def _train_round(
     return None
 
 
-def _commit_round(runner: _RoundRunner, number: int, outcome: RoundOutcome) -> ModelPayload:
+def _commit_round(
+    runner: _RoundRunner,
+    store: RoundStore,
+    settings: CoordinatorSettings,
+    job_id: int,
+    number: int,
+    outcome: RoundOutcome,
+) -> ModelPayload:
     """Commit round ``number`` in one transaction and refresh the job summary.
 
     Returns the new global model.
     """
     assert outcome.model is not None
-    store, settings = runner.store, runner.settings
     store.commit_round(
-        runner.job_id,
+        job_id,
         RoundCommit(
             number=number,
             model=_to_blob(number, outcome.model, outcome.total_weight),

@@ -39,11 +39,16 @@ from fedvault.messages import (
     ModelPayload,
     ReplyStatus,
     TrainReply,
+    UnmaskAnswer,
+    UnmaskQuery,
     payload_to_record,
 )
 from fedvault.metrics import EvalResult, pool
 from fedvault.privacy.he import parse_envelope
 from fedvault.privacy.he_context import HeContext
+from fedvault.privacy.secagg import UnmaskingSession
+from fedvault.privacy.secagg_he import apply_correction
+from fedvault.privacy.secagg_messages import MaskedShares, SecAggError, StageError, UnmaskError
 from fedvault.task import TaskKind
 
 __all__ = ["EvalSpec", "Evaluations", "RoundCollector", "RoundOutcome", "SecureFedAvg"]
@@ -122,6 +127,9 @@ class RoundOutcome:
     audit: list[AuditEvent] = field(default_factory=list)
     # Hospitals' evaluation of the model they received (the previous round's).
     evaluations: Evaluations = field(default_factory=Evaluations)
+    # Why the attempt failed although updates arrived (a masked round that
+    # could not be unmasked); empty otherwise.
+    failure: str = ""
 
     @property
     def accepted(self) -> int:
@@ -262,12 +270,16 @@ class SecureFedAvg(Strategy):
             collector.add(msg)
         return collector.finish()
 
-    def round_collector(self, server_round: int) -> RoundCollector:
+    def round_collector(
+        self, server_round: int, unmasking: UnmaskingSession | None = None
+    ) -> RoundCollector:
         """Aggregate ``server_round`` reply by reply, as the replies arrive.
 
         See :class:`RoundCollector`; :meth:`collect_train` is the same over a list.
+        ``unmasking``: the round is masked (docs/secagg.md); every update must come
+        with its shares, and the sum is corrected once the survivors answered.
         """
-        return RoundCollector(self, server_round)
+        return RoundCollector(self, server_round, unmasking)
 
     def collect_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluations:
         """The valid evaluations, each hospital's first only; the rest are logged."""
@@ -350,8 +362,15 @@ class RoundCollector:
     is exact; plaintext sums follow arrival order either way).
     """
 
-    def __init__(self, strategy: SecureFedAvg, server_round: int) -> None:
+    def __init__(
+        self,
+        strategy: SecureFedAvg,
+        server_round: int,
+        unmasking: UnmaskingSession | None = None,
+    ) -> None:
         self.strategy, self.server_round = strategy, server_round
+        self.unmasking = unmasking
+        self.nodes: dict[str, int] = {}  # accepted hospital -> its node (the unmask round)
         self.outcome = RoundOutcome()
         self.aggregator: UpdateAggregator[Any, Any] = strategy.mode.aggregator(
             strategy.public_context,
@@ -383,12 +402,89 @@ class RoundCollector:
             self._reject(reply.hospital, node, exc)
 
     def finish(self) -> RoundOutcome:
-        """The round's outcome: the aggregate (if any update was good) and every reason."""
-        if self.aggregator.count:
-            self.outcome.model = self.strategy.mode.payload(self.aggregator.result())
-            self.outcome.total_weight = self.aggregator.total_weight
-            self.outcome.train_loss = self.loss_sum / self.aggregator.total_weight
+        """The round's outcome: the aggregate (if any update was good) and every reason.
+
+        A masked round's sum is corrected first; if it cannot be, the outcome has no
+        model and says why (``failure``): nothing masked is ever a model.
+        """
+        if self.aggregator.count and not self.outcome.failure:
+            aggregate = self.aggregator.result()
+            if self.unmasking is not None:
+                aggregate = self._corrected(aggregate)
+            if aggregate is not None:
+                self.outcome.model = self.strategy.mode.payload(aggregate)
+                self.outcome.total_weight = self.aggregator.total_weight
+                self.outcome.train_loss = self.loss_sum / self.aggregator.total_weight
         return self.outcome
+
+    # --- masked rounds: the unmask round trip --------------------------------------
+
+    def unmask_queries(self) -> dict[int, UnmaskQuery]:
+        """Close the collection; the unmask query for each surviving hospital's node.
+
+        Empty (and ``outcome.failure`` set) when too many hospitals dropped.
+        """
+        session = self.unmasking
+        if session is None or not self.aggregator.count:
+            return {}
+        try:
+            session.close()
+        except UnmaskError as exc:
+            self._unmask_failed(exc)
+            return {}
+        job = self.strategy.job.job
+        return {
+            self.nodes[v]: UnmaskQuery(job, self.server_round, session.request_for(v))
+            for v in session.survivors
+        }
+
+    def add_unmask(self, msg: Message) -> None:
+        """Record one survivor's unmask answer; a bad one is recorded against its sender."""
+        assert self.unmasking is not None
+        node = msg.metadata.src_node_id
+        hospital = next((h for h, n in self.nodes.items() if n == node), f"node-{node}")
+        try:
+            answer = UnmaskAnswer.from_message(msg)
+            if answer.hospital != hospital:
+                raise MalformedUpdateError(
+                    f"unmask answer from node {node} names {answer.hospital!r}, not {hospital!r}"
+                )
+            if answer.reply is None:
+                raise MalformedUpdateError(f"{hospital} refused to unmask: {answer.reason}")
+            if answer.reply.sender != hospital:
+                raise MalformedUpdateError(
+                    f"{hospital} sent {answer.reply.sender!r}'s unmask reply"
+                )
+            self.unmasking.add_reply(answer.reply)
+        except (FedvaultError, SecAggError) as exc:
+            log.warning("round %d: unmask answer rejected: %s", self.server_round, exc)
+            self.outcome.audit.append(
+                AuditEvent(
+                    kind="unmask_rejected",
+                    actor=hospital,
+                    detail={"round": self.server_round, "reason": str(exc)},
+                )
+            )
+
+    def _corrected(self, aggregate: bytes) -> bytes | None:
+        assert self.unmasking is not None and self.strategy.public_context is not None
+        try:
+            correction = self.unmasking.correction_stream()
+            return apply_correction(self.strategy.public_context, aggregate, correction)
+        except (UnmaskError, StageError) as exc:
+            self._unmask_failed(exc)
+            return None
+
+    def _unmask_failed(self, exc: SecAggError) -> None:
+        log.warning("round %d: %s", self.server_round, exc)
+        self.outcome.failure = f"the masked round cannot be unmasked: {exc}"
+        self.outcome.audit.append(
+            AuditEvent(
+                kind="round_unmask_failed",
+                actor="coordinator",
+                detail={"round": self.server_round, "reason": str(exc)},
+            )
+        )
 
     # --- one reply ---------------------------------------------------------------
 
@@ -420,11 +516,35 @@ class RoundCollector:
         update = self.strategy.mode.parse(reply.update)
         _check_layout(self.expected, update.layout)
         _check_weight(update.weight, reply.samples)
+        shares = self._shares(reply)
         self.aggregator.add(update.data, weight=float(reply.samples))
+        if shares is not None:  # in the sum exactly when its shares are recorded
+            assert self.unmasking is not None
+            self.unmasking.add_masked(shares)
+            self.nodes[reply.hospital] = node
         self.loss_sum += reply.train_loss * reply.samples
         if evaluation is not None:
             self.outcome.evaluations.add(*evaluation)
         self.outcome.record(participation)
+
+    def _shares(self, reply: TrainReply) -> MaskedShares | None:
+        """A masked round's shares of ``reply``, checked; ``None`` in an unmasked round."""
+        if self.unmasking is None:
+            return None
+        if not reply.masked_shares:
+            raise MalformedUpdateError(
+                f"{reply.hospital} sent an unmasked update to a masked round; left out"
+            )
+        shares = MaskedShares.from_bytes(reply.masked_shares.encode())
+        if shares.sender != reply.hospital:
+            raise MalformedUpdateError(
+                f"{reply.hospital} sent {shares.sender!r}'s masked shares; left out"
+            )
+        try:
+            self.unmasking.check_masked(shares)
+        except SecAggError as exc:
+            raise MalformedUpdateError(f"{reply.hospital}'s masked shares: {exc}") from exc
+        return shares
 
     def _identity_actor(self, node: int, repeated: bool) -> str:
         """Whom a reply in another hospital's name is recorded against.

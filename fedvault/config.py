@@ -170,6 +170,10 @@ class JobConfig:
     max_round_attempts: int = 3
     # The validation metric `fedvault model export --round best` picks by.
     best_metric: str = "loss"
+    # he mode: hospitals mask their updates inside the encryption (SecAgg+,
+    # docs/secagg.md), so no single hospital colluding with the coordinator can
+    # decrypt another's update. Ignored in `none` mode. Job files without it: on.
+    masking: bool = True
 
     def __post_init__(self) -> None:
         _require(
@@ -217,9 +221,18 @@ class JobConfig:
             f"max_round_attempts must be an integer >= 1 (got {self.max_round_attempts!r})",
         )
         _require(
+            isinstance(self.masking, bool),
+            f"masking must be true or false (got {self.masking!r})",
+        )
+        _require(
             self.training.batch_size >= 1,
             "batch_size must be >= 1",
         )
+
+    @property
+    def masked(self) -> bool:
+        """Whether this job's rounds mask updates (``he`` mode with ``masking``)."""
+        return self.masking and self.secure_aggregation is SecureAggregation.HE
 
     @property
     def quorum(self) -> int:
@@ -240,6 +253,7 @@ class JobConfig:
         seed: int = 0,
         job: str | None = None,
         reference: str | None = None,
+        masking: bool = True,
         **overrides: float | str,
     ) -> JobConfig:
         """A job on ``task`` with its tuned training defaults.
@@ -297,6 +311,7 @@ class JobConfig:
             partition=parts,
             secure_aggregation=mode,
             seed=seed,
+            masking=masking,
             **top,
         )
 
@@ -307,6 +322,8 @@ class JobConfig:
         out = asdict(self)
         out["partition"] = str(self.partition)
         out["secure_aggregation"] = self.secure_aggregation.value
+        if self.masking:  # the default: jobs stored before masking existed resume unchanged
+            del out["masking"]
         return out
 
     def to_json(self) -> str:

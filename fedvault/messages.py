@@ -20,10 +20,11 @@ number raises :class:`MalformedUpdateError` with the offending field named.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, TypedDict
@@ -53,12 +54,15 @@ from fedvault.errors import (
     StoreError,
     TaskMismatchError,
 )
+from fedvault.privacy.secagg import RoundContext
+from fedvault.privacy.secagg_messages import UnmaskReply, UnmaskRequest
 
 __all__ = [
     "CEREMONY_KEY",
     "ENVELOPE_KEY",
     "MAX_SAMPLES",
     "SUMMARY_KEY",
+    "UNMASK_KEY",
     "CeremonyReply",
     "CeremonyRequest",
     "EvalReply",
@@ -73,12 +77,15 @@ __all__ = [
     "SealKeyReply",
     "SealKeyRequest",
     "TrainReply",
+    "UnmaskAnswer",
+    "UnmaskQuery",
     "ceremony_request",
     "content_nbytes",
     "payload_from_record",
     "payload_to_record",
     "refusal_code",
     "refusal_reason",
+    "round_context",
 ]
 
 MODEL_KEY = "model"
@@ -88,6 +95,7 @@ STATUS_KEY = "status"
 ENVELOPE_KEY = "he-envelope"
 CEREMONY_KEY = "ceremony"  # key-ceremony queries and replies (a ConfigRecord)
 SUMMARY_KEY = "job-summary"  # the final report, sent to hospitals when a job ends
+UNMASK_KEY = "secagg.unmask"  # masked rounds' unmask requests and replies (QUERY)
 
 #: Largest sample count a reply may claim: the round store keeps counts in
 #: 32-bit columns, and no hospital holds two billion records.
@@ -283,6 +291,10 @@ class RoundInstruction:
     model: ModelPayload
     task_fingerprint: str = ""
     summary: str = ""
+    # Masked rounds (docs/secagg.md): every hospital sent this attempt's
+    # instruction, and the attempt; empty for an unmasked round.
+    participants: tuple[str, ...] = ()
+    attempt: int = 0
 
     def to_content(self) -> RecordDict:
         """The instruction as message content: the model and a config record."""
@@ -296,9 +308,22 @@ class RoundInstruction:
                         "key-epoch": self.key_epoch,
                         "task-fingerprint": self.task_fingerprint,
                         "summary": self.summary,
+                        "participants": list(self.participants),
+                        "attempt": self.attempt,
                     }
                 ),
             }
+        )
+
+    def round_context(self) -> RoundContext:
+        """The masked round this instruction opens (see :func:`round_context`)."""
+        return round_context(
+            self.job.job,
+            self.server_round,
+            self.key_epoch,
+            self.model,
+            self.participants,
+            self.attempt,
         )
 
     @classmethod
@@ -320,7 +345,31 @@ class RoundInstruction:
             model=payload_from_record(model),
             task_fingerprint=_text(config.get("task-fingerprint", ""), "task-fingerprint"),
             summary=_text(config.get("summary", ""), "summary"),
+            participants=_hospitals(config.get("participants", []), "participants"),
+            attempt=_int(config.get("attempt", 0), "attempt"),
         )
+
+
+def round_context(
+    job: str,
+    server_round: int,
+    key_epoch: int,
+    model: ModelPayload,
+    participants: Sequence[str],
+    attempt: int,
+) -> RoundContext:
+    """The :class:`RoundContext` of one masked training attempt, the same at every party.
+
+    Its nonce is a digest of the instruction (job, round, key epoch, the global
+    model's bytes) and the attempt: a hospital that would compute a new update
+    always gets a new context, so masks never repeat.
+    """
+    h = hashlib.sha256(f"{job}\0{server_round}\0{key_epoch}\0{attempt}\0".encode())
+    h.update(model.envelope or b"")
+    for name, array in sorted((model.arrays or {}).items()):
+        h.update(name.encode() + b"\0" + str(array.dtype).encode() + str(array.shape).encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return RoundContext(job, server_round, tuple(participants), h.digest())
 
 
 # --- hospital -> coordinator ---------------------------------------------------
@@ -354,6 +403,9 @@ class TrainReply:
     # (fedvault.metrics.EvalResult as JSON; validated by the coordinator,
     # which knows the task's kind); empty when nothing was evaluated.
     evaluation: str = ""
+    # Masked rounds: the hospital's sealed shares and commitments
+    # (privacy.secagg_messages.MaskedShares as JSON); empty otherwise.
+    masked_shares: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "code", _check_refusal(self.status, self.code))
@@ -370,6 +422,7 @@ class TrainReply:
                     "accountant": self.accountant,
                     "accountant-state": self.accountant_state,
                     "evaluation": self.evaluation,
+                    "masked-shares": self.masked_shares,
                 }
             ),
             METRICS_KEY: MetricRecord(
@@ -433,6 +486,7 @@ class TrainReply:
                 eval_loss=_finite(metrics.get("eval-loss", 0.0), "eval-loss"),
                 eval_samples=_int(metrics.get("eval-num-examples", 0), "eval-num-examples"),
                 evaluation=_text(status.get("evaluation", ""), "evaluation"),
+                masked_shares=_text(status.get("masked-shares", ""), "masked-shares"),
             )
         except KeyError as exc:
             raise MalformedUpdateError(
@@ -967,3 +1021,81 @@ def _json_object(value: object, name: str) -> str:
                 "privacy accountant state is corrupt, discard the reply"
             )
     return text
+
+
+# --- masked rounds: the unmask round trip (coordinator <-> hospital, QUERY) -----
+
+
+@dataclass(frozen=True)
+class UnmaskQuery:
+    """Coordinator -> a surviving hospital: the unmask request of a masked round."""
+
+    job: str
+    server_round: int
+    request: UnmaskRequest
+
+    def to_content(self) -> RecordDict:
+        """The query as message content (one config record under :data:`UNMASK_KEY`)."""
+        record = ConfigRecord(
+            {
+                "job": self.job,
+                "server-round": self.server_round,
+                "request": self.request.to_bytes(),
+            }
+        )
+        return RecordDict({UNMASK_KEY: record})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> UnmaskQuery:
+        """Parse and validate an unmask query (the hospital's side)."""
+        record = msg.content.config_records[UNMASK_KEY]
+        job = _text(_get(record, "job", "unmask query"), "job")
+        if not _HOSPITAL.match(job):  # job names follow the same rule; it names a directory
+            raise MalformedUpdateError(f"unmask query names no valid job ({job[:80]!r})")
+        return cls(
+            job=job,
+            server_round=_int(_get(record, "server-round", "unmask query"), "server-round"),
+            request=UnmaskRequest.from_bytes(
+                _bytes(_get(record, "request", "unmask query"), "request")
+            ),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnmaskAnswer:
+    """A hospital's answer to an :class:`UnmaskQuery`: its reply, or its refusal."""
+
+    hospital: str
+    status: ReplyStatus
+    reason: str = ""
+    reply: UnmaskReply | None = None  # set exactly when OK
+
+    def to_content(self) -> RecordDict:
+        """The answer as message content (one config record under :data:`UNMASK_KEY`)."""
+        fields: dict[str, ConfigRecordValues] = {
+            "hospital": self.hospital,
+            "status": self.status.value,
+            "reason": self.reason,
+        }
+        if self.reply is not None:
+            fields["reply"] = self.reply.to_bytes()
+        return RecordDict({UNMASK_KEY: ConfigRecord(fields)})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> UnmaskAnswer:
+        """Parse and validate a hospital's unmask answer (the coordinator's side)."""
+        what = "unmask answer"
+        _check_message(msg, what, MessageType.QUERY, frozenset({UNMASK_KEY}), None)
+        if UNMASK_KEY not in msg.content.config_records:
+            raise MalformedUpdateError(f"{what} carries no {UNMASK_KEY!r} config record")
+        record = msg.content.config_records[UNMASK_KEY]
+        status = _status(_get(record, "status", what))
+        reply = None
+        if status is ReplyStatus.OK:
+            reply = UnmaskReply.from_bytes(_bytes(_get(record, "reply", what), "reply"))
+        return cls(
+            hospital=_hospital(_get(record, "hospital", what)),
+            status=status,
+            reason=_text(record.get("reason", ""), "reason"),
+            reply=reply,
+        )

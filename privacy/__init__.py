@@ -1,7 +1,7 @@
 """The privacy layer, below everything but the wire formats.
 
 DP-SGD planning and accounting (Opacus), BFV encryption and its packing,
-certificates and key sealing.
+certificates and key sealing, and SecAgg+ masking inside the encryption.
 
 Imports only :mod:`fedvault.errors` and :mod:`fedvault.proto`.
 """
@@ -18,4 +18,8 @@ __all__ = [
     "pki",
     "seal_bytes",
     "sealing",
+    "secagg",
+    "secagg_he",
+    "secagg_messages",
+    "secagg_prg",
 ]

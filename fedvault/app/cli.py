@@ -109,6 +109,13 @@ def print_summary(report: Report, console: Console, out_dir: Path) -> None:
 
 
 #: ``simulate``'s source of DP noise (deployed hospitals always use the CSPRNG).
+_Masking = Annotated[
+    bool,
+    typer.Option(
+        "--masking/--no-masking",
+        help="he mode: SecAgg+ masks inside the encryption (docs/secagg.md); off to compare",
+    ),
+]
 _SecureRng = Annotated[
     bool,
     typer.Option(
@@ -150,6 +157,7 @@ def simulate(
         float, typer.Option(help="GPUs (a fraction shares one) Ray gives each virtual hospital")
     ] = 0.0,
     secure_rng: _SecureRng = False,
+    masking: _Masking = True,
 ) -> None:
     """Simulate a consortium of virtual hospitals with the production apps.
 
@@ -179,6 +187,7 @@ def simulate(
             secure_aggregation=secure_aggregation,
             seed=seed,
             job=job,
+            masking=masking,
         )
         console = Console()
         report = Report.from_json(

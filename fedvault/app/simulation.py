@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedvault.client.client_app import make_client_app
 from fedvault.client.keys import KeyStore
+from fedvault.client.masking import provision_seal_keys
 from fedvault.client.site import HospitalIdentity, HospitalSite
 from fedvault.client.training import pick_device
 from fedvault.config import JobConfig
@@ -173,6 +174,10 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 def _provision_keys(config: JobConfig, out_dir: Path) -> HeContext:
     """Play the key custodian: one HE context; secret to hospitals, public to the coordinator."""
+    if config.masked:  # each virtual hospital's X25519 key, as a kit's seal.key (kept)
+        provision_seal_keys(
+            out_dir / "hospitals", [hospital_name(i) for i in range(config.hospitals)]
+        )
     public_path = out_dir / PUBLIC_CONTEXT
     if public_path.exists():  # resuming: reuse the consortium's keys
         return HeContext.from_bytes(public_path.read_bytes())
@@ -388,6 +393,11 @@ def run_cli(
     parser.add_argument("--secure-aggregation", choices=("he", "none"), default="he")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--no-masking",
+        action="store_true",
+        help="he mode without SecAgg+ masking inside the encryption (for comparison)",
+    )
+    parser.add_argument(
         "--secure-rng",
         action="store_true",
         help="DP noise and sampling from a CSPRNG, as deployed (default: seeded, reproducible)",
@@ -403,6 +413,7 @@ def run_cli(
         partition=args.partition,
         secure_aggregation=args.secure_aggregation,
         seed=args.seed,
+        masking=not args.no_masking,
     )
     report: dict[str, Any] = simulate(
         config, task=task, out_dir=args.out, secure_rng=args.secure_rng

@@ -51,7 +51,7 @@ from fedvault.examples.digits import EXAMPLE as DIGITS
 from fedvault.examples.digits import build_model as digits_cnn
 from fedvault.privacy.dp import AccountantState, make_private
 
-__all__ = ["mlp_1m", "run"]
+__all__ = ["mlp_1m", "run", "secure_noise_cost"]
 
 MODES = ("ew", "functorch", "ghost")
 DIGITS_HOSPITALS = 4  # the digits example's default consortium (examples/digits.py main)
@@ -324,6 +324,46 @@ def _noise_draws(quick: bool) -> dict[str, dict[str, float]]:
             "ratio": times["secure"] / times["fast"],
         }
     return out
+
+
+def secure_noise_cost(quick: bool = False) -> dict[str, Any]:
+    """What the CSPRNG alone costs, for section ``secagg`` (the same code as :func:`run`).
+
+    The digits CNN's private step as trained (batch as in :func:`digits_batch`), with
+    noise and Poisson batches from the CSPRNG vs from torch's generator, interleaved
+    beside the non-private step, one torch thread; and :func:`_noise_draws`.
+    """
+    warnings.filterwarnings("ignore")
+    d = DIGITS.defaults
+    case = Case("digits_cnn", digits_cnn, digits_batch(), d.learning_rate, d.momentum, 10, True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        base = case.build()
+        x, y = _data(case)
+        times = _interleaved(
+            {
+                "plain": _plain(copy.deepcopy(base), case, x, y),
+                "fast": _ours(copy.deepcopy(base), case, x, y),
+                "secure": _ours(copy.deepcopy(base), case, x, y, secure_rng=True),
+            },
+            case.steps,
+            3 if quick else 7,
+        )
+        noise = _noise_draws(quick)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "case": case.name,
+        "batch": case.batch,
+        "clock": "thread CPU time",
+        "plain_step_s": times["plain"],
+        "fast_step_s": times["fast"],
+        "secure_step_s": times["secure"],
+        "secure_vs_fast": times["secure"] / times["fast"],
+        "noise_draw": noise,
+    }
 
 
 def run(quick: bool = False) -> Section:

@@ -40,6 +40,7 @@ SECTIONS: dict[str, str] = {
     "scale": "bench.sim_scale",
     "big": "bench.big_model",
     "lora": "bench.lora",
+    "secagg": "bench.secagg",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

@@ -180,7 +180,10 @@ def _enrolled_nodes(store: RoundStore | None) -> dict[int, str] | None:
 #: Replies pulled from the SuperLink per request: the most updates the ServerApp
 #: holds at once, whatever the size of the consortium.
 _PULL_BATCH = 4
-#: Seconds between polls while no reply has arrived (Flower's own loop waits 3 s).
+#: Seconds between polls while no reply has arrived (Flower's own loop waits 3 s):
+#: from the first to the last, doubling, so a quick exchange (the unmask query) is
+#: not held up for a whole second and a slow one does not poll faster than 1/s.
+_FIRST_POLL_S = 0.05
 _POLL_S = 1.0
 
 
@@ -294,6 +297,7 @@ class _RoundRunner:
         outstanding = set(ids)
         answered: set[int] = set()
         deadline = time.monotonic() + timeout
+        pause = _FIRST_POLL_S
         while outstanding and time.monotonic() < deadline:
             arrived = 0
             for chunk in _chunks(sorted(outstanding), _PULL_BATCH):
@@ -310,7 +314,8 @@ class _RoundRunner:
                         on_reply(reply)
                     del reply  # handed on: the collector keeps only the running sum
             if outstanding and not arrived:
-                time.sleep(_POLL_S)
+                time.sleep(pause)
+                pause = min(2 * pause, _POLL_S)
         for msg_id in outstanding:
             node = addressed[msg_id]
             if node not in answered:

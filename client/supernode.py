@@ -33,6 +33,7 @@ from fedvault.flower_env import (
     ConfigValue,
     FlowerProcessError,
     flower_env,
+    reap_group,
     spawn,
     terminate_tree,
     toml_table,
@@ -219,6 +220,9 @@ class SuperNodeSupervisor:
                 # Spawned from this thread: the SuperNode gets SIGTERM if it ends.
                 self._proc = spawn(self.argv(), env=env, log_path=c.log_path)
             code = self._proc.wait()
+            # A SuperNode that exits by itself leaves its SuperExec running until
+            # that notices; stop it so crashes do not pile up orphans.
+            reap_group(self._proc.pid, grace=c.stop_grace)
             if self._stopping.is_set():
                 return
             ran = time.monotonic() - started

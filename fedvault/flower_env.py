@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from fedvault.errors import FedvaultError, InvalidConfigError
@@ -44,8 +44,10 @@ __all__ = [
     "flower_env",
     "flower_executable",
     "free_port",
+    "group_members",
     "log_tail",
     "process_children",
+    "reap_group",
     "spawn",
     "terminate_tree",
     "toml_table",
@@ -277,13 +279,12 @@ def log_tail(path: Path, *, max_bytes: int = 4000) -> str:
         return ""
 
 
-def process_children() -> dict[int, list[int]]:
-    """Parent pid -> child pids of every process (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
+def _process_stats() -> Iterator[tuple[int, list[str]]]:
+    """``(pid, fields after the command name)`` of every process (Linux ``/proc``)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return children
+        return
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -291,10 +292,38 @@ def process_children() -> dict[int, list[int]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        # Field 4 (ppid) follows the ")" that closes the command name.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        # The fields after the ")" that closes the command name: state, ppid, pgrp, ...
+        yield int(entry), stat.rsplit(")", 1)[1].split()
+
+
+def process_children() -> dict[int, list[int]]:
+    """Parent pid -> child pids of every process (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in _process_stats():
+        children.setdefault(int(fields[1]), []).append(pid)
     return children
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    return {pid for pid, f in _process_stats() if int(f[2]) == pgid and f[0] != "Z"}
+
+
+def reap_group(pgid: int, *, grace: float) -> set[int]:
+    """Stop what a process that exited on its own left in its group.
+
+    Flower's SuperNode forks a SuperExec that only notices its parent died at
+    its next parent-pid check; a restart loop must not leave one behind per
+    crash. SIGTERM, SIGKILL after ``grace``; returns the pids that were found.
+    """
+    found = group_members(pgid)
+    if found:
+        _kill_group(pgid, signal.SIGTERM)
+        left = _wait_gone(found, timeout=grace)
+        for pid in left:
+            _kill(pid, signal.SIGKILL)
+        _wait_gone(left, timeout=1.0)
+    return found
 
 
 def descendants(root: int, children: Mapping[int, list[int]] | None = None) -> set[int]:

@@ -44,7 +44,7 @@ from fedvault.coordinator.superlink import (
     SuperLinkConfig,
     SuperLinkProcess,
 )
-from fedvault.flower_env import free_port, terminate_tree
+from fedvault.flower_env import free_port, group_members, reap_group, terminate_tree
 
 NODES = ("node1", "node2", "stranger", "late", "direct", "gated", "enrol1", "enrol2")
 
@@ -484,6 +484,18 @@ def test_terminate_tree_kills_term_ignoring_and_detached_descendants(tmp_path: P
     assert code == -signal.SIGKILL  # SIGTERM was ignored, so the grace ran out
     assert 0.5 <= time.monotonic() - started < 3.0
     assert _alive(tree) == set()
+
+
+def test_reap_group_stops_what_an_exited_leader_left_behind() -> None:
+    # Like a SuperNode that crashes: its SuperExec (here a TERM-ignoring sleep and a
+    # plain one) lives on in its process group after the leader exits.
+    script = "(trap '' TERM; exec sleep 300) & sleep 300 & exit 3"
+    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    assert proc.wait(timeout=5) == 3
+    _wait_for(lambda: len(group_members(proc.pid)) == 2, 5, "two orphans in the group")
+    assert len(reap_group(proc.pid, grace=0.5)) == 2
+    assert group_members(proc.pid) == set()
+    assert reap_group(proc.pid, grace=0.5) == set()  # nothing left: a no-op
 
 
 def test_gateway_forwards_exactly_flowers_fleet_routes() -> None:

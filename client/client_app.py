@@ -360,6 +360,7 @@ def _keep_summary(who: HospitalIdentity, msg: Message) -> Message:
         if not isinstance(summary, dict):
             raise ValueError("the summary is not a JSON object")
         ModelArchive(who.state_dir).put_summary(job, summary)
+        masking.purge_committed(who.state_dir, job)
     except (FedvaultError, KeyError, ValueError) as exc:
         log.warning("%s: job summary not kept: %s", who.name, exc)
         reply["status"], reply["reason"] = "refused", f"{type(exc).__name__}: {exc}"
@@ -376,6 +377,7 @@ def _evaluate(site: HospitalSite, instr: RoundInstruction) -> EvalReply:
     model = site.build_model()
     set_weights(model, _global_model(site, instr), site.task.shared_names(model))
     _archive(site, instr, instr.server_round)
+    masking.purge_committed(site.state_dir, instr.job.job, through_round=instr.server_round)
     accuracy, loss, seen, evaluation = _evaluation(site, model)
     return EvalReply(
         hospital=site.name,
@@ -418,6 +420,10 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
             # Inside the try: a task this hospital cannot load, a policy it has not
             # written or data that does not fit is a refusal with its reason.
             site = sites.site(context, instr.job)
+            # This instruction carries round r - 1's aggregate: that round is committed.
+            masking.purge_committed(
+                site.state_dir, instr.job.job, through_round=instr.server_round - 1
+            )
             sent = SentUpdates(site.state_dir)
             reply = sent.get(instr)
             reply = _replay(site, instr, reply) if reply is not None else _train(site, instr)

@@ -7,6 +7,9 @@
 * :func:`answer_unmask` answers the coordinator's unmask query from the stored
   session, and answers **one** context per (job, round) (a durable record): no two
   attempts of a round can both be unmasked.
+* :func:`purge_committed` deletes a committed round's kept update and sessions
+  (only the small ``answered`` record stays), so the unmasked update does not
+  outlive the round on disk.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from fedvault.privacy.secagg import MaskingSession, RoundContext, SecAggParams
 from fedvault.privacy.secagg_he import encrypt_masked_update
 from fedvault.privacy.secagg_messages import MaskedShares, SecAggError
 
-__all__ = ["SealKeys", "answer_unmask", "masked_update", "provision_seal_keys", "remask"]
+__all__ = [
+    "SealKeys",
+    "answer_unmask",
+    "masked_update",
+    "provision_seal_keys",
+    "purge_committed",
+    "remask",
+]
 
 log = logging.getLogger("fedvault.client")
 
@@ -188,3 +198,30 @@ def answer_unmask(seal: SealKeys, me: str, query: UnmaskQuery, *, state_dir: Pat
         log.warning("%s refused an unmask request: %s", me, exc)
         return UnmaskAnswer(hospital=me, status=ReplyStatus.REFUSED, reason=str(exc))
     return UnmaskAnswer(hospital=me, status=ReplyStatus.OK, reply=reply)
+
+
+def purge_committed(state_dir: Path, job: str, *, through_round: int | None = None) -> list[int]:
+    """Delete the kept update and sessions of ``job``'s committed rounds.
+
+    ``through_round``: the last round known committed (a train instruction for
+    round ``r`` carries the aggregate of ``r - 1``; the final evaluation that of
+    the last round); ``None``: the whole job ended. The ``answered`` record stays,
+    so a late unmask query for a purged round is still refused with its reason.
+    Returns the rounds purged.
+    """
+    purged = []
+    for root in sorted((Path(state_dir) / "secagg" / job).glob("round-*")):
+        try:
+            server_round = int(root.name.removeprefix("round-"))
+        except ValueError:
+            continue
+        if through_round is not None and server_round > through_round:
+            continue
+        kept = [p for p in root.iterdir() if p.name != "answered"]
+        for path in kept:
+            path.unlink(missing_ok=True)
+        if kept:
+            purged.append(server_round)
+    if purged:
+        log.debug("purged the masking state of %s rounds %s", job, purged)
+    return purged

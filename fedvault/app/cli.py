@@ -393,6 +393,9 @@ def status(
 def demo(
     out: Annotated[Path | None, typer.Option(help="new directory to keep everything in")] = None,
     rounds: Annotated[int, typer.Option(help="federated rounds")] = 10,
+    masking: Annotated[
+        bool, typer.Option(help="mask updates inside the encryption (SecAgg+; the default)")
+    ] = True,
 ) -> None:
     """A 3-hospital consortium as real processes on 127.0.0.1, end to end."""
     try:
@@ -400,7 +403,7 @@ def demo(
         from fedvault.coordinator.report import Report
 
         console = Console()
-        raw = run_demo(out, console, rounds=rounds)
+        raw = run_demo(out, console, rounds=rounds, masking=masking)
         report = Report.from_json(raw)
         print_summary(report, console, Path(str(raw.get("out_dir", out or "."))))
     except FedvaultError as exc:

@@ -101,11 +101,18 @@ def write_hospital_data(
 
 
 def prepare_consortium(
-    work: Path, *, hospitals: int, rounds: int, epsilon: float, seed: int = 0
+    work: Path,
+    *,
+    hospitals: int,
+    rounds: int,
+    epsilon: float,
+    seed: int = 0,
+    masking: bool = True,
 ) -> dict[str, Path]:
     """Kits, per-hospital data and the job file under ``work``; returns their paths.
 
     Each hospital's data comes with its site policy, ``data/NAME/policy.toml``.
+    ``masking=False`` writes ``masking = false`` into the job (to measure its cost).
     """
     from fedvault.partition import Partition, partition_indices
     from fedvault.task_registry import load_task
@@ -133,6 +140,7 @@ def prepare_consortium(
     job.write_text(
         f'[job]\nname = "{JOB_NAME}"\ntask = "breast-cancer"\nhospitals = {hospitals}\n'
         f"rounds = {rounds}\nepsilon = {epsilon}\nseed = {seed}\n"
+        + ("" if masking else "masking = false\n")
     )
     return {"kits": work / "kits", "data": work / "data", "job": job, "state": work / "coordinator"}
 
@@ -215,6 +223,7 @@ def run_demo(
     hospitals: int = 3,
     rounds: int = 10,
     epsilon: float = 3.0,
+    masking: bool = True,
 ) -> JSONObject:
     """Run the demo consortium as real processes in ``out_dir``; returns its report."""
     work = Path(out_dir).resolve() if out_dir else Path(tempfile.mkdtemp(prefix="fedvault-demo-"))
@@ -224,7 +233,9 @@ def run_demo(
     console.print(
         f"[bold]fedvault demo[/bold]: {hospitals} hospitals on 127.0.0.1, working in {work}"
     )
-    paths = prepare_consortium(work, hospitals=hospitals, rounds=rounds, epsilon=epsilon)
+    paths = prepare_consortium(
+        work, hospitals=hospitals, rounds=rounds, epsilon=epsilon, masking=masking
+    )
     logs = work / "logs"
     logs.mkdir()
     py = [sys.executable, "-m", "fedvault"]

@@ -24,6 +24,7 @@ from fedvault.client.keys import KeyStore
 from fedvault.client.masking import (
     masked_update,
     provision_seal_keys,
+    purge_committed,
     remask,
     simulated_seal_keys,
 )
@@ -257,6 +258,24 @@ def test_a_hospital_unmasks_only_one_attempt_of_a_round(tmp_path: Path) -> None:
     assert len(refused) == len(NAMES)
     assert all("already unmasked" in str(e.detail["reason"]) for e in refused)
     assert payload_to_record(model)  # the model sent is untouched
+
+
+def test_a_committed_rounds_kept_update_and_sessions_are_purged(tmp_path: Path) -> None:
+    consortium = Consortium(tmp_path)
+    runner = consortium.runner()
+    model = ModelPayload(envelope=consortium.initial)
+    assert runner.train(1, model).model is not None
+    state = tmp_path / "hospital-1"
+    kept = state / "secagg" / JOB.job / "round-1"
+    assert "update.npz" in {p.name for p in kept.iterdir()}
+    assert purge_committed(state, JOB.job, through_round=0) == []  # round 1 not committed
+    assert purge_committed(state, JOB.job, through_round=1) == [1]
+    assert sorted(p.name for p in kept.iterdir()) == ["answered"]
+    assert purge_committed(state, JOB.job) == []  # nothing left to purge
+    # A late query for the purged round reveals nothing: it is refused with a reason.
+    again = runner.train(1, model)
+    refused = [e for e in again.audit if e.kind == "unmask_rejected"]
+    assert any(e.actor == "hospital-1" for e in refused), refused
 
 
 def test_an_update_without_its_shares_is_rejected_and_the_rest_unmasked(tmp_path: Path) -> None:

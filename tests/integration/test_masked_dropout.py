@@ -42,14 +42,32 @@ TIMEOUT_S = 300 + 4 * ROUND_TIMEOUT_S
 #: Test-only ``sitecustomize`` (as in test_client_faults.py), active only in the
 #: ClientApp of the hospital with ``$FEDVAULT_TEST_FAULT``: once its round-1 reply was
 #: masked, booked and kept, before it leaves, it marks ``hold-1`` and waits to be killed.
+#: In every hospital it copies the kept unmasked updates to ``$FEDVAULT_TEST_KEEP_DIR``
+#: before the hospital purges them (the test rebuilds the unmasked sum from them).
 HOLD_HOOK = """\
 import os
+import shutil
 import sys
 import time
 
-if os.environ.get("FEDVAULT_TEST_FAULT") and any(
-    a.endswith("flwr-clientapp") for a in getattr(sys, "orig_argv", ())
-):
+_clientapp = any(a.endswith("flwr-clientapp") for a in getattr(sys, "orig_argv", ()))
+if _clientapp and os.environ.get("FEDVAULT_TEST_KEEP_DIR"):
+    from pathlib import Path
+
+    from fedvault.client import masking
+
+    _purge = masking.purge_committed
+
+    def _copying_purge(state_dir, job, **kw):
+        keep = Path(os.environ["FEDVAULT_TEST_KEEP_DIR"]) / Path(state_dir).name
+        keep.mkdir(parents=True, exist_ok=True)
+        for update in Path(state_dir, "secagg", job).glob("round-*/update.npz"):
+            shutil.copy(update, keep / (update.parent.name + ".npz"))
+        return _purge(state_dir, job, **kw)
+
+    masking.purge_committed = _copying_purge
+
+if os.environ.get("FEDVAULT_TEST_FAULT") and _clientapp:
     from fedvault.client.sent import SentUpdates
 
     _put = SentUpdates.put
@@ -85,11 +103,13 @@ def test_a_hospital_killed_after_masking_leaves_the_exact_aggregate(
     with paths["job"].open("a") as f:
         f.write(f"min_hospitals = 3\nround_timeout_s = {ROUND_TIMEOUT_S}\n")
     hook, logs, fault = tmp_path / "hook", tmp_path / "logs", tmp_path / "fault"
-    for d in (hook, logs, fault):
+    copies = tmp_path / "unmasked-copies"
+    for d in (hook, logs, fault, copies):
         d.mkdir()
     (hook / "sitecustomize.py").write_text(HOLD_HOOK)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH", "")) if p)
+    env["FEDVAULT_TEST_KEEP_DIR"] = str(copies)
     store_url = sqlite_url(paths["state"] / DEFAULT_STORE_FILENAME)
     state = {n: tmp_path / "hospital-state" / n for n in NAMES}
     operator = Kit.load(paths["kits"] / "operators" / "operator")
@@ -161,7 +181,14 @@ def test_a_hospital_killed_after_masking_leaves_the_exact_aggregate(
     assert "round_unmask_failed" not in events and "unmask_rejected" not in events
     assert model is not None and model.kind == "bfv"
 
-    # The same four updates, unmasked: each survivor kept its own before masking it.
+    # Each survivor purged its kept update and sessions once the round was committed;
+    # only the record of the one answered unmask context stays.
+    for name in NAMES[:-1]:
+        left = state[name] / "secagg" / JOB_NAME / "round-1"
+        assert sorted(p.name for p in left.iterdir()) == ["answered"], name
+
+    # The same four updates, unmasked: each survivor kept its own before masking it
+    # (copied by the hook just before the purge).
     fingerprint = parse_envelope(model.blob).context_fingerprint
     secret = KeyStore(state["hospital-1"]).find(fingerprint)
     public = secret.public()
@@ -169,8 +196,7 @@ def test_a_hospital_killed_after_masking_leaves_the_exact_aggregate(
     plain = Aggregator(public, key_epoch=env_epoch, job=JOB_NAME, server_round=1)
     samples = {p.hospital: p.samples for p in view.participations}
     for name in NAMES[:-1]:
-        kept = state[name] / "secagg" / JOB_NAME / "round-1" / "update.npz"
-        update = arrays_from_bytes(kept.read_bytes())
+        update = arrays_from_bytes((copies / name / "round-1.npz").read_bytes())
         plain.add(
             encrypt_update(
                 public,

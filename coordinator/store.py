@@ -309,6 +309,12 @@ class RoundStore:
             row = s.scalars(select(JobTable).where(JobTable.name == name)).one_or_none()
             return None if row is None else job_record(row)
 
+    def list_jobs(self) -> list[Job]:
+        """Every job in this store, oldest first."""
+        with self._session("list the jobs") as s:
+            rows = s.scalars(select(JobTable).order_by(JobTable.id)).all()
+            return [job_record(r) for r in rows]
+
     def set_job_status(self, job_id: int, status: str) -> None:
         """Set a job's status (one of :data:`JOB_STATUSES`), with an audit event."""
         if status not in JOB_STATUSES:

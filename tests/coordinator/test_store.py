@@ -55,6 +55,7 @@ def test_open_job_creates_then_resumes(store: RoundStore) -> None:
     assert store.get_job("digits") is None
     other = store.open_job("digits", CONFIG)
     assert other.id != job.id
+    assert store.list_jobs() == [job, other]
     assert [e.kind for e in store.audit_events(job.id)] == ["job.created", "job.resumed"]
 
 

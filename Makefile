@@ -9,7 +9,7 @@ AUDIT_OUT ?= audit-out
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test audit bench soak lint proto clean
+.PHONY: install system-deps demo test audit bench soak lint proto clean
 
 install: $(STAMP)
 
@@ -23,7 +23,18 @@ demo: install
 	rm -rf $(DEMO_OUT)
 	$(BIN)/fedvault demo --out $(DEMO_OUT)
 
-test: install
+# Debian packages the tests drive: Chromium (the dashboard's browser test) and promtool
+# (the alert rules), from the package registry, once. Needs root (CI and these machines).
+system-deps:
+	@need=""; command -v chromium >/dev/null || need="$$need chromium"; \
+	command -v promtool >/dev/null || need="$$need prometheus"; \
+	if [ -n "$$need" ]; then \
+		echo "installing Debian packages:$$need"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
+	fi
+
+test: install system-deps
 	$(BIN)/pytest
 
 # The empirical privacy audit (fedvault audit privacy): breast-cancer at ε = 3, once with

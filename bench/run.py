@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = json.loads(args.out.read_text())  # a partial run updates the file
     results.setdefault("details", {})
     rows: list[Row] = []
+    failed: list[str] = []
     for name in names:
         console.print(f"[bold]measuring {name}[/bold] …")
         start = time.perf_counter()
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             console.print_exception(max_frames=5)
             section = Section(name=name, details={"error": f"{type(exc).__name__}: {exc}"})
             section.rows = [Row(f"{name}: section failed ({type(exc).__name__})", None)]
+            failed.append(name)
         elapsed = time.perf_counter() - start
         results.update(section.keys)
         results["details"][name] = {
@@ -137,8 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     console.print(_table(rows))
     console.print(f"results written to {args.out}")
+    results["failed_sections"] = failed
+    if failed:
+        console.print(f"[bold red]section(s) {failed} raised: the bench failed[/bold red]")
     return results
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # A section that raises fails the run (after the table): a bench that crashes
+    # must not look like one that merely missed a target.
+    sys.exit(1 if main(sys.argv[1:])["failed_sections"] else 0)

@@ -23,11 +23,13 @@ demo: install
 	rm -rf $(DEMO_OUT)
 	$(BIN)/fedvault demo --out $(DEMO_OUT)
 
-# Debian packages the tests drive: Chromium (the dashboard's browser test) and promtool
-# (the alert rules), from the package registry, once. Needs root (CI and these machines).
+# Debian packages the tests drive: Chromium (the dashboard's browser test), promtool
+# (the alert rules) and systemd-analyze (the unit files), from the package registry,
+# once. Needs root (CI and these machines).
 system-deps:
 	@need=""; command -v chromium >/dev/null || need="$$need chromium"; \
 	command -v promtool >/dev/null || need="$$need prometheus"; \
+	command -v systemd-analyze >/dev/null || need="$$need systemd"; \
 	if [ -n "$$need" ]; then \
 		echo "installing Debian packages:$$need"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

@@ -33,6 +33,7 @@ from fedvault.client import masking
 from fedvault.client.archive import ModelArchive
 from fedvault.client.keys import custodian_ceremony, install_sealed_key
 from fedvault.client.ledger import LocalLedger
+from fedvault.client.metrics import count_refusal, timed
 from fedvault.client.sent import SentUpdates
 from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
 from fedvault.client.training import evaluate, get_weights, set_weights, train_private
@@ -82,7 +83,8 @@ def _global_model(site: HospitalSite, instr: RoundInstruction) -> dict:
             )
         site.keys.get(instr.key_epoch)  # this round's updates need the current key
         fingerprint = parse_envelope(instr.model.envelope).context_fingerprint
-        return decrypt_average(site.keys.find(fingerprint), instr.model.envelope)
+        with timed("decryption"):
+            return decrypt_average(site.keys.find(fingerprint), instr.model.envelope)
     if instr.model.arrays is None:
         raise KeyMismatchError("the coordinator sent ciphertext for a plaintext job")
     return dict(instr.model.arrays)
@@ -203,20 +205,21 @@ def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
         eval_accuracy, eval_loss, eval_samples, evaluation = 0.0, 0.0, 0, ""
         if instr.server_round > 1:  # the previous round's aggregate, on held-out data
             eval_accuracy, eval_loss, eval_samples, evaluation = _evaluation(site, model)
-        result = train_private(
-            model,
-            site.train_data,
-            task=site.task,
-            training=job.training,
-            max_grad_norm=job.privacy.max_grad_norm,
-            batch_size=batch_size,
-            plan=plan,
-            state=ledger.state(job.job),
-            device=site.device,
-            seed=_train_seed(job, site.name, instr.server_round),
-            max_physical_batch_size=site.max_physical_batch,
-            secure_rng=site.secure_rng,
-        )
+        with timed("training"):
+            result = train_private(
+                model,
+                site.train_data,
+                task=site.task,
+                training=job.training,
+                max_grad_norm=job.privacy.max_grad_norm,
+                batch_size=batch_size,
+                plan=plan,
+                state=ledger.state(job.job),
+                device=site.device,
+                seed=_train_seed(job, site.name, instr.server_round),
+                max_physical_batch_size=site.max_physical_batch,
+                secure_rng=site.secure_rng,
+            )
         # The spend is on the books before the update can leave the hospital.
         entry = ledger.record_round(
             job=job.job,
@@ -271,19 +274,21 @@ def _release(
     """The update as it leaves the hospital, and its masked shares (masked rounds)."""
     job = instr.job
     if _masks(job):
-        envelope, shares = masking.masked_update(
-            site.keys, _seal_keys(site), site.name, instr, weights, n, state_dir=site.state_dir
-        )
+        with timed("encryption"):
+            envelope, shares = masking.masked_update(
+                site.keys, _seal_keys(site), site.name, instr, weights, n, state_dir=site.state_dir
+            )
         return ModelPayload(envelope=envelope), shares
     if job.secure_aggregation is SecureAggregation.HE:
-        envelope = encrypt_update(
-            site.keys.get(instr.key_epoch),
-            weights,
-            weight=float(n),
-            key_epoch=instr.key_epoch,
-            job=job.job,
-            server_round=instr.server_round,
-        )
+        with timed("encryption"):
+            envelope = encrypt_update(
+                site.keys.get(instr.key_epoch),
+                weights,
+                weight=float(n),
+                key_epoch=instr.key_epoch,
+                job=job.job,
+                server_round=instr.server_round,
+            )
         return ModelPayload(envelope=envelope), ""
     return ModelPayload(arrays=weights), ""
 
@@ -430,6 +435,7 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
             sent.put(instr, reply)
         except FedvaultError as exc:
             log.warning("%s refused round %d: %s", name, instr.server_round, exc)
+            count_refusal(refusal_code(exc).value)
             reply = TrainReply(
                 hospital=name,
                 status=ReplyStatus.REFUSED,
@@ -446,6 +452,7 @@ def make_client_app(sites: SiteProvider) -> ClientApp:
         try:
             reply = _evaluate(sites.site(context, instr.job), instr)
         except FedvaultError as exc:
+            count_refusal(refusal_code(exc).value)
             reply = EvalReply(
                 hospital=name,
                 status=ReplyStatus.REFUSED,

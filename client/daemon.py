@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedvault.client.data import DataSpec, load_hospital_data
+from fedvault.client.metrics import HospitalExporter, LedgerCollector
 from fedvault.client.node_settings import NodeSettings
 from fedvault.client.policy import POLICY_FILE, SitePolicy
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
@@ -39,6 +40,8 @@ class ClientOptions:
     policy: Path | None = None  # None: state_dir / policy.toml
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_physical_batch: int | None = None  # memory cap on one pass; None: the whole batch
+    metrics_port: int | None = None  # Prometheus /metrics; None: off
+    metrics_host: str = "127.0.0.1"
 
 
 def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
@@ -75,9 +78,15 @@ def run_client(opts: ClientOptions, *, stop: threading.Event) -> None:
             node_config=settings.to_flower(),
         )
     )
-    with supervisor:
-        log.info("%s: SuperNode connecting to %s", kit.party, kit.coordinator_address)
-        stop.wait()
+    collector = LedgerCollector(
+        state, kit.party, epsilon_budget=opts.epsilon_budget, device=str(device)
+    )
+    with HospitalExporter(collector, opts.metrics_port, host=opts.metrics_host) as metrics:
+        metrics.prepare()  # before the SuperNode starts: its app processes inherit the directory
+        with supervisor:
+            log.info("%s: SuperNode connecting to %s", kit.party, kit.coordinator_address)
+            metrics.start()
+            stop.wait()
 
 
 def _announce_policy(hospital: str, path: Path) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "operator_api",
     "records",
     "report",
+    "round_events",
     "run_settings",
     "server_app",
     "store",
@@ -24,4 +25,5 @@ __all__ = [
     "store_models",
     "strategy",
     "superlink",
+    "tracking",
 ]

@@ -20,29 +20,41 @@ ListRounds                         ✓         ✓
 ListParticipants                   ✓         ✓
 GetPrivacyLedger          ✓        ✓         ✓
 GetAuditLog               ✓        ✓         ✓
-StopJob                                      ✓
-PauseJob                                     ✓
-ResumeJob                                    ✓
+ListJobs           ✓      ✓        ✓         ✓
+StopJob                            ✓         ✓
+PauseJob                           ✓         ✓
+ResumeJob                          ✓         ✓
+SubmitJob                          ✓         ✓
 =================  =====  =======  ========  =====
 
-A guest sees only a job's final metrics. Auditors (privacy officers) read the
-ledger and the audit trail but not the per-round operations. Engineers may read
-the ledger too: the levels stay ordered as :meth:`Role.allows` defines them, the
-participants of a round (engineer) already carry each hospital's ε, and an
-engineer needs the spend to diagnose budget refusals. Only an admin changes a
-job.
+A guest sees only a job's final metrics, and the list of jobs without the
+privacy ledger's ε (:meth:`OperatorServicer.ListJobs` adds it for an auditor and
+above). Auditors (privacy officers) read the ledger and the audit trail but not
+the per-round operations, and run no job. Engineers may read the ledger too: the
+levels stay ordered as :meth:`Role.allows` defines them, the participants of a
+round (engineer) already carry each hospital's ε, and an engineer needs the
+spend to diagnose budget refusals. Engineers and admins run the coordinator
+service's job queue: submit, stop, pause and resume jobs.
 
 Every denial is appended to the audit trail (``operator_denied``, actor = the
 certificate's common name), and so is every job-control action
 (``operator_action``), *before* the action takes effect: no action without its
-record. A stop sets the job's stored status to ``stopped``. The store has no
-``paused`` status, so a pause is the ``operator_action`` event itself; the round
-loop calls :meth:`RoundStore.requested_control` between rounds (see there).
+record. A stop sets the job's stored status to ``stopped`` (the coordinator
+service then stops a running job's Flower run; a queued job never starts). A
+resume of a stopped or failed job queues it again. The store has no ``paused``
+status, so a pause is the ``operator_action`` event itself; the round loop calls
+:meth:`RoundStore.requested_control` between rounds (see there).
+
+``SubmitJob`` needs the coordinator service (:class:`JobIntake`, passed to
+:func:`serve` by :mod:`.daemon`), which validates the job file against the
+consortium and the installed task; without one it answers FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from concurrent import futures
@@ -75,6 +87,7 @@ __all__ = [
     "SERVICE",
     "AccessControl",
     "Caller",
+    "JobIntake",
     "OperatorServicer",
     "Rule",
     "serve",
@@ -105,11 +118,27 @@ ACCESS: Mapping[str, Rule] = MappingProxyType(
         "ListParticipants": Rule(Role.ENGINEER, "list a round's participants"),
         "GetPrivacyLedger": Rule(Role.AUDITOR, "read the privacy ledger"),
         "GetAuditLog": Rule(Role.AUDITOR, "read the audit log"),
-        "StopJob": Rule(Role.ADMIN, "stop a job"),
-        "PauseJob": Rule(Role.ADMIN, "pause a job"),
-        "ResumeJob": Rule(Role.ADMIN, "resume a job"),
+        "ListJobs": Rule(Role.GUEST, "list the jobs"),
+        "StopJob": Rule(Role.ENGINEER, "stop a job"),
+        "PauseJob": Rule(Role.ENGINEER, "pause a job"),
+        "ResumeJob": Rule(Role.ENGINEER, "resume a job"),
+        "SubmitJob": Rule(Role.ENGINEER, "submit a job"),
     }
 )
+
+
+@dataclass(frozen=True)
+class JobIntake:
+    """The coordinator service's side of ``SubmitJob`` and of resuming a stopped job.
+
+    ``validate`` reads a job file's text into the job's name and stored
+    configuration, checked against the consortium and the installed task; it
+    raises :class:`~fedvault.errors.FedvaultError` with what to fix. ``wake``
+    tells the service's queue that a job was queued.
+    """
+
+    validate: Callable[[str], tuple[str, Mapping[str, object]]]
+    wake: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -273,6 +302,49 @@ def _job_status(
     return msg
 
 
+def _job_entry(job: Job, rounds_committed: int, position: int) -> admin_pb2.JobEntry:
+    planned = job.config.get("rounds")
+    return admin_pb2.JobEntry(
+        job=job.name,
+        status=job.status,
+        rounds_committed=rounds_committed,
+        rounds_planned=planned if isinstance(planned, int) and planned > 0 else 0,
+        created_at=_iso(job.created_at),
+        updated_at=_iso(job.updated_at),
+        queue_position=position,
+        task=str(job.config.get("task") or job.config.get("example") or ""),
+    )
+
+
+def _epsilon_by_hospital(ledgers: Mapping[str, list[LedgerRow]]) -> list[admin_pb2.HospitalEpsilon]:
+    """Each hospital's ε per job (its last ledger row there) and summed over jobs.
+
+    The sum is sequential composition: a valid bound on the spend over all the
+    jobs on one hospital's records (its own ledger composes the accountants,
+    which can only be tighter; see :mod:`fedvault.client.ledger`).
+    """
+    last: dict[str, dict[str, LedgerRow]] = {}
+    for job, rows in ledgers.items():
+        for row in rows:  # by round: a hospital's last row holds its cumulative spend
+            last.setdefault(row.hospital, {})[job] = row
+    out = []
+    for hospital, by_job in sorted(last.items()):
+        msg = admin_pb2.HospitalEpsilon(
+            hospital=hospital,
+            per_job={job: row.epsilon for job, row in by_job.items()},
+            total=math.fsum(row.epsilon for row in by_job.values()),
+        )
+        deltas = [row.delta for row in by_job.values()]
+        if all(d is not None for d in deltas):
+            msg.delta_total = math.fsum(d for d in deltas if d is not None)
+        out.append(msg)
+    return out
+
+
+def _differing(stored: Mapping[str, object], wanted: Mapping[str, object]) -> list[str]:
+    return sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+
+
 def _budget(job: Job) -> float | None:
     privacy = job.config.get("privacy")
     epsilon = privacy.get("epsilon") if isinstance(privacy, Mapping) else None
@@ -335,8 +407,9 @@ def _audit_entry(e: AuditRow) -> admin_pb2.AuditEntry:
 class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[misc]
     """The RPCs, reading the round store; access was checked by :class:`AccessControl`."""
 
-    def __init__(self, store: RoundStore) -> None:
+    def __init__(self, store: RoundStore, intake: JobIntake | None = None) -> None:
         self._store = store
+        self._intake = intake
 
     def _job(self, name: str) -> Job:
         if not name:
@@ -446,7 +519,7 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def StopJob(  # noqa: N802
         self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.JobStatus:
-        """Ask the round loop to stop the job after the current round (audited)."""
+        """Stop a queued job, or a running one (its Flower run is stopped) (audited)."""
         return self._control(request, "StopJob", "stop")
 
     def PauseJob(  # noqa: N802
@@ -458,19 +531,86 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
     def ResumeJob(  # noqa: N802
         self, request: admin_pb2.JobControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.JobStatus:
-        """Lift a pause (audited)."""
+        """Lift a pause, or queue a stopped or failed job again (audited)."""
         return self._control(request, "ResumeJob", "resume")
+
+    def SubmitJob(  # noqa: N802
+        self, request: admin_pb2.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.JobEntry:
+        """Queue a job from its job file's text (audited); it runs after those before it."""
+        caller = _current()
+        intake = self._need_intake()
+        try:
+            name, config = intake.validate(request.job_toml)
+        except StoreError:
+            raise
+        except FedvaultError as exc:
+            raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        existing = self._store.get_job(name)
+        if existing is not None:
+            _check_resubmit(existing, json.loads(canonical_json(dict(config))))
+        self._audit(caller, existing, "SubmitJob", "submit", request.reason, job=name)
+        job = self._store.submit_job(name, config)
+        intake.wake()
+        return self._entry(job)
+
+    def ListJobs(  # noqa: N802
+        self, request: admin_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListJobsResponse:
+        """Every job, oldest first, with its queue position; ε per hospital where allowed."""
+        caller = _current()
+        jobs = self._store.list_jobs()
+        visible = caller.role.allows(ACCESS["GetPrivacyLedger"].required)
+        spend = (
+            _epsilon_by_hospital({j.name: self._store.ledger(j.id) for j in jobs})
+            if visible
+            else []
+        )
+        return admin_pb2.ListJobsResponse(
+            jobs=[self._entry(j) for j in jobs], epsilon=spend, epsilon_visible=visible
+        )
+
+    def _entry(self, job: Job) -> admin_pb2.JobEntry:
+        queue = {j.id: i + 1 for i, j in enumerate(self._store.job_queue())}
+        done = self._store.last_committed_round(job.id)
+        return _job_entry(job, done, queue.get(job.id, 0))
+
+    def _need_intake(self) -> JobIntake:
+        if self._intake is None:
+            raise _RefusedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this operator API runs no job queue; submit jobs to the operator API of "
+                "`fedvault coordinator start`",
+            )
+        return self._intake
+
+    def _audit(
+        self, caller: Caller, row: Job | None, method: str, action: str, reason: str, **extra: str
+    ) -> None:
+        detail = {
+            "method": method,
+            "action": action,
+            "role": caller.role.value,
+            "reason": str(reason)[:_REASON_MAX],
+            **extra,
+        }
+        # The record first: an action must never take effect without one.
+        event = AuditEvent(kind="operator_action", actor=caller.common_name, detail=detail)
+        self._store.append_audit(event, job_id=None if row is None else row.id)
 
     def _control(
         self, request: admin_pb2.JobControlRequest, method: str, action: str
     ) -> admin_pb2.JobStatus:
         caller = _current()
         job = self._job(request.job)
-        if job.status != "running":
+        requeue = action == "resume" and job.status in ("stopped", "failed")
+        if requeue:
+            self._need_intake()
+        elif job.status not in ("queued", "running"):
+            done = {"stop": "stopped", "pause": "paused", "resume": "resumed"}[action]
             raise _RefusedError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"job {job.name!r} is {job.status}; only a running job can be {action}d "
-                "(a stopped job resumes only when its coordinator is started again)",
+                f"job {job.name!r} is {job.status}; only a queued or running job can be {done}",
             )
         state = self._store.requested_control(job.name)
         if action == "pause" and state == "pause":
@@ -478,32 +618,55 @@ class OperatorServicer(admin_pb2_grpc.OperatorServiceServicer):  # type: ignore[
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"job {job.name!r} is already paused; ResumeJob lifts the pause",
             )
-        if action == "resume" and state != "pause":
+        if action == "resume" and not requeue and state != "pause":
             raise _RefusedError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"job {job.name!r} is not paused; nothing to resume",
             )
-        detail = {
-            "method": method,
-            "action": action,
-            "role": caller.role.value,
-            "reason": str(request.reason)[:_REASON_MAX],
-        }
-        # The record first: an action must never take effect without one.
-        event = AuditEvent(kind="operator_action", actor=caller.common_name, detail=detail)
-        self._store.append_audit(event, job_id=job.id)
+        self._audit(caller, job, method, action, request.reason)
         if action == "stop":
             self._store.set_job_status(job.id, "stopped")
+        if requeue and self._intake is not None:
+            self._store.submit_job(job.name, job.config)
+            self._intake.wake()
         return self._status(self._job(job.name))
 
 
+def _check_resubmit(job: Job, wanted: Mapping[str, object]) -> None:
+    """Refuse to submit a job name again unless it is the same job, stopped or failed."""
+    keys = _differing(dict(job.config), wanted)
+    if keys:
+        raise _RefusedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"job {job.name!r} already exists with other settings ({', '.join(keys)} differ); "
+            "give the new job another name",
+        )
+    if job.status in ("queued", "running"):
+        raise _RefusedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"job {job.name!r} is already {job.status}; `fedvault job list` shows the queue",
+        )
+    if job.status == "finished":
+        raise _RefusedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"job {job.name!r} already finished (its results stay readable: `fedvault status "
+            f"--job {job.name}`); give a new job another name",
+        )
+
+
 def serve(
-    store_url: str, kit: Kit, *, address: str | None = None, max_workers: int = 4
+    store_url: str,
+    kit: Kit,
+    *,
+    address: str | None = None,
+    max_workers: int = 4,
+    intake: JobIntake | None = None,
 ) -> grpc.Server:
     """Start the operator API on the coordinator kit's ``operator_api`` address.
 
     Returns the started server; ``server.stop(grace)`` ends it and closes the
-    store. ``address`` overrides the kit's (for tests).
+    store. ``address`` overrides the kit's (for tests). ``intake``: the coordinator
+    service's job queue, which ``SubmitJob`` needs.
 
     Raises
     ------
@@ -534,7 +697,7 @@ def serve(
         # No SO_REUSEPORT: a second coordinator on the same port must fail, not share it.
         options=[("grpc.so_reuseport", 0)],
     )
-    admin_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(store), server)
+    admin_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(store, intake), server)
     try:
         port = server.add_secure_port(target, credentials)
     except RuntimeError:

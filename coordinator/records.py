@@ -152,6 +152,9 @@ class RoundCommit:
     # The consortium-wide metrics of that model, pooled from the hospitals'
     # statistics (fedvault.metrics.pool); the store keeps them as given.
     previous_pooled: Mapping[str, float] = field(default_factory=dict)
+    # When the committed attempt sent its first instruction (UTC); None: at the
+    # commit, a zero-length round (callers that did not time it).
+    started_at: datetime | None = None
 
     def __post_init__(self) -> None:
         _check(self.number >= 1, "RoundCommit.number", self.number, ">= 1")
@@ -196,6 +199,9 @@ class Job:
     name: str
     config: Mapping[str, Any]
     status: str
+    # When it was stored and last changed (status, rounds); not part of its identity.
+    created_at: datetime | None = field(default=None, compare=False)
+    updated_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -221,6 +227,7 @@ class RoundView:
     participations: tuple[Participation, ...]
     evaluations: tuple[HospitalEval, ...]
     eval_metrics: Mapping[str, float] = field(default_factory=dict)
+    started_at: datetime | None = None  # when the attempt started (UTC)
 
 
 @dataclass(frozen=True)

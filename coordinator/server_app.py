@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.coordinator.aggregation import aggregation_mode
 from fedvault.coordinator.key_ceremony import KeyCeremony, KeyDirectory
+from fedvault.coordinator.metrics import observe_commit, observe_round
 from fedvault.coordinator.records import (
     AuditEvent,
     ModelBlob,
@@ -35,8 +37,10 @@ from fedvault.coordinator.records import (
     RoundView,
 )
 from fedvault.coordinator.report import build_report, summarise, write_report
+from fedvault.coordinator.round_events import round_committed, round_failed, round_started
 from fedvault.coordinator.run_settings import RunSettings
 from fedvault.coordinator.store import RoundStore
+from fedvault.coordinator.store_models import utcnow
 from fedvault.coordinator.strategy import EvalSpec, RoundCollector, RoundOutcome, SecureFedAvg
 from fedvault.errors import FedvaultError, InvalidConfigError, StoreError
 from fedvault.fingerprint import TaskFingerprint, fingerprint_task
@@ -126,11 +130,12 @@ class _LogObserver:
         else:
             log.info("job %s: starting (%d rounds)", job.job, job.rounds)
 
+    # The loop itself logs each round's start, commit and failure (round_events).
     def on_round(self, view: RoundView) -> None:
-        log.info("round %d committed: accuracy=%s", view.number, view.eval_accuracy)
+        log.debug("round %d evaluated: accuracy=%s", view.number, view.eval_accuracy)
 
     def on_round_failed(self, number: int, attempt: int, reason: str) -> None:
-        log.warning("round %d attempt %d failed: %s", number, attempt, reason)
+        pass
 
 
 def _initial_model(
@@ -235,6 +240,7 @@ class _RoundRunner:
         # offline when a round starts is not asked, but recorded as missing.
         self.known: dict[int, str] = {}
         self.attempts: dict[int, int] = {}  # round -> training attempts made by this runner
+        self.started_at: dict[int, datetime] = {}  # round -> when its latest attempt started
 
     def ensure_keys(self) -> None:
         """Every connected hospital holds the current key before a round starts."""
@@ -334,10 +340,12 @@ class _RoundRunner:
         return f"client error {reply.error.code}: {reply.error.reason}"
 
     def train(self, number: int, model: ModelPayload) -> RoundOutcome:
+        self.started_at[number] = utcnow()  # waiting for hospitals and keys is part of it
         self.ensure_keys()
         assert self.strategy is not None
         # Each attempt gets its own round context (a masked round's nonce).
         attempt = self.attempts[number] = self.attempts.get(number, 0) + 1
+        round_started(self.job.job, number, attempt)
         if self.ceremony is not None:
             self.known.update(self.ceremony.hospitals)
         config = self._config(number)
@@ -499,13 +507,17 @@ def run_job(
                 log.info("job %s stopped by an operator before round %d", job.job, number)
                 _write_report(store, settings)
                 return "stopped"
+            started = time.monotonic()
             outcome = _train_round(runner, store, job_row.id, job, number, model, obs)
             if outcome is None:
                 store.set_job_status(job_row.id, "failed")
                 _write_report(store, settings)
                 return "failed"
             model = _commit_round(runner, store, settings, job_row.id, number, outcome)
-            obs.on_round(_committed_round(store, job_row.id, number))
+            observe_round(job.job, time.monotonic() - started)
+            view = _committed_round(store, job_row.id, number)
+            round_committed(job.job, view)
+            obs.on_round(view)
         final = _committed_round(store, job_row.id, job.rounds)
         if not final.evaluations:
             # The last model has no next round to carry its evaluation.
@@ -573,8 +585,13 @@ def _train_round(
             )
         )
         store.record_failed_round(
-            job_id, number, reason=reason, participations=candidate.participations
+            job_id,
+            number,
+            reason=reason,
+            participations=candidate.participations,
+            started_at=runner.started_at.get(number),
         )
+        round_failed(job.job, number, attempt, reason)
         # Each refusal, rejection and missing reply of the attempt is its own
         # audit row, as it is for a committed round (round.failed sums them up).
         for event in candidate.audit:
@@ -598,18 +615,20 @@ def _commit_round(
     Returns the new global model.
     """
     assert outcome.model is not None
-    store.commit_round(
-        job_id,
-        RoundCommit(
-            number=number,
-            model=_to_blob(number, outcome.model, outcome.total_weight),
-            participations=tuple(outcome.participations),
-            train_loss=outcome.train_loss,
-            audit=tuple(outcome.audit),
-            previous_evaluations=tuple(outcome.evaluations.hospitals),
-            previous_pooled=outcome.evaluations.pooled(runner.eval_spec),
-        ),
-    )
+    with observe_commit(settings.job.job):
+        store.commit_round(
+            job_id,
+            RoundCommit(
+                number=number,
+                model=_to_blob(number, outcome.model, outcome.total_weight),
+                participations=tuple(outcome.participations),
+                train_loss=outcome.train_loss,
+                audit=tuple(outcome.audit),
+                previous_evaluations=tuple(outcome.evaluations.hospitals),
+                previous_pooled=outcome.evaluations.pooled(runner.eval_spec),
+                started_at=runner.started_at.get(number),
+            ),
+        )
     runner.summary = _write_report(store, settings) or _summary(store, settings)
     return outcome.model
 

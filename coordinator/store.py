@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
 
@@ -267,8 +268,8 @@ class RoundStore:
 
     # -- jobs ---------------------------------------------------------------------
 
-    def open_job(self, name: str, config: Mapping[str, object]) -> Job:
-        """Create job ``name``, or return it to resume when ``config`` is unchanged.
+    def open_job(self, name: str, config: Mapping[str, object], *, status: str = "running") -> Job:
+        """Create job ``name`` (as ``status``), or return it to resume when ``config`` is unchanged.
 
         Raises
         ------
@@ -290,7 +291,7 @@ class RoundStore:
             if row is None:
                 now = utcnow()
                 row = JobTable(
-                    name=name, config=config_text, status="running", created_at=now, updated_at=now
+                    name=name, config=config_text, status=status, created_at=now, updated_at=now
                 )
                 s.add(row)
                 s.flush()
@@ -324,6 +325,46 @@ class RoundStore:
             job.status = status
             job.updated_at = utcnow()
             self._log(s, job, "job.status", status=status)
+
+    # -- the job queue of a coordinator service -------------------------------------
+
+    def submit_job(self, name: str, config: Mapping[str, object]) -> Job:
+        """Queue job ``name`` behind the jobs queued before it; return it.
+
+        A new name is stored ``queued``. A ``stopped`` or ``failed`` job with the
+        same settings is queued again (it resumes after its last committed
+        round); a ``queued``, ``running`` or ``finished`` one is returned as it is.
+
+        Raises
+        ------
+        StoreError
+            The job exists with other settings (the keys that differ are named).
+        """
+        existed = self.get_job(name) is not None
+        job = self.open_job(name, config, status="queued")  # or checks its settings
+        if not existed or job.status not in ("stopped", "failed"):
+            return job
+        with self._session(f"queue job {name!r}", write=True) as s:
+            row = self._job_row(s, job.id)
+            row.status = "queued"
+            row.updated_at = utcnow()  # the queue's order
+            self._log(s, row, "job.status", status="queued")
+            return job_record(row)
+
+    def job_queue(self) -> list[Job]:
+        """The jobs a coordinator service runs next, in order.
+
+        A ``running`` job first (its coordinator was stopped or crashed; it
+        resumes), then the ``queued`` ones, longest waiting first.
+        """
+        with self._session("read the job queue") as s:
+            rows = s.scalars(
+                select(JobTable)
+                .where(JobTable.status.in_(("running", "queued")))
+                .order_by(JobTable.updated_at, JobTable.id)
+            ).all()
+            jobs = [job_record(r) for r in rows]
+        return sorted(jobs, key=lambda j: j.status != "running")  # stable: keeps the order
 
     # -- rounds -------------------------------------------------------------------
 
@@ -362,7 +403,7 @@ class RoundStore:
                 attempt=attempt,
                 status="committed",
                 reason="",
-                started_at=now,
+                started_at=commit.started_at or now,
                 committed_at=now,
                 total_weight=model.total_weight,
                 num_participants=len(ok),
@@ -438,9 +479,17 @@ class RoundStore:
         return stored
 
     def record_failed_round(
-        self, job_id: int, number: int, *, reason: str, participations: Sequence[Participation]
+        self,
+        job_id: int,
+        number: int,
+        *,
+        reason: str,
+        participations: Sequence[Participation],
+        started_at: datetime | None = None,
     ) -> None:
         """Record one failed attempt at round ``number`` (the next round), audited.
+
+        ``started_at`` is when the attempt started (default: now).
 
         Attempts are numbered; the round may later be committed as the next
         attempt. No ledger rows are written: a hospital's ε is cumulative, so
@@ -455,7 +504,7 @@ class RoundStore:
                 attempt=attempt,
                 status="failed",
                 reason=reason,
-                started_at=utcnow(),
+                started_at=started_at or utcnow(),
                 num_participants=sum(p.status == "ok" for p in participations),
             )
             rnd.participations = [participation_row(p) for p in participations]

@@ -76,7 +76,8 @@ __all__ = [
 ]
 
 GENESIS_HASH = "0" * 64
-JOB_STATUSES = ("running", "paused", "finished", "failed", "stopped")
+#: ``queued``: submitted to a coordinator service, waiting for the jobs before it.
+JOB_STATUSES = ("queued", "running", "paused", "finished", "failed", "stopped")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -396,7 +397,14 @@ def ledger_row(job_id: int, round_number: int, p: Participation) -> LedgerTable:
 
 def job_record(row: JobTable) -> Job:
     """The record of a stored job, its config parsed back from JSON."""
-    return Job(id=row.id, name=row.name, config=json.loads(row.config), status=row.status)
+    return Job(
+        id=row.id,
+        name=row.name,
+        config=json.loads(row.config),
+        status=row.status,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
 
 
 def ledger_record(row: LedgerTable) -> LedgerRow:
@@ -427,6 +435,7 @@ def round_view(r: RoundTable, states: Mapping[tuple[str, int], str | None]) -> R
         eval_loss=r.eval_loss,
         eval_metrics=json.loads(r.eval_metrics) if r.eval_metrics else {},
         committed_at=r.committed_at,
+        started_at=r.started_at,
         participations=tuple(
             participation_record(p, states.get((p.hospital, r.number)) if committed else None)
             for p in r.participations

@@ -247,3 +247,64 @@ class JobControlRequest(_message.Message):
     job: str
     reason: str
     def __init__(self, job: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("job_toml", "reason")
+    JOB_TOML_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_toml: str
+    reason: str
+    def __init__(self, job_toml: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class JobEntry(_message.Message):
+    __slots__ = ("job", "status", "rounds_committed", "rounds_planned", "created_at", "updated_at", "queue_position", "task")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_PLANNED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    status: str
+    rounds_committed: int
+    rounds_planned: int
+    created_at: str
+    updated_at: str
+    queue_position: int
+    task: str
+    def __init__(self, job: _Optional[str] = ..., status: _Optional[str] = ..., rounds_committed: _Optional[int] = ..., rounds_planned: _Optional[int] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., queue_position: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HospitalEpsilon(_message.Message):
+    __slots__ = ("hospital", "per_job", "total", "delta_total")
+    class PerJobEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    HOSPITAL_FIELD_NUMBER: _ClassVar[int]
+    PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DELTA_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    hospital: str
+    per_job: _containers.ScalarMap[str, float]
+    total: float
+    delta_total: float
+    def __init__(self, hospital: _Optional[str] = ..., per_job: _Optional[_Mapping[str, float]] = ..., total: _Optional[float] = ..., delta_total: _Optional[float] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "epsilon", "epsilon_visible")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_VISIBLE_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobEntry]
+    epsilon: _containers.RepeatedCompositeFieldContainer[HospitalEpsilon]
+    epsilon_visible: bool
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobEntry, _Mapping]]] = ..., epsilon: _Optional[_Iterable[_Union[HospitalEpsilon, _Mapping]]] = ..., epsilon_visible: _Optional[bool] = ...) -> None: ...

@@ -79,6 +79,16 @@ class OperatorServiceStub:
                 request_serializer=admin__pb2.JobControlRequest.SerializeToString,
                 response_deserializer=admin__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/fedvault.admin.v1.OperatorService/SubmitJob',
+                request_serializer=admin__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=admin__pb2.JobEntry.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/fedvault.admin.v1.OperatorService/ListJobs',
+                request_serializer=admin__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=admin__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -127,21 +137,39 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopJob(self, request, context):
-        """Ask the round loop to stop the job after the current round. Admin only.
+        """Stop a job: a queued one never starts; a running one ends after its
+        current round (the coordinator service stops its Flower run). Engineer and above.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PauseJob(self, request, context):
-        """Ask the round loop to wait before the next round. Admin only.
+        """Ask the round loop to wait before the next round. Engineer and above.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ResumeJob(self, request, context):
-        """Lift a pause. Admin only.
+        """Lift a pause; a stopped or failed job is queued again and resumes after
+        its last committed round. Engineer and above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJob(self, request, context):
+        """Queue a job (the text of its job file) on the coordinator service; it runs
+        after the jobs queued before it. Engineer and above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Every job of the store with its place in the queue; with the privacy
+        ledger's epsilon per hospital and job for an auditor and above. Every role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +222,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ResumeJob,
                     request_deserializer=admin__pb2.JobControlRequest.FromString,
                     response_serializer=admin__pb2.JobStatus.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=admin__pb2.SubmitJobRequest.FromString,
+                    response_serializer=admin__pb2.JobEntry.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=admin__pb2.ListJobsRequest.FromString,
+                    response_serializer=admin__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +477,60 @@ class OperatorService:
             '/fedvault.admin.v1.OperatorService/ResumeJob',
             admin__pb2.JobControlRequest.SerializeToString,
             admin__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedvault.admin.v1.OperatorService/SubmitJob',
+            admin__pb2.SubmitJobRequest.SerializeToString,
+            admin__pb2.JobEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedvault.admin.v1.OperatorService/ListJobs',
+            admin__pb2.ListJobsRequest.SerializeToString,
+            admin__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

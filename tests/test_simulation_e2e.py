@@ -7,6 +7,7 @@ that nothing the coordinator stored holds a HE secret key.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -165,3 +166,16 @@ def test_coordinator_store_holds_no_secret_key(run_dir: Path) -> None:
         assert not ctx.is_private(), f"{name} holds a secret HE context"
     public = ts.context_from((run_dir / "coordinator" / "he-public.ctx").read_bytes())
     assert not public.is_private()
+
+
+def test_rounds_record_when_they_really_started(run_dir: Path) -> None:
+    with RoundStore(sqlite_url(run_dir / "fedvault.sqlite")) as store:
+        (job,) = store.list_jobs()
+        rounds = [r for r in store.rounds(job.id) if r.status == "committed"]
+    assert [r.number for r in rounds] == list(range(1, ROUNDS + 1))
+    for r in rounds:  # a round takes training time: it did not start when it committed
+        assert r.started_at is not None and r.committed_at is not None
+        assert r.started_at < r.committed_at, r
+    for before, after in itertools.pairwise(rounds):
+        assert before.committed_at is not None and after.started_at is not None
+        assert after.started_at >= before.committed_at  # rounds run one after another

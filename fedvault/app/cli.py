@@ -1,12 +1,15 @@
 """The ``fedvault`` command line (Typer). Commands and flags are a contract: see docs/design.md.
 
-Every error fedvault raises on purpose becomes one line on stderr and exit
-code 2, before anything is half-written.
+Exit codes: 0 done; 1 the work ran and failed (a job that failed, an audit
+that refutes the claim); 2 bad input (an option, a file or directory, a kit, a
+task): one line ``error: ...`` on stderr, before anything is half-written.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -33,9 +36,42 @@ def _root() -> None:
     """Federated learning for hospital consortia: DP-SGD + encrypted (BFV) aggregation."""
 
 
+def _exit_code(exc: FedvaultError) -> int:
+    """1 when the work ran and failed (a job, a daemon's child, a peer); 2 for bad input."""
+    from fedvault.coordinator.superlink import ControlApiError
+    from fedvault.errors import BudgetExhaustedError, MalformedUpdateError
+    from fedvault.flower_env import FlowerProcessError
+
+    failed = (BudgetExhaustedError, MalformedUpdateError, FlowerProcessError, ControlApiError)
+    return 1 if type(exc) is FedvaultError or isinstance(exc, failed) else 2
+
+
+def _error(message: str, code: int) -> None:
+    """``error: MESSAGE`` on stderr, unwrapped; bad input (code 2) on exactly one line.
+
+    Work that failed (code 1) may keep its lines: a child's log tail, say.
+    """
+    from rich.markup import escape
+
+    text = " ".join(message.split()) if code == 2 else message
+    err.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def _fail(exc: FedvaultError) -> None:
-    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    code = _exit_code(exc)
+    _error(str(exc), code)
+    raise typer.Exit(code=code)
+
+
+def print_json(obj: object) -> None:
+    """``--json`` output: ``obj`` as one JSON document on stdout (keys as given)."""
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+_Json = Annotated[
+    bool, typer.Option("--json", help="machine-readable JSON on stdout instead of tables")
+]
 
 
 #: The metrics a summary table shows per round, most familiar first (the final line and
@@ -126,6 +162,20 @@ _SecureRng = Annotated[
 ]
 
 
+_GpusOpt = Annotated[
+    float, typer.Option(help="GPUs (a fraction shares one) Ray gives each virtual hospital")
+]
+_MlflowOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mlflow",
+        metavar="URI",
+        help="also log the job to MLflow at this tracking URI (file:DIR, sqlite:///PATH, "
+        "http://HOST:5000); needs `pip install 'fedvault[mlflow]'`",
+    ),
+]
+
+
 @app.command()
 def simulate(
     task: Annotated[
@@ -153,11 +203,18 @@ def simulate(
     job: Annotated[
         str | None, typer.Option(help="job name (default: derived from settings)")
     ] = None,
-    gpus_per_hospital: Annotated[
-        float, typer.Option(help="GPUs (a fraction shares one) Ray gives each virtual hospital")
-    ] = 0.0,
+    gpus_per_hospital: _GpusOpt = 0.0,
     secure_rng: _SecureRng = False,
     masking: _Masking = True,
+    mlflow: _MlflowOpt = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="join this running Ray cluster (its head's address, or auto) instead of "
+            "starting Ray here; every node needs fedvault and must reach --out",
+        ),
+    ] = None,
 ) -> None:
     """Simulate a consortium of virtual hospitals with the production apps.
 
@@ -199,6 +256,8 @@ def simulate(
                 console=console,
                 gpus_per_hospital=gpus_per_hospital,
                 secure_rng=secure_rng,
+                mlflow_uri=mlflow,
+                ray_address=ray_address,
             )
         )
         print_summary(report, console, out.resolve())
@@ -222,18 +281,53 @@ app.add_typer(client_app, name="client")
 app.add_typer(audit_app, name="audit")
 app.add_typer(model_app, name="model")
 app.add_typer(task_app, name="task")
+job_app = typer.Typer(
+    no_args_is_help=True,
+    help="The coordinator service's jobs: submit, list, stop, resume (operator API).",
+)
+app.add_typer(job_app, name="job")
 
 
-def _daemon_logging() -> None:
-    import logging
+class LogFormat(StrEnum):
+    """A daemon's log records: one plain line or one JSON object per record."""
 
-    from rich.logging import RichHandler
+    TEXT = "text"
+    JSON = "json"
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-    )
+
+_LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        help="text: one line per record (rich on a terminal); json: one object per line "
+        "with ts, level, logger, message, job, round, hospital",
+    ),
+]
+_MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="serve Prometheus metrics on this port (http://HOST:PORT/metrics); off when not given"
+    ),
+]
+_MetricsHostOpt = Annotated[
+    str, typer.Option(help="address the metrics port listens on (0.0.0.0: every interface)")
+]
+
+
+def _daemon_logging(log_format: LogFormat = LogFormat.TEXT, **context: object) -> None:
+    from fedvault.logs import configure_logging
+
+    configure_logging(log_format.value, context=context)
+
+
+def _kit_party(kit: Path) -> str | None:
+    """The party a kit belongs to, for log lines; ``None`` if it does not load (refused later)."""
+    from fedvault.kit import Kit
+
+    try:
+        return Kit.load(kit).party
+    except (FedvaultError, OSError, ValueError):
+        return None
 
 
 @app.command()
@@ -267,16 +361,45 @@ def provision(
 def coordinator_start(
     kit: Annotated[Path, typer.Option(help="the coordinator's kit directory")],
     job: Annotated[
-        Path, typer.Option(help="job TOML ([job] name, example, hospitals, rounds, epsilon, ...)")
-    ],
+        Path | None,
+        typer.Option(
+            help="a job TOML ([job] name, task, hospitals, rounds, epsilon, ...) to queue at "
+            "start, as `fedvault job submit` does"
+        ),
+    ] = None,
     state: Annotated[
         Path, typer.Option(help="state directory (SuperLink db, keys, report)")
     ] = Path("fedvault-coordinator"),
     store: Annotated[
         str | None, typer.Option(help="round store URL (default: SQLite in --state)")
     ] = None,
+    log_format: _LogFormatOpt = LogFormat.TEXT,
+    exit_when_idle: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-idle",
+            help="exit once no job is queued or running, with the last job's status "
+            "(scripts); by default the coordinator serves until stopped",
+        ),
+    ] = False,
+    metrics_port: _MetricsPortOpt = None,
+    metrics_host: _MetricsHostOpt = "127.0.0.1",
+    mlflow: _MlflowOpt = None,
+    dashboard_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="serve the read-only web dashboard on this port of the operator API's host "
+            "(mutual TLS: open it with an operator certificate; 0: any free port)",
+        ),
+    ] = None,
 ) -> None:
-    """Start the SuperLink (TLS, node auth), enrol hospitals, serve the operator API, run."""
+    """Start the SuperLink (TLS, node auth), enrol hospitals, serve the operator API and jobs.
+
+    Runs the submitted jobs one after another until stopped (SIGTERM);
+    --exit-when-idle ends it once the queue is empty, with the last job's status.
+    """
     import threading
 
     from fedvault.coordinator.daemon import (
@@ -285,18 +408,35 @@ def coordinator_start(
         run_coordinator,
     )
 
-    _daemon_logging()
+    _daemon_logging(log_format)
     stop = threading.Event()
     install_signal_handlers(stop)
     try:
+        if mlflow:
+            from fedvault.coordinator.tracking import require_mlflow
+
+            require_mlflow()  # a missing extra fails now, before any process starts
         status = run_coordinator(
-            CoordinatorOptions(kit_dir=kit, job_file=job, state_dir=state, store_url=store),
+            CoordinatorOptions(
+                kit_dir=kit,
+                job_file=job,
+                state_dir=state,
+                store_url=store,
+                exit_when_idle=exit_when_idle,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                mlflow_uri=mlflow,
+                dashboard_port=dashboard_port,
+            ),
             stop=stop,
         )
     except FedvaultError as exc:
         _fail(exc)
-    err.print(f"job ended: {status}")
-    if status not in ("finished", "stopped"):
+    if stop.is_set():  # SIGTERM: the service's normal end; a running job resumes next start
+        err.print(f"coordinator stopped (last job: {status or 'none'})")
+        return
+    err.print(f"job ended: {status or 'no job was queued'}")
+    if status not in ("finished", "stopped", ""):
         raise typer.Exit(code=1)
 
 
@@ -345,6 +485,9 @@ def client_start(
             "(default STATE/policy.toml; none: nothing is allowed)"
         ),
     ] = None,
+    log_format: _LogFormatOpt = LogFormat.TEXT,
+    metrics_port: _MetricsPortOpt = None,
+    metrics_host: _MetricsHostOpt = "127.0.0.1",
 ) -> None:
     """Validate the hospital's data, then run its SuperNode (outbound only) until stopped."""
     import threading
@@ -352,7 +495,7 @@ def client_start(
     from fedvault.client.daemon import ClientOptions, run_client
     from fedvault.coordinator.daemon import install_signal_handlers
 
-    _daemon_logging()
+    _daemon_logging(log_format, hospital=_kit_party(kit))
     stop = threading.Event()
     install_signal_handlers(stop)
     try:
@@ -365,6 +508,8 @@ def client_start(
                 policy=policy,
                 device=device,
                 max_physical_batch=max_physical_batch,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
             ),
             stop=stop,
         )
@@ -376,17 +521,98 @@ def client_start(
 def status(
     kit: Annotated[Path, typer.Option(help="an operator kit")],
     job: Annotated[str, typer.Option(help="job name (default: the latest)")] = "",
+    as_json: _Json = False,
 ) -> None:
     """Job status, rounds, privacy ledger and audit log, as far as your role allows."""
     try:
         from fedvault.app.operator_client import OperatorClient
-        from fedvault.app.status_view import render_status
+        from fedvault.app.status_view import read_status, render_status, status_json
         from fedvault.kit import Kit
 
         with OperatorClient(Kit.load(kit)) as client:
-            render_status(client, Console(), job=job)
+            if as_json:
+                print_json(status_json(read_status(client, job=job)))
+            else:
+                render_status(client, Console(), job=job)
     except FedvaultError as exc:
         _fail(exc)
+
+
+_OperatorKit = Annotated[Path, typer.Option(help="an operator kit (as `fedvault status`)")]
+_Reason = Annotated[str, typer.Option(help="why, kept in the audit trail")]
+
+
+@job_app.command("submit")
+def job_submit(
+    file: Annotated[
+        Path, typer.Argument(help="job TOML ([job] name, task, hospitals, rounds, ...)")
+    ],
+    kit: _OperatorKit,
+    reason: _Reason = "",
+) -> None:
+    """Queue a job on the running coordinator (engineer and above); it runs after the others."""
+    try:
+        from fedvault.app.operator_client import OperatorClient
+        from fedvault.errors import InvalidConfigError
+        from fedvault.kit import Kit
+
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise InvalidConfigError(f"cannot read job file {file}: {exc.strerror}") from None
+        with OperatorClient(Kit.load(kit)) as client:
+            entry = client.submit_job(text, reason=reason)
+    except FedvaultError as exc:
+        _fail(exc)
+    where = f"position {entry.queue_position}" if entry.queue_position else entry.status
+    Console().print(f"job {entry.job} {entry.status} ({where} in the queue)")
+
+
+@job_app.command("list")
+def job_list(kit: _OperatorKit, as_json: _Json = False) -> None:
+    """Every job, its place in the queue, and each hospital's ε per job and in total."""
+    try:
+        from fedvault.app.job_view import jobs_json, render_jobs
+        from fedvault.app.operator_client import OperatorClient
+        from fedvault.kit import Kit
+
+        with OperatorClient(Kit.load(kit)) as client:
+            jobs = client.list_jobs()
+    except FedvaultError as exc:
+        _fail(exc)
+    if as_json:
+        print_json(jobs_json(jobs))
+    else:
+        render_jobs(jobs, Console())
+
+
+@job_app.command("stop")
+def job_stop(
+    name: Annotated[str, typer.Argument(help="the job")], kit: _OperatorKit, reason: _Reason = ""
+) -> None:
+    """Stop a queued job, or a running one now (engineer and above); `job resume` requeues it."""
+    _job_control(kit, "stop", name, reason)
+
+
+@job_app.command("resume")
+def job_resume(
+    name: Annotated[str, typer.Argument(help="the job")], kit: _OperatorKit, reason: _Reason = ""
+) -> None:
+    """Queue a stopped or failed job again (it resumes after its last committed round)."""
+    _job_control(kit, "resume", name, reason)
+
+
+def _job_control(kit: Path, action: str, name: str, reason: str) -> None:
+    try:
+        from fedvault.app.operator_client import OperatorClient
+        from fedvault.kit import Kit
+
+        with OperatorClient(Kit.load(kit)) as client:
+            control = client.stop_job if action == "stop" else client.resume_job
+            done = control(name, reason=reason)
+    except FedvaultError as exc:
+        _fail(exc)
+    Console().print(f"job {done.job}: {done.status}")
 
 
 @app.command()
@@ -553,6 +779,7 @@ def model_list(
     state: _StateOpt = None,
     store: _StoreOpt = None,
     job: Annotated[str | None, typer.Option(help="only this job")] = None,
+    as_json: _Json = False,
 ) -> None:
     """The model versions (job, round) you can export, with their pooled metrics."""
     try:
@@ -565,6 +792,16 @@ def model_list(
             versions = list_versions_store(str(store), job, at_rest_key=_at_rest_key(kit))
     except FedvaultError as exc:
         _fail(exc)
+    if as_json:
+        print_json(
+            {
+                "jobs": {
+                    name: [{"round": v.round, "metrics": dict(v.metrics)} for v in rows]
+                    for name, rows in sorted(versions.items())
+                }
+            }
+        )
+        return
     console = Console()
     if not versions:
         console.print("no model versions held")
@@ -657,9 +894,25 @@ def task_show(
 
 
 def main() -> None:
-    """Run the ``fedvault`` command line; Ctrl-C exits with code 130."""
+    """Run the ``fedvault`` command line; Ctrl-C exits with code 130.
+
+    An error fedvault raises on purpose, or an ``OSError`` on a path (one the
+    user gave: a directory that cannot be created, a file that cannot be read),
+    ends as one line and its exit code; any other exception is a bug and keeps
+    its traceback.
+    """
     try:
         app()
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except FedvaultError as exc:
+        code = _exit_code(exc)
+        _error(str(exc), code)
+        sys.exit(code)
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        what = exc.strerror or type(exc).__name__
+        _error(f"{exc.filename}: {what}; give a path you may read or create", 2)
+        sys.exit(2)

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
-from fedvault.errors import FedvaultError
+from fedvault.errors import FedvaultError, InvalidConfigError
 from fedvault.flower_env import free_port, spawn, terminate_tree
 from fedvault.json_types import JSONObject
 
@@ -122,7 +122,10 @@ def prepare_consortium(
     assert load_data is not None  # the built-in task ships reference data
 
     names = [f"hospital-{i + 1}" for i in range(hospitals)]
-    provision_loopback(work, "demo-consortium", names, {"operator": "admin", "visitor": "guest"})
+    # One operator per role, so the operator API and the dashboard can be tried with each.
+    roles = ("admin", "engineer", "auditor", "guest")
+    operators = dict(zip(("operator", "engineer", "auditor", "visitor"), roles, strict=True))
+    provision_loopback(work, "demo-consortium", names, operators)
     train, test = load_data(seed)
     x_train, y_train = (t.numpy() for t in train.tensors)  # type: ignore[attr-defined]
     x_test, y_test = (t.numpy() for t in test.tensors)  # type: ignore[attr-defined]
@@ -216,6 +219,27 @@ def _wait_for_enrolment(
     )
 
 
+def _metrics_port(console: Console, daemon: str) -> list[str]:
+    """``--metrics-port`` on a free port for ``daemon``, announced on the console."""
+    port = free_port()
+    console.print(f"metrics: {daemon} http://127.0.0.1:{port}/metrics", highlight=False)
+    return ["--metrics-port", str(port)]
+
+
+def _dashboard_port(console: Console, kits: Path) -> list[str]:
+    """``--dashboard-port`` on a free port, announced with the certificate that opens it."""
+    port = free_port()
+    admin = kits / "operators" / "operator"
+    console.print(f"dashboard: https://127.0.0.1:{port}/", highlight=False)
+    console.print(
+        f"  open it with the admin's certificate {admin / 'operator.pem'} and key operator.key, "
+        f"trusting {admin / 'ca.pem'} (mutual TLS); the engineer, auditor and visitor kits "
+        "beside it show what their roles see",
+        highlight=False,
+    )
+    return ["--dashboard-port", str(port)]
+
+
 def run_demo(
     out_dir: Path | None,
     console: Console,
@@ -228,7 +252,7 @@ def run_demo(
     """Run the demo consortium as real processes in ``out_dir``; returns its report."""
     work = Path(out_dir).resolve() if out_dir else Path(tempfile.mkdtemp(prefix="fedvault-demo-"))
     if work.exists() and any(work.iterdir()):
-        raise FedvaultError(f"--out {work} is not empty; choose a new directory")
+        raise InvalidConfigError(f"--out {work} is not empty; choose a new directory")
     work.mkdir(parents=True, exist_ok=True)
     console.print(
         f"[bold]fedvault demo[/bold]: {hospitals} hospitals on 127.0.0.1, working in {work}"
@@ -252,6 +276,8 @@ def run_demo(
                 str(paths["job"]),
                 "--state",
                 str(paths["state"]),
+                *_metrics_port(console, "coordinator"),
+                *_dashboard_port(console, paths["kits"]),
             ],
             env=dict(os.environ),
             log_path=logs / "coordinator.log",
@@ -273,6 +299,7 @@ def run_demo(
                     str(paths["data"] / name / "policy.toml"),
                     "--state",
                     str(work / "hospital-state" / name),
+                    *_metrics_port(console, name),
                 ],
                 env=dict(os.environ),
                 log_path=logs / f"{name}.log",

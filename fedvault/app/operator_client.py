@@ -28,6 +28,9 @@ __all__ = [
     "Access",
     "AuditEntry",
     "AuditLog",
+    "HospitalEpsilon",
+    "JobEntry",
+    "JobList",
     "JobStatus",
     "LedgerEntry",
     "MethodAccess",
@@ -198,6 +201,52 @@ class AuditLog:
     first_broken_id: int | None
 
 
+@dataclass(frozen=True)
+class JobEntry:
+    """One job of the coordinator's store; ``queue_position`` 0: not in the queue."""
+
+    job: str
+    status: str
+    rounds_committed: int
+    rounds_planned: int | None
+    created_at: str
+    updated_at: str
+    queue_position: int
+    task: str
+
+    def to_json(self) -> dict[str, object]:
+        """Plain JSON (``fedvault job list --json``)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class HospitalEpsilon:
+    """A hospital's ε in each job (cumulative there) and summed over jobs (composition)."""
+
+    hospital: str
+    per_job: Mapping[str, float]
+    total: float
+    delta_total: float | None
+
+    def to_json(self) -> dict[str, object]:
+        """Plain JSON (``fedvault job list --json``)."""
+        return {
+            "hospital": self.hospital,
+            "per_job": dict(self.per_job),
+            "total": self.total,
+            "delta_total": self.delta_total,
+        }
+
+
+@dataclass(frozen=True)
+class JobList:
+    """Every job, oldest first; ``epsilon`` is empty unless ``epsilon_visible``."""
+
+    jobs: tuple[JobEntry, ...]
+    epsilon: tuple[HospitalEpsilon, ...]
+    epsilon_visible: bool
+
+
 def _fields(cls: type[_T], message: Message, **overrides: object) -> _T:
     """Build dataclass ``cls`` from the same-named fields of ``message`` (unset -> None)."""
     values: dict[str, Any] = {}
@@ -300,11 +349,13 @@ class OperatorClient:
     ) -> None:
         self.close()
 
-    def _call(self, method: str, request: Message, reply: type[_R]) -> _R:
+    def _call(
+        self, method: str, request: Message, reply: type[_R], *, timeout: float | None = None
+    ) -> _R:
         """Call ``method``; its answer is a ``reply`` message (the stub is untyped)."""
         rpc: Callable[..., object] = getattr(self._stub, method)
         try:
-            answer = rpc(request, timeout=self._timeout)
+            answer = rpc(request, timeout=timeout or self._timeout)
         except grpc.RpcError as exc:
             raise self._error(method, exc) from None
         if not isinstance(answer, reply):
@@ -378,16 +429,35 @@ class OperatorClient:
         return _fields(AuditLog, m, events=events)
 
     def stop_job(self, job: str = "", *, reason: str = "") -> JobStatus:
-        """Stop the job after its current round (admin only)."""
+        """Stop a queued job, or a running one now (engineer and above)."""
         return self._control("StopJob", job, reason)
 
     def pause_job(self, job: str = "", *, reason: str = "") -> JobStatus:
-        """Hold the job before its next round (admin only)."""
+        """Hold the job before its next round (engineer and above)."""
         return self._control("PauseJob", job, reason)
 
     def resume_job(self, job: str = "", *, reason: str = "") -> JobStatus:
-        """Lift a pause (admin only)."""
+        """Lift a pause, or queue a stopped or failed job again (engineer and above)."""
         return self._control("ResumeJob", job, reason)
+
+    def submit_job(self, job_toml: str, *, reason: str = "", timeout: float = 60.0) -> JobEntry:
+        """Queue a job from its job file's text (engineer and above).
+
+        ``timeout``: the coordinator reads the job's task in a child process first,
+        which takes seconds.
+        """
+        request = admin_pb2.SubmitJobRequest(job_toml=job_toml, reason=reason)
+        m = self._call("SubmitJob", request, admin_pb2.JobEntry, timeout=timeout)
+        return _fields(JobEntry, m, rounds_planned=m.rounds_planned or None)
+
+    def list_jobs(self) -> JobList:
+        """Every job, and each hospital's ε per job and in total where the role allows."""
+        m = self._call("ListJobs", admin_pb2.ListJobsRequest(), admin_pb2.ListJobsResponse)
+        jobs = tuple(_fields(JobEntry, j, rounds_planned=j.rounds_planned or None) for j in m.jobs)
+        spend = tuple(
+            _fields(HospitalEpsilon, e, per_job=dict(sorted(e.per_job.items()))) for e in m.epsilon
+        )
+        return JobList(jobs, spend, m.epsilon_visible)
 
     def _control(self, method: str, job: str, reason: str) -> JobStatus:
         request = admin_pb2.JobControlRequest(job=job, reason=reason)

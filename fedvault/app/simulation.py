@@ -37,6 +37,7 @@ from fedvault.coordinator.records import RoundView
 from fedvault.coordinator.report import REPORT_JSON, Report
 from fedvault.coordinator.server_app import CoordinatorSettings, make_server_app
 from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
+from fedvault.coordinator.tracking import require_mlflow, start_tracker
 from fedvault.errors import InvalidConfigError
 from fedvault.fingerprint import fingerprint_task
 from fedvault.json_types import JSONObject
@@ -244,6 +245,8 @@ def simulate(
     console: Console | None = None,
     gpus_per_hospital: float = 0.0,
     secure_rng: bool = False,
+    mlflow_uri: str | None = None,
+    ray_address: str | None = None,
 ) -> JSONObject:
     """Run (or resume) ``config`` on ``config.hospitals`` virtual hospitals.
 
@@ -253,14 +256,23 @@ def simulate(
     ``secure_rng``: DP noise and Poisson batches from the CSPRNG, as deployed;
     off (default): from torch's generator seeded by ``config.seed``: reproducible.
 
+    ``mlflow_uri``: also log the job to MLflow (:mod:`fedvault.coordinator.tracking`),
+    with the final model as the simulated hospitals decrypt it.
+
+    ``ray_address``: join this running Ray cluster (``HOST:PORT`` of its head,
+    or ``auto``) instead of starting Ray on this machine; every node of the
+    cluster must reach ``out_dir`` (one machine, or a shared file system) and
+    have fedvault installed. The cluster's CPUs set how many hospitals train
+    at once; joining leaves the cluster running.
+
     Returns the final report (also in ``out_dir/report.json``).
     """
     if not isinstance(gpus_per_hospital, int | float) or not 0 <= gpus_per_hospital <= 64:
         raise InvalidConfigError(
             f"--gpus-per-hospital must be between 0 and 64 (got {gpus_per_hospital!r})"
         )
-    from flwr.simulation import run_simulation
-
+    if mlflow_uri:
+        require_mlflow()  # a missing extra fails now, before anything is written
     loaded = _resolve(config, task)
     task = loaded.task
     if not task.is_classification and config.partition.kind != "iid":
@@ -292,29 +304,58 @@ def simulate(
         root=out_dir,
         secure_rng=secure_rng,
     )
-    out = console or Console(stderr=True)
-    observer = RichObserver(out, config.rounds)
+    observer = RichObserver(console or Console(stderr=True), config.rounds)
+    # Follows the store; stopped after the export, so it logs the decrypted final model.
+    tracker = start_tracker(
+        mlflow_uri, url, config.job, final_weights=lambda: _exported_weights(out_dir)
+    )
+    try:
+        _run_flower(settings, sites, observer, _backend(float(gpus_per_hospital), ray_address))
+        report: dict[str, Any] = json.loads((out_dir / REPORT_JSON).read_text())
+        if Report.from_json(report).final.rounds_completed:
+            _export_final_model(config, out_dir)
+    finally:
+        if tracker is not None:
+            tracker.stop()
+    return report  # as written: report.json is the contract (docs/design.md)
+
+
+def _backend(gpus: float, ray_address: str | None) -> dict[str, Any]:
+    """Flower's Ray backend: a local Ray on every core, or a running cluster's."""
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
+    if ray_address:
+        # Ray refuses resource arguments when joining: the cluster's nodes declared theirs.
+        init_args["address"] = ray_address
+    else:
+        init_args |= {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init_args}
+
+
+def _run_flower(
+    settings: CoordinatorSettings,
+    sites: SimulatedSites,
+    observer: RichObserver,
+    backend: dict[str, Any],
+) -> None:
+    """The production apps on Flower's simulation runtime, one Ray actor per CPU."""
+    from flwr.simulation import run_simulation
+
     _quiet_flower()
-    cpus = os.cpu_count() or 1
     with observer.progress:
         run_simulation(
             server_app=make_server_app(lambda _ctx: settings, observer),
             client_app=make_client_app(sites),
-            num_supernodes=config.hospitals,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": float(gpus_per_hospital)},
-                "init_args": {
-                    "num_cpus": cpus,
-                    "logging_level": "ERROR",
-                    "log_to_driver": False,
-                    "include_dashboard": False,
-                },
-            },
+            num_supernodes=settings.job.hospitals,
+            backend_config=backend,
         )
-    report: dict[str, Any] = json.loads((out_dir / REPORT_JSON).read_text())
-    if Report.from_json(report).final.rounds_completed:
-        _export_final_model(config, out_dir)
-    return report  # as written: report.json is the contract (docs/design.md)
+
+
+def _exported_weights(out_dir: Path) -> dict[str, Any] | None:
+    """The final model ``OUT/model/`` holds (decrypted), or ``None`` before any round."""
+    from fedvault.app.model_export import load_export
+
+    target = out_dir / "model"
+    return load_export(target)[0] if target.is_dir() else None
 
 
 def noise_source(secure_rng: bool) -> str:

@@ -11,8 +11,10 @@ way the section says which role it needs, e.g. ``(requires auditor)``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from enum import Enum
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -28,7 +30,7 @@ from fedvault.app.operator_client import (
     RoundSummary,
 )
 
-__all__ = ["render_status"]
+__all__ = ["StatusView", "read_status", "render_status", "status_json"]
 
 _T = TypeVar("_T")
 _DETAIL_MAX = 160  # characters of an audit event's JSON detail shown in a row
@@ -38,20 +40,54 @@ def _num(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _section(
-    console: Console, title: str, access: Access, method: str, read: Callable[[], _T]
-) -> _T | None:
-    """Run ``read`` if the role may; otherwise print the role it needs and return None."""
+def _read(access: Access, method: str, read: Callable[[], _T]) -> _T | str:
+    """``read()`` if the role may call ``method``, else the role it needs (a string)."""
     if not access.allows(method):
         required = access.required(method)
-        console.print(f"[bold]{title}[/bold] [dim](requires {required or 'another role'})[/dim]")
-        return None
+        return required.value if required else "another role"
     try:
         return read()
     except OperatorPermissionError as exc:
-        need = exc.required_role.value if exc.required_role else "another role"
-        console.print(f"[bold]{title}[/bold] [dim](requires {need})[/dim]")
-        return None
+        return exc.required_role.value if exc.required_role else "another role"
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What ``status`` shows; a section is its data, or the role it needs (a string)."""
+
+    access: Access
+    address: str
+    job: JobStatus
+    rounds: tuple[RoundSummary, ...] | str
+    participants: RoundParticipants | str | None  # None: no round yet
+    ledger: PrivacyLedger | str
+    audit: AuditLog | str
+
+
+def read_status(client: OperatorClient, *, job: str = "", audit_events: int = 10) -> StatusView:
+    """Every section the caller's role may read, in one pass over the operator API.
+
+    Raises the client's :class:`~fedvault.app.operator_client.OperatorApiError` when
+    the API is unreachable or the certificate carries no role at all.
+    """
+    access = client.access()
+    status = client.job_status(job)
+    name = status.job
+    rounds = _read(access, "ListRounds", lambda: client.rounds(name))
+    participants: RoundParticipants | str | None = None
+    if isinstance(rounds, tuple) and rounds:
+        last = rounds[-1].round
+        participants = _read(access, "ListParticipants", lambda: client.participants(last, name))
+    return StatusView(
+        access=access,
+        address=client.address,
+        job=status,
+        rounds=rounds,
+        participants=participants,
+        ledger=_read(access, "GetPrivacyLedger", lambda: client.privacy_ledger(name)),
+        # store-wide: denials are in it too
+        audit=_read(access, "GetAuditLog", lambda: client.audit_log(limit=audit_events)),
+    )
 
 
 def _job_table(s: JobStatus) -> Table:
@@ -172,38 +208,61 @@ def render_status(
     Raises the client's :class:`~fedvault.app.operator_client.OperatorApiError` when
     the API is unreachable or the certificate carries no role at all.
     """
-    access = client.access()
+    view = read_status(client, job=job, audit_events=audit_events)
+    access = view.access
     console.print(
-        f"operator [bold]{access.common_name}[/bold] (role {access.role.value}) at {client.address}"
+        f"operator [bold]{access.common_name}[/bold] (role {access.role.value}) at {view.address}"
     )
-    status = client.job_status(job)
-    console.print(_job_table(status))
-    name = status.job
-    rounds = _section(console, "Rounds", access, "ListRounds", lambda: client.rounds(name))
-    if rounds:
-        console.print(_rounds_table(rounds))
-    if rounds and access.allows("ListParticipants"):
-        last = rounds[-1].round
-        people = _section(
-            console,
-            "Participants",
-            access,
-            "ListParticipants",
-            lambda: client.participants(last, name),
-        )
-        if people is not None:
-            console.print(_participants_table(people))
-    ledger = _section(
-        console, "Privacy ledger", access, "GetPrivacyLedger", lambda: client.privacy_ledger(name)
+    console.print(_job_table(view.job))
+    sections: tuple[tuple[str, object, Callable[[Any], Table]], ...] = (
+        ("Rounds", view.rounds, _rounds_table),
+        ("Participants", view.participants, _participants_table),
+        ("Privacy ledger", view.ledger, _ledger_table),
+        ("Audit log", view.audit, _audit_table),
     )
-    if ledger is not None:
-        console.print(_ledger_table(ledger))
-    log = _section(
-        console,
-        "Audit log",
-        access,
-        "GetAuditLog",
-        lambda: client.audit_log(limit=audit_events),  # store-wide: denials are too
-    )
-    if log is not None:
-        console.print(_audit_table(log))
+    for title, data, table in sections:
+        if isinstance(data, str):
+            console.print(f"[bold]{title}[/bold] [dim](requires {data})[/dim]")
+        elif data:
+            console.print(table(data))
+
+
+def _jsonable(value: object) -> object:
+    """Dataclasses, tuples and mappings as JSON values (an audit detail parsed)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+        if "detail_json" in out:
+            out["detail"] = json.loads(str(out.pop("detail_json")))
+        return out
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def status_json(view: StatusView) -> dict[str, object]:
+    """``status --json``: the tables' information under stable keys.
+
+    A section the role may not read is ``null`` and named in ``requires``
+    (section -> the least role that may read it); ``participants`` is ``null``
+    before the first round too.
+    """
+    sections = {
+        "rounds": view.rounds,
+        "participants": view.participants,
+        "privacy_ledger": view.ledger,
+        "audit_log": view.audit,
+    }
+    return {
+        "operator": {
+            "common_name": view.access.common_name,
+            "role": view.access.role.value,
+            "address": view.address,
+        },
+        "job": _jsonable(view.job),
+        **{k: None if isinstance(v, str) else _jsonable(v) for k, v in sections.items()},
+        "requires": {k: v for k, v in sections.items() if isinstance(v, str)},
+    }

@@ -134,7 +134,7 @@ def _fill_0001(target: StoreTarget) -> None:
 def _check_upgraded(target: StoreTarget, data: Rounds) -> None:
     """The filled store, opened by today's code: at head, every row as written."""
     with target.open() as store:
-        assert store.schema_revision() == head_revision() == "0004"
+        assert store.schema_revision() == head_revision() == "0005"
         # Foreign keys are enforced again on the connection that migrated (SQLite).
         with pytest.raises(IntegrityError, match=r"(?i)foreign key"), store.engine.begin() as conn:
             conn.execute(text("UPDATE rounds SET job_id = 99"))
@@ -162,7 +162,7 @@ def _check_upgraded(target: StoreTarget, data: Rounds) -> None:
         at_rest = conn.execute(text("SELECT round, at_rest FROM models ORDER BY round")).all()
         assert [tuple(r) for r in at_rest] == [(1, "none"), (2, "none")]
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-        assert versions == ["0004"]
+        assert versions == ["0005"]
 
 
 def _constraints(conn: Connection) -> dict[str, list[tuple[str, str]]]:
@@ -197,7 +197,7 @@ def _sqlite_schema(path: Path) -> list[str]:
 
 def test_migrations_build_exactly_the_models(durable_backend: StoreTarget) -> None:
     """Replaying 0001 -> head gives the schema a new store builds from the models."""
-    assert known_revisions() == {"0001", "0002", "0003", "0004"}
+    assert known_revisions() == {"0001", "0002", "0003", "0004", "0005"}
     _migrate(durable_backend, "head")
     engine = durable_backend.raw_engine()
     try:
@@ -256,7 +256,7 @@ def test_legacy_store_without_version_table_is_stamped_then_upgraded(
     with caplog.at_level(logging.WARNING, logger="fedvault.coordinator.migrations"):
         _check_upgraded(durable_backend, data)
     (record,) = [r for r in caplog.records if "predates schema migrations" in r.message]
-    assert "stamping it as revision 0001, then upgrading it to 0004" in record.message
+    assert "stamping it as revision 0001, then upgrading it to 0005" in record.message
 
 
 def test_store_from_a_newer_fedvault_is_refused(durable_backend: StoreTarget) -> None:
@@ -302,7 +302,7 @@ def test_concurrent_openers_migrate_once(durable_backend: StoreTarget) -> None:
     assert errors == []
     with durable_backend.raw_engine().connect() as conn:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert versions == ["0004"]
+    assert versions == ["0005"]
 
 
 def test_downgrade_to_0001_refuses_to_lose_sealed_rows(
@@ -382,7 +382,7 @@ def test_store_at_0003_relabels_ckks_models_bfv_and_back(
     engine.dispose()
 
     with durable_backend.open() as store:
-        assert store.schema_revision() == "0004"
+        assert store.schema_revision() == head_revision()
         assert store.latest_model(1) == ModelBlob(1, "plain", MODEL, 100.0)
         # A restarted coordinator re-sends the stored initial model, now labelled bfv.
         fresh = ModelBlob(0, "bfv", b"other-randomness", 0.0)
@@ -402,7 +402,37 @@ def test_store_at_0003_relabels_ckks_models_bfv_and_back(
     _refuses_kind(durable_backend, "bfv")
 
     with durable_backend.open() as store:  # and up again, data intact
-        assert store.schema_revision() == "0004"
+        assert store.schema_revision() == head_revision()
         assert store.model(2, 0) == ModelBlob(0, "bfv", initial, 0.0)
         assert store.latest_model(2) == ModelBlob(1, "bfv", data.blob(1), 300.0)
         assert store.verify_audit_chain() is None
+
+
+def test_store_at_0004_gains_queued_jobs_and_refuses_to_lose_them(
+    durable_backend: StoreTarget,
+) -> None:
+    """Revision 0005: ``queued`` is a job status; its downgrade is refused while one waits."""
+    _migrate(durable_backend, "0004")
+    _fill_0001(durable_backend)
+    with durable_backend.open() as store:
+        assert store.schema_revision() == "0005"
+        store.submit_job("next", {"rounds": 1})
+        assert [(j.name, j.status) for j in store.job_queue()] == [
+            ("j", "running"),
+            ("next", "queued"),
+        ]
+    engine = durable_backend.raw_engine()
+    try:
+        with pytest.raises(RuntimeError, match="a job is queued"), engine.begin() as conn:
+            command.downgrade(alembic_config(connection=conn), "0004")
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET status = 'stopped' WHERE name = 'next'"))
+            command.downgrade(alembic_config(connection=conn), "0004")
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET status = 'queued' WHERE name = 'next'"))
+    finally:
+        engine.dispose()
+    with durable_backend.open() as store:  # and up again
+        assert store.schema_revision() == "0005"
+        job = store.get_job("next")
+        assert job is not None and job.status == "stopped"

@@ -13,13 +13,15 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from fedvault.app.job_view import jobs_json, render_jobs
 from fedvault.app.operator_client import (
     OperatorApiError,
     OperatorClient,
@@ -28,7 +30,8 @@ from fedvault.app.operator_client import (
 )
 from fedvault.app.provision import ProvisionResult, provision
 from fedvault.app.status_view import render_status
-from fedvault.coordinator.operator_api import ACCESS, serve
+from fedvault.coordinator.daemon import parse_job
+from fedvault.coordinator.operator_api import ACCESS, JobIntake, serve
 from fedvault.coordinator.records import HospitalEval, ModelBlob, Participation, RoundCommit
 from fedvault.coordinator.store import RoundStore, sqlite_url
 from fedvault.errors import InvalidConfigError
@@ -152,12 +155,18 @@ def test_access_matrix_covers_every_rpc_and_is_ordered() -> None:
     assert {name for name, rule in ACCESS.items() if rule.required is Role.GUEST} == {
         "GetAccess",
         "GetJobStatus",
+        "ListJobs",
     }
-    assert {n for n, r in ACCESS.items() if r.required is Role.ADMIN} == {
+    # The issue's "admin and engineer roles" run the job queue; an auditor runs nothing.
+    assert {n for n, r in ACCESS.items() if r.required is Role.ENGINEER} == {
+        "ListRounds",
+        "ListParticipants",
         "StopJob",
         "PauseJob",
         "ResumeJob",
+        "SubmitJob",
     }
+    assert not [n for n, r in ACCESS.items() if r.required is Role.ADMIN]
 
 
 def _code_lines(text: str) -> list[str]:
@@ -287,8 +296,10 @@ def test_admin_stops_pauses_and_resumes(env: Env) -> None:
             assert store.requested_control("to-control") == "run"
         stopped = c.stop_job("to-control", reason="enough")
         assert stopped.status == "stopped"
-        with pytest.raises(OperatorApiError, match="is stopped; only a running job"):
+        with pytest.raises(OperatorApiError, match="is stopped; only a queued or running job"):
             c.stop_job("to-control")
+        with pytest.raises(OperatorApiError, match="runs no job queue"):
+            c.resume_job("to-control")  # a stopped job is queued again by a coordinator only
     with env.store() as store:
         job = store.get_job("to-control")
         assert job is not None and job.status == "stopped"
@@ -310,21 +321,25 @@ def test_auditor_reads_ledger_and_audit_log_but_cannot_stop(env: Env) -> None:
             c.rounds("study")
         with pytest.raises(OperatorPermissionError) as denied:
             c.stop_job("study")
-    assert denied.value.required_role is Role.ADMIN
+    assert denied.value.required_role is Role.ENGINEER
     with env.store() as store:
         job = store.get_job("study")
         assert job is not None and job.status == "running"
 
 
-def test_engineer_reads_operations_and_ledger_but_cannot_control(env: Env) -> None:
+def test_engineer_reads_operations_and_ledger_and_controls_jobs(env: Env) -> None:
+    with env.store() as store:
+        store.open_job("engineered", {"rounds": 1})
     with env.client("bob") as c:
         assert len(c.rounds("study")) == 2
         assert len(c.participants(2, "study").participants) == 3
         assert len(c.privacy_ledger("study").entries) == 4
         assert c.audit_log("study").total > 0
-        for control in (c.stop_job, c.pause_job, c.resume_job):
-            with pytest.raises(OperatorPermissionError, match="requires admin"):
-                control("study")
+        assert c.pause_job("engineered").paused
+        assert not c.resume_job("engineered").paused
+        assert c.stop_job("engineered", reason="bad data").status == "stopped"
+    actions = [(a, d["method"], d["role"]) for a, d in _audit(env, "operator_action")][-3:]
+    assert actions == [(("bob", m, "engineer")) for m in ("PauseJob", "ResumeJob", "StopJob")]
 
 
 def test_guest_sees_final_metrics_only_and_denials_are_audited(env: Env) -> None:
@@ -419,7 +434,7 @@ def test_no_request_can_claim_a_role() -> None:
     requests = [
         m for m in admin_pb2.DESCRIPTOR.message_types_by_name.values() if m.name.endswith("Request")
     ]
-    assert len(requests) == 7
+    assert len(requests) == 9
     for message in requests:
         assert not any("role" in f for f in message.fields_by_name), message.name
 
@@ -450,3 +465,160 @@ def test_status_view_for_admin_and_guest(env: Env) -> None:
     assert len(_audit(env, "operator_denied")) == before  # asked GetAccess, not denied calls
     auditor = _render(env, "carol")
     assert "Rounds (requires engineer)" in auditor and "hospital-b" in auditor
+
+
+def test_status_json_holds_the_tables_and_the_roles_the_rest_needs(env: Env) -> None:
+    from typer.testing import CliRunner
+
+    from fedvault.app.cli import app
+
+    def status(operator: str) -> dict[str, object]:
+        kit = str(env.prov.operator_kits[operator])
+        done = CliRunner().invoke(app, ["status", "--kit", kit, "--job", "study", "--json"])
+        assert done.exit_code == 0, done.output
+        return dict(json.loads(done.stdout))  # stdout holds the JSON document alone
+
+    admin = status("alice")
+    assert admin["operator"] == {"common_name": "alice", "role": "admin", "address": env.address}
+    assert admin["requires"] == {}
+    job = admin["job"]
+    assert isinstance(job, dict) and job["job"] == "study" and job["rounds_committed"] == 2
+    rounds = admin["rounds"]
+    assert isinstance(rounds, list) and [r["round"] for r in rounds] == [1, 2]
+    participants = admin["participants"]
+    assert isinstance(participants, dict) and participants["round"] == 2
+    assert any("budget exhausted" in p["reason"] for p in participants["participants"])
+    audit = admin["audit_log"]
+    assert isinstance(audit, dict) and audit["chain_intact"] is True
+    assert all(isinstance(e["detail"], dict) for e in audit["events"])  # parsed, not text
+    guest = status("dave")
+    assert guest["rounds"] is None and guest["audit_log"] is None
+    assert guest["requires"] == {
+        "rounds": "engineer",
+        "privacy_ledger": "auditor",
+        "audit_log": "auditor",
+    }
+
+
+# -- the coordinator service's job queue --------------------------------------------------
+
+JOB_TOML = '[job]\nname = "{name}"\ntask = "breast-cancer"\nhospitals = {n}\nrounds = {rounds}\n'
+
+
+def _job_toml(name: str, *, n: int = 2, rounds: int = 2) -> str:
+    return JOB_TOML.format(name=name, n=n, rounds=rounds)
+
+
+@dataclass(frozen=True)
+class Queue:
+    env: Env
+    address: str
+    store_url: str
+    woken: threading.Event
+
+    def client(self, operator: str) -> OperatorClient:
+        kit = Kit.load(self.env.prov.operator_kits[operator])
+        return OperatorClient(kit, address=self.address, timeout=5)
+
+
+@pytest.fixture
+def queue(env: Env, tmp_path: Path) -> Iterator[Queue]:
+    """An operator API with a job queue, as `fedvault coordinator start` serves it."""
+    kit = Kit.load(env.prov.coordinator_kit)
+    woken = threading.Event()
+
+    def validate(text: str) -> tuple[str, Mapping[str, object]]:
+        job = parse_job(text, kit, source="the submitted job")
+        return job.job, job.to_dict()
+
+    url = sqlite_url(tmp_path / "queue.sqlite")
+    address = f"127.0.0.1:{_free_port()}"
+    server = serve(url, kit, address=address, intake=JobIntake(validate, woken.set))
+    yield Queue(env, address, url, woken)
+    server.stop(None).wait(5)
+
+
+def test_jobs_are_submitted_listed_stopped_and_queued_again(queue: Queue) -> None:
+    with queue.client("bob") as engineer:
+        first = engineer.submit_job(_job_toml("first"), reason="baseline")
+        assert (first.job, first.status, first.queue_position) == ("first", "queued", 1)
+        assert queue.woken.is_set()
+        second = engineer.submit_job(_job_toml("second", rounds=3))
+        assert (second.queue_position, second.rounds_planned, second.task) == (
+            2,
+            3,
+            "breast-cancer",
+        )
+        with pytest.raises(OperatorApiError, match="consortium enrols 3"):
+            engineer.submit_job(_job_toml("big", n=4))
+        with pytest.raises(OperatorApiError, match="unknown task 'nope'"):
+            engineer.submit_job(_job_toml("x").replace("breast-cancer", "nope"))
+        with pytest.raises(OperatorApiError, match="not valid TOML"):
+            engineer.submit_job("[job")
+        with pytest.raises(OperatorApiError, match="already exists with other settings"):
+            engineer.submit_job(_job_toml("first", rounds=9))
+        with pytest.raises(OperatorApiError, match="already queued"):
+            engineer.submit_job(_job_toml("first"))
+        assert engineer.stop_job("first", reason="wait").status == "stopped"
+        listed = {j.job: j for j in engineer.list_jobs().jobs}
+        assert [(j.status, j.queue_position) for j in listed.values()] == [
+            ("stopped", 0),
+            ("queued", 1),
+        ]
+        resumed = engineer.resume_job("first")
+        assert resumed.status == "queued"
+        jobs = engineer.list_jobs().jobs
+        assert [(j.job, j.queue_position) for j in jobs] == [("first", 2), ("second", 1)]
+        assert jobs[0].created_at <= jobs[1].created_at <= jobs[0].updated_at
+    with queue.client("dave") as guest, pytest.raises(OperatorPermissionError) as denied:
+        guest.submit_job(_job_toml("guest-job"))
+    assert denied.value.required_role is Role.ENGINEER
+    with queue.client("carol") as auditor, pytest.raises(OperatorPermissionError):
+        auditor.submit_job(_job_toml("auditor-job"))
+    with RoundStore(queue.store_url) as store:
+        assert store.get_job("guest-job") is None
+        actions = [
+            (e.actor, e.detail["method"])
+            for e in store.audit_events()
+            if e.kind == "operator_action"
+        ]
+    assert actions == [
+        ("bob", "SubmitJob"),
+        ("bob", "SubmitJob"),
+        ("bob", "StopJob"),
+        ("bob", "ResumeJob"),
+    ]
+
+
+def test_job_list_shows_each_hospitals_epsilon_across_jobs_to_auditors(queue: Queue) -> None:
+    with RoundStore(queue.store_url) as store:
+        for name, rounds in (("a", 2), ("b", 1)):
+            job = store.open_job(name, {"rounds": 2})
+            for number in range(1, rounds + 1):
+                store.commit_round(job.id, _commit(number))
+            store.set_job_status(job.id, "finished")
+    with queue.client("carol") as auditor:
+        listed = auditor.list_jobs()
+    assert listed.epsilon_visible
+    assert [(j.job, j.status, j.rounds_committed) for j in listed.jobs] == [
+        ("a", "finished", 2),
+        ("b", "finished", 1),
+    ]
+    spend = {e.hospital: e for e in listed.epsilon}
+    assert set(spend) == set(HOSPITALS)
+    for h in HOSPITALS:
+        assert spend[h].per_job == {
+            "a": pytest.approx(_epsilon(h, 2)),
+            "b": pytest.approx(_epsilon(h, 1)),
+        }
+        assert spend[h].total == pytest.approx(_epsilon(h, 2) + _epsilon(h, 1))
+        assert spend[h].delta_total == pytest.approx(2e-5)
+    with queue.client("dave") as guest:
+        hidden = guest.list_jobs()
+    assert not hidden.epsilon_visible and hidden.epsilon == ()
+    assert [j.job for j in hidden.jobs] == ["a", "b"]
+    console = Console(record=True, width=200, force_terminal=False)
+    render_jobs(listed, console)
+    text = console.export_text()
+    assert f"{_epsilon('hospital-a', 2) + _epsilon('hospital-a', 1):.4f}" in text
+    assert jobs_json(hidden)["epsilon"] is None

@@ -1,6 +1,6 @@
 """Fixtures for the deployment tests: one real ``fedvault demo`` run, and process checks.
 
-The demo run (about two minutes) is shared by every test of a module that
+The demo run (about two minutes) is shared by every test of the session that
 inspects it. Its Fleet gateway's inbound traffic is captured by a
 test-only ``sitecustomize`` hook (:data:`CAPTURE_HOOK`), so the tests can check
 what the coordinator *received*, not just what it chose to store.
@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -107,6 +111,55 @@ def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 # ---- the shared demo run ----------------------------------------------------------------
 
 
+#: ``fedvault demo`` announces each daemon's metrics endpoint on a line of its own.
+METRICS_LINE = re.compile(r"^metrics: (\S+) (http://\S+/metrics)\s*$")
+#: Seconds between scrapes of every announced endpoint while the demo runs.
+SCRAPE_EVERY_S = 2.0
+
+
+class _DemoWatch:
+    """Reads the demo's output as it comes and scrapes every /metrics it announces."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.urls: dict[str, str] = {}
+        self.scrapes: dict[str, list[str]] = {}
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._done = threading.Event()
+        assert proc.stdout is not None and proc.stderr is not None
+        self._threads = [
+            threading.Thread(target=self._read, args=(proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._read, args=(proc.stderr, self._err), daemon=True),
+            threading.Thread(target=self._scrape, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, stream: IO[str], lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if match := METRICS_LINE.match(line):
+                self.urls[match.group(1)] = match.group(2)
+
+    def _scrape(self) -> None:
+        while not self._done.wait(SCRAPE_EVERY_S):
+            for name, url in list(self.urls.items()):
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        text = response.read().decode()
+                except OSError:
+                    continue  # not serving yet, or already stopped
+                self.scrapes.setdefault(name, []).append(text)
+
+    def finish(self) -> tuple[str, str]:
+        """Stop scraping once the demo's output has ended; its (stdout, stderr)."""
+        for thread in self._threads[:2]:
+            thread.join(timeout=30)
+        self._done.set()
+        self._threads[2].join(timeout=30)
+        return "".join(self._out), "".join(self._err)
+
+
 @dataclass(frozen=True)
 class DemoRun:
     out: Path
@@ -117,13 +170,18 @@ class DemoRun:
     seconds: float
     left_at_exit: dict[int, str]
     left_after_settle: dict[int, str]
+    # Daemon name ("coordinator", "hospital-1", ...) -> its /metrics texts, scraped while
+    # the demo ran (see _DemoWatch), oldest first.
+    scrapes: dict[str, list[str]] = field(default_factory=dict)
+    metrics_urls: dict[str, str] = field(default_factory=dict)
 
     def explain(self) -> str:
         out, err = self.stdout[-3000:], self.stderr[-3000:]
         return f"exit {self.returncode}\nstdout:\n{out}\nstderr:\n{err}"
 
 
-@pytest.fixture(scope="module")
+# Session scope: one run serves every module that inspects it (deployment, dashboard).
+@pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     root = tmp_path_factory.mktemp("demo")
     out, hook, capture = root / "run", root / "hook", root / "relay-capture"
@@ -138,16 +196,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         argv, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
+    watch = _DemoWatch(proc)
     try:
-        stdout, stderr = proc.communicate(timeout=DEMO_TIMEOUT_S)
+        proc.wait(timeout=DEMO_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         terminate_tree(proc, grace=15.0)  # type: ignore[arg-type]
         _kill_mentioning(out)
-        stdout, stderr = proc.communicate()
+        stdout, stderr = watch.finish()
         pytest.fail(
             f"fedvault demo did not finish in {DEMO_TIMEOUT_S} s\n"
             f"{stdout[-3000:]}\n{stderr[-3000:]}"
         )
+    stdout, stderr = watch.finish()
     seconds = time.monotonic() - started
     left_at_exit = _processes_mentioning(out)
     _wait_for(lambda: not _processes_mentioning(out), 5.0)
@@ -155,8 +215,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     print(f"fedvault demo --rounds 2 took {seconds:.1f} s")
     try:
         yield DemoRun(
-            out, capture, proc.returncode, stdout, stderr, seconds, left_at_exit, left_after_settle
-        )
+            out, capture, proc.returncode, stdout, stderr, seconds, left_at_exit,
+            left_after_settle, watch.scrapes, dict(watch.urls),
+        )  # fmt: skip
     finally:
         _kill_mentioning(out)
 

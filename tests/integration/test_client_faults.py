@@ -302,7 +302,7 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
         coordinator = [
             sys.executable, "-m", "fedvault", "coordinator", "start",
             "--kit", str(paths["kits"] / "coordinator"), "--job", str(paths["job"]),
-            "--state", str(paths["state"]),
+            "--state", str(paths["state"]), "--exit-when-idle",
         ]  # fmt: skip
         procs["coordinator"] = spawn(coordinator, env=base_env, log_path=logs / "coordinator.log")
 

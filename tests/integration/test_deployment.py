@@ -45,8 +45,9 @@ from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
 
 from fedvault.app.provision import provision
+from fedvault.client.ledger import LedgerEntry, LocalLedger
 from fedvault.client.supernode import SuperNodeConfig, SuperNodeSupervisor
-from fedvault.coordinator.store import RoundStore, sqlite_url
+from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlite_url
 from fedvault.coordinator.superlink import SuperLinkConfig, SuperLinkProcess
 from fedvault.errors import KeyMismatchError
 from fedvault.flower_env import free_port
@@ -229,6 +230,32 @@ def test_demo_runs_three_hospitals_to_the_end_and_stops_every_process(demo: Demo
     assert "all 4 daemons stopped" in demo.stdout
     assert demo.left_after_settle == {}, f"processes left behind: {demo.left_after_settle}"
     assert demo.left_at_exit == {}, f"still running when the demo exited: {demo.left_at_exit}"
+
+
+def _daemon_log_problems(logs: Path, rounds: int) -> list[str]:
+    """What is wrong with the demo's daemon logs: plain lines, one per round event."""
+    problems = []
+    coordinator = (logs / "coordinator.log").read_text()
+    for name in ("coordinator", *HOSPITALS):
+        text = (logs / f"{name}.log").read_text()
+        if "\x1b" in text:
+            problems.append(f"{name}.log has terminal escapes")
+    if "httpx" in coordinator:
+        problems.append("coordinator.log has the 3-second status poll at INFO")
+    stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ INFO fedvault\.coordinator job=\S+"
+    for n in range(1, rounds + 1):
+        committed = rf"{stamp} round={n} committed: {len(HOSPITALS)} participants in \d+\.\d s$"
+        for event, pattern in (("started", rf"{stamp} round={n} started$"), ("commit", committed)):
+            if len(re.findall(pattern, coordinator, re.MULTILINE)) != 1:
+                problems.append(f"coordinator.log: not one {event} line for round {n}")
+    return problems
+
+
+@pytest.mark.timeout(DEMO_TEST_TIMEOUT_S)
+def test_daemon_logs_are_plain_lines_with_one_line_per_round_event(demo: DemoRun) -> None:
+    assert demo.returncode == 0, demo.explain()
+    problems = _daemon_log_problems(demo.out / "logs", rounds=2)
+    assert not problems, (problems, (demo.out / "logs" / "coordinator.log").read_text()[-4000:])
 
 
 # ---- 2. the coordinator never holds the secret key ------------------------------------------
@@ -525,3 +552,134 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+# ---- 5. Prometheus metrics, scraped while the demo ran ------------------------------------
+
+MetricSamples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+DEMO_JOB = "demo-breast-cancer"
+
+
+def _samples(text: str) -> MetricSamples:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples: MetricSamples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def _model_values(store: RoundStore, job_id: int) -> set[float]:
+    """Every number the store derived from model values (losses, accuracies, metrics).
+
+    Whole numbers are left out: a perfect accuracy (1.0) is also a count or a round.
+    """
+    values: set[float | None] = set()
+    for view in store.rounds(job_id):
+        values |= {view.train_loss, view.eval_accuracy, view.eval_loss}
+        values |= set(view.eval_metrics.values())
+        values |= {p.train_loss for p in view.participations}
+        for e in view.evaluations:
+            values |= {e.accuracy, e.loss, *e.metrics.values()}
+    return {float(v) for v in values if v is not None and not float(v).is_integer()}
+
+
+def _check_coordinator_scrape(
+    s: MetricSamples, store: RoundStore, job_id: int, model_values: set[float]
+) -> int:
+    """Check one coordinator scrape against the store; returns its committed round."""
+    c = "fedvault_coordinator_"
+    j = {"fl_job": DEMO_JOB}
+    committed = int(_value(s, c + "committed_rounds", **j) or 0)
+    rounds = {v.number: v for v in store.rounds(job_id) if v.status == "committed"}
+    assert committed <= len(rounds)
+    assert committed <= (_value(s, c + "current_round", **j) or 0) <= len(rounds)
+    assert _value(s, c + "planned_rounds", **j) == 2
+    assert _value(s, c + "hospitals_enrolled") == len(HOSPITALS)
+    ledger = {(row.round, row.hospital): row.epsilon for row in store.ledger(job_id)}
+    for name in HOSPITALS:
+        h = {**j, "hospital": name}
+        assert _value(s, c + "epsilon_budget", **h) == 3.0
+        spent = _value(s, c + "epsilon_spent", **h)
+        assert spent == (ledger[committed, name] if committed else None), (name, committed)
+        last = _value(s, c + "hospital_last_round", **h)
+        assert last == committed, (name, last)  # every hospital took part in every round
+        oks = _value(s, c + "participations_total", **h, status="ok") or 0
+        assert oks == committed
+    if committed:
+        assert _value(s, c + "round_participants", **j) == rounds[committed].num_participants == 3
+        stamp = rounds[committed].committed_at
+        assert stamp is not None
+        assert _value(s, c + "last_commit_timestamp_seconds", **j) == stamp.timestamp()
+    views = store.rounds(job_id)
+    # Bytes of every attempt up to this round, plus any failed attempt at the next one.
+    low = sum(p.bytes_received for v in views if v.number <= committed for p in v.participations)
+    high = low + sum(
+        p.bytes_received for v in views if v.number == committed + 1 and v.status == "failed"
+        for p in v.participations
+    )  # fmt: skip
+    received = sum(_value(s, c + "received_bytes_total", **j, hospital=h) or 0 for h in HOSPITALS)
+    assert low <= received <= high
+    durations = _value(s, c + "round_duration_seconds_count", **j) or 0
+    assert committed - 1 <= durations <= committed  # observed just after each commit
+    assert not [k for k in s if k[0].startswith(c + "rejected_updates")]
+    assert not [k for k in s if "loss" in k[0] or "accuracy" in k[0]], sorted(k[0] for k in s)
+    assert not model_values & set(s.values())
+    return committed
+
+
+def _check_hospital_scrape(s: MetricSamples, name: str, entries: list[LedgerEntry]) -> int:
+    """Check one hospital scrape against its ledger; returns the rounds it had trained."""
+    p = "fedvault_hospital_"
+    devices = [k for k in s if k[0] == p + "device_info"]
+    assert len(devices) == 1 and s[devices[0]] == 1, devices
+    trained = int(_value(s, p + "rounds_trained_total", fl_job=DEMO_JOB) or 0)
+    assert trained <= len(entries)
+    if trained:
+        spent = _value(s, p + "epsilon_spent", fl_job=DEMO_JOB)
+        assert spent == entries[trained - 1].epsilon, (name, trained)
+        assert _value(s, p + "epsilon_budget", fl_job=DEMO_JOB) == 3.0
+        remaining = _value(s, p + "epsilon_remaining", fl_job=DEMO_JOB)
+        assert remaining == pytest.approx(3.0 - entries[trained - 1].epsilon, rel=1e-9)
+    # Each round: decrypt, train, record on the ledger, encrypt; a scrape may fall in between.
+    trainings = _value(s, p + "training_seconds_count") or 0
+    encryptions = _value(s, p + "encryption_seconds_count") or 0
+    assert trained <= trainings <= trained + 1, (name, trained, trainings)
+    assert trained - 1 <= encryptions <= trained, (name, trained, encryptions)
+    assert (_value(s, p + "decryption_seconds_count") or 0) >= trainings
+    assert not [k for k in s if "loss" in k[0] or "accuracy" in k[0]]
+    return trained
+
+
+@pytest.mark.timeout(DEMO_TEST_TIMEOUT_S)
+def test_metrics_scraped_during_the_demo_match_the_store_and_ledgers(demo: DemoRun) -> None:
+    assert demo.returncode == 0, demo.explain()
+    assert sorted(demo.metrics_urls) == ["coordinator", *HOSPITALS], demo.stdout
+    for name, url in demo.metrics_urls.items():
+        assert f"metrics: {name} {url}" in demo.stdout
+    with RoundStore(sqlite_url(demo.out / "coordinator" / DEFAULT_STORE_FILENAME)) as store:
+        job = store.get_job(DEMO_JOB)
+        assert job is not None and job.status == "finished"
+        model_values = _model_values(store, job.id)
+        assert model_values  # the check below is not vacuous
+        seen = [
+            _check_coordinator_scrape(_samples(text), store, job.id, model_values)
+            for text in demo.scrapes.get("coordinator", [])
+        ]
+    assert len(seen) >= 3 and max(seen) >= 1, seen  # scraped a few times, once after a commit
+    # The ServerApp's timings crossed from Flower's flwr-serverapp process to the daemon.
+    last = _samples(demo.scrapes["coordinator"][-1])
+    for timing in ("round_duration_seconds_count", "store_commit_seconds_count"):
+        assert (_value(last, f"fedvault_coordinator_{timing}", fl_job=DEMO_JOB) or 0) >= 1, timing
+    for name in HOSPITALS:
+        ledger_path = demo.out / "hospital-state" / name / "ledger.sqlite"
+        with LocalLedger(ledger_path, hospital=name) as ledger:
+            entries: list[LedgerEntry] = ledger.entries(DEMO_JOB)
+        assert len(entries) == 2
+        trained = [_check_hospital_scrape(_samples(t), name, entries) for t in demo.scrapes[name]]
+        assert len(trained) >= 3 and max(trained) >= 1, (name, trained)

@@ -137,7 +137,7 @@ def test_a_hospital_killed_after_masking_leaves_the_exact_aggregate(
         procs["coordinator"] = spawn(
             [sys.executable, "-m", "fedvault", "coordinator", "start",
              "--kit", str(paths["kits"] / "coordinator"), "--job", str(paths["job"]),
-             "--state", str(paths["state"])],
+             "--state", str(paths["state"]), "--exit-when-idle"],
             env=env, log_path=logs / "coordinator.log",
         )  # fmt: skip
         _until(enrolled, 120, "the coordinator to enrol the hospitals", logs)

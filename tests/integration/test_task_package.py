@@ -165,7 +165,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         procs["coordinator"] = spawn(
             [sys.executable, "-m", "fedvault", "coordinator", "start",
              "--kit", str(kits / "coordinator"), "--job", str(job),
-             "--state", str(coordinator_state)],
+             "--state", str(coordinator_state), "--exit-when-idle"],
             env=env_with(v1), log_path=logs / "coordinator.log",
         )  # fmt: skip
         from fedvault.app.demo import _wait_for_enrolment

@@ -1,9 +1,12 @@
 """Measurement 3: one DP-SGD step against one non-private SGD step.
 
 Same model initialisation, same batch, same optimizer, same run. The private
-step is what a hospital runs (:func:`fedvault.privacy.dp.make_private`:
-Poisson-sampled DP-SGD, per-sample gradients by Opacus hooks, clipping to C,
-Gaussian noise); the baseline is the same step without privacy. Three cases:
+step is what a hospital runs (:func:`fedvault.privacy.dp.make_private` with
+the task's loss, as ``train_private`` calls it: Poisson-sampled DP-SGD,
+per-sample clipping to C in the grad-sample mode ``choose_grad_sample_mode``
+picks for the model, reported as ``grad_sample_mode``: ``ew`` for the
+digits CNN, ``ghost`` for the MLP; Gaussian noise); the baseline is the same
+step without privacy. Three cases:
 
 * ``digits_cnn``: the digits example as a hospital trains it, its CNN, its
   optimizer (``EXAMPLE.defaults``) and its batch: ``min(batch_size, n)`` for a
@@ -21,8 +24,10 @@ of the two). ``secure_rng_vs_fast_noise_{1m,10m}``: one noise draw of 1M and
 10M values, the CSPRNG's robust Gaussian against ``torch.normal``.
 
 Levers, each measured alone against the same baseline (``details.dp``): the
-other Opacus grad-sample modes (``ew``, ``functorch``, and ``ghost`` with the
-loss wrapped by ``make_private(criterion=...)`` as ghost clipping requires),
+Opacus grad-sample modes called directly (``ew``, ``functorch``, and ``ghost``
+with the loss wrapped by ``make_private(criterion=...)`` as ghost clipping
+requires; raw Opacus ``ew`` fails an empty batch, which the product's step
+replaces by ``PrivateTraining.noise_only_step``),
 two torch threads instead of one (both sides), and channels-last tensors (both
 sides). Each lever also reports whether it keeps the product's semantics: the
 parameters after one noise-free step must equal the hooks step's (same
@@ -49,7 +54,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bench.common import Row, Section, cpu_clock
 from fedvault.examples.digits import EXAMPLE as DIGITS
 from fedvault.examples.digits import build_model as digits_cnn
-from fedvault.privacy.dp import AccountantState, make_private
+from fedvault.privacy.dp import AccountantState, GradSampleMode, make_private
 
 __all__ = ["mlp_1m", "run", "secure_noise_cost"]
 
@@ -58,6 +63,8 @@ DIGITS_HOSPITALS = 4  # the digits example's default consortium (examples/digits
 TARGET = 1.5
 
 Step = Callable[[], None]
+#: The grad-sample mode ``make_private`` chose, by ``id`` of the model (for the report).
+step_mode: dict[int, str] = {}
 
 
 def mlp_1m() -> nn.Module:
@@ -142,9 +149,12 @@ def _ours(
     y: torch.Tensor,
     noise: float = 1.0,
     secure_rng: bool = False,
+    mode: GradSampleMode = "auto",
 ) -> Step:
     """The product's private step: ``make_private`` as ``train_private`` calls it.
 
+    With the task's loss (cross-entropy), so ``"auto"`` picks the mode
+    ``train_private`` trains this model with (``choose_grad_sample_mode``).
     ``secure_rng``: noise from the CSPRNG (``privacy/csprng.py``), as deployed
     hospitals draw it; off, torch's generator (``fedvault simulate``'s default).
     """
@@ -157,13 +167,19 @@ def _ours(
         max_grad_norm=1.0,
         state=AccountantState(),
         secure_rng=secure_rng,
+        grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(),
     )
     if noise == 0:
         private.optimizer.noise_multiplier = 0.0
-    criterion = nn.CrossEntropyLoss()
+    criterion = private.criterion
+    step_mode[id(model)] = private.grad_sample_mode
 
     def step(xb: torch.Tensor = x, yb: torch.Tensor = y) -> None:
         private.optimizer.zero_grad(set_to_none=True)
+        if not len(yb) and private.grad_sample_mode == "ew":
+            private.noise_only_step()  # as client/training.py: ew refuses batch 0
+            return
         _loss(criterion, private.module(xb), yb).backward()
         private.optimizer.step()
 
@@ -204,7 +220,7 @@ def _semantics(
 ) -> dict[str, Any]:
     """Does ``mode`` clip like hooks (noise-free step, same result) and take an empty batch?"""
     ref_model, model = copy.deepcopy(base), copy.deepcopy(base)
-    _ours(ref_model, case, x, y, noise=0.0)()
+    _ours(ref_model, case, x, y, noise=0.0, mode="hooks")()
     out: dict[str, Any] = {}
     try:
         step = _mode(model, case, x, y, mode, noise=0.0)
@@ -231,9 +247,10 @@ def _measure(case: Case, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     base = case.build()
     x, y = _data(case)
+    ours_model = copy.deepcopy(base)
     configs: dict[str, Step] = {
         "plain": _plain(copy.deepcopy(base), case, x, y),
-        "ours": _ours(copy.deepcopy(base), case, x, y),
+        "ours": _ours(ours_model, case, x, y),
         "ours_secure_rng": _ours(copy.deepcopy(base), case, x, y, secure_rng=True),
     }
     failed: dict[str, str] = {}
@@ -290,6 +307,7 @@ def _measure(case: Case, repeats: int) -> dict[str, Any]:
         "batch": case.batch,
         "lr": case.lr,
         "momentum": case.momentum,
+        "grad_sample_mode": step_mode[id(ours_model)],
         "plain_step_s": plain,
         "ours_step_s": times["ours"],
         "ratio": times["ours"] / plain,
@@ -372,7 +390,7 @@ def run(quick: bool = False) -> Section:
     cases = (
         Case("digits_cnn", digits_cnn, digits_batch(), d.learning_rate, d.momentum, 10, True),
         Case("digits_cnn_b64", digits_cnn, 64, d.learning_rate, d.momentum, 20, True),
-        Case("mlp_1m", mlp_1m, 64, 0.01, 0.9, 2, False),
+        Case("mlp_1m", mlp_1m, 64, 0.01, 0.9, 4, False),
     )
     # One thread, as each simulated hospital trains (one Ray actor per core):
     # with two threads on two shared cores, tiny kernels measure contention.

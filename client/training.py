@@ -142,9 +142,9 @@ def train_private(
 ) -> LocalResult:
     """Run one round of local DP-SGD, continuing the job's accountant ``state``.
 
-    Per-sample clipping is by ghost clipping where the model and the task's
-    loss allow it, else by hooks (``grad_sample_mode``, see
-    :func:`fedvault.privacy.dp.make_private`): the same step either way.
+    Per-sample clipping is by ghost clipping or ExpandedWeights where the
+    model and the task's loss allow it, else by hooks (``grad_sample_mode``,
+    see :func:`fedvault.privacy.dp.make_private`): the same step either way.
 
     ``max_physical_batch_size`` caps the batch this hospital's memory holds at
     once: every Poisson (logical) batch larger than the cap is split into
@@ -187,6 +187,7 @@ def train_private(
         grad_sample_mode=grad_sample_mode,
         criterion=task.criterion(),
         secure_rng=secure_rng,
+        autocast=_autocasts(device, enabled=mixed_precision),
     )
     with _physical_batches(private, max_physical_batch_size) as batches:
         total_loss, total_seen = _local_epochs(
@@ -219,6 +220,11 @@ def _local_epochs(
         for features, labels in batches:
             features, labels = features.to(device), labels.to(device)
             private.optimizer.zero_grad(set_to_none=True)
+            if not len(labels) and private.grad_sample_mode == "ew":
+                # ExpandedWeights refuses a batch of size 0: Opacus' optimizer
+                # takes the same noise-only step from empty per-sample gradients.
+                private.noise_only_step()
+                continue
             logits = _forward(private, features, device, mixed_precision)
             if mixed_precision and logits.is_floating_point():
                 logits = logits.float()  # the loss in float32, as Opacus' AMP support does
@@ -300,18 +306,23 @@ def _physical_batches(
         yield loader
 
 
+def _autocasts(device: torch.device, *, enabled: bool) -> bool:
+    """Whether :func:`_autocast` autocasts: asked for, on CUDA with bfloat16 support."""
+    return (
+        enabled
+        and torch.device(device).type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.is_bf16_supported()
+    )
+
+
 def _autocast(device: torch.device, *, enabled: bool) -> AbstractContextManager[object]:
     """bfloat16 autocast for the forward pass on CUDA (when asked and supported); else a no-op.
 
     bfloat16, not float16: float16 needs loss scaling, and a scaled loss scales
     every per-sample gradient before it is clipped.
     """
-    if (
-        enabled
-        and torch.device(device).type == "cuda"
-        and torch.cuda.is_available()
-        and torch.cuda.is_bf16_supported()
-    ):
+    if _autocasts(device, enabled=enabled):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return nullcontext()
 

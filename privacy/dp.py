@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 from fedvault.errors import InvalidConfigError, MalformedUpdateError
 
 __all__ = [
+    "EW_MAX_PARAMS",
     "AccountantName",
     "AccountantState",
     "DpPlan",
@@ -37,6 +38,7 @@ __all__ = [
     "NoiseSource",
     "PrivacyConfig",
     "PrivateTraining",
+    "ResolvedMode",
     "choose_grad_sample_mode",
     "compute_epsilon",
     "make_private",
@@ -47,10 +49,16 @@ AccountantName = Literal["prv", "rdp"]
 _ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)
 #: How per-sample gradients are clipped: ``"ghost"`` (Opacus' ghost / fast
 #: gradient clipping: per-sample gradient *norms* only), ``"hooks"`` (every
-#: per-sample gradient materialised), or ``"auto"`` (see
+#: per-sample gradient materialised by module hooks), ``"ew"`` (every
+#: per-sample gradient materialised inside autograd by torch's
+#: ExpandedWeights, Opacus' ``grad_sample_mode="ew"``), or ``"auto"`` (see
 #: :func:`choose_grad_sample_mode`).
-GradSampleMode = Literal["auto", "ghost", "hooks"]
+GradSampleMode = Literal["auto", "ew", "ghost", "hooks"]
 _GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
+ResolvedMode = Literal["ew", "ghost", "hooks"]
+#: Most trainable parameters for which "auto" picks ``"ew"``: it holds
+#: ``batch x parameters`` per-sample gradients (0.2 GB at batch 512).
+EW_MAX_PARAMS = 100_000
 #: Where DP-SGD's noise and Poisson batches come from: ``"chacha20"`` (a
 #: ChaCha20 keystream keyed by the OS, :mod:`fedvault.privacy.csprng`) or
 #: ``"torch"`` (torch's seeded Mersenne Twister: reproducible, predictable).
@@ -409,8 +417,25 @@ class PrivateTraining:
     data_loader: DataLoader[Any]
     engine: PrivacyEngine
     criterion: Callable[..., Any] | None = None
-    grad_sample_mode: Literal["ghost", "hooks"] = "hooks"
+    grad_sample_mode: ResolvedMode = "hooks"
     noise_source: NoiseSource = "torch"
+
+    def noise_only_step(self) -> None:
+        """The step of an empty Poisson batch in ``"ew"`` or ``"hooks"`` mode: noise only.
+
+        Opacus' optimizer clips and sums zero per-sample gradients, adds the
+        noise and counts the step, exactly as after a backward pass over no
+        sample. Needed in ``"ew"`` mode, whose forward pass (torch's
+        ExpandedWeights) refuses a batch of size 0.
+        """
+        if self.grad_sample_mode == "ghost":
+            raise InvalidConfigError(
+                "noise_only_step is for 'ew' and 'hooks' modes; in ghost mode "
+                "backpropagate outputs.sum() * 0.0"
+            )
+        for p in self.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
 
     def state(self) -> AccountantState:
         """Accountant history after the steps taken so far (all rounds of the job)."""
@@ -440,6 +465,20 @@ def _check_module(module: nn.Module) -> None:
         )
 
 
+def _tied_parameters(module: nn.Module) -> list[str]:
+    """Trainable parameters used twice in one forward pass (tied weights, a layer placed twice)."""
+    owners: dict[int, list[str]] = {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        for pname, p in sub.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    return [
+        f"parameter {' = '.join(map(repr, names))} is shared (tied)"
+        for names in owners.values()
+        if len(names) > 1
+    ]
+
+
 def _ghost_blockers(module: nn.Module) -> list[str]:
     """Why Opacus' ghost clipping cannot clip ``module`` exactly (empty: it can)."""
     from opacus.grad_sample import GradSampleHooksFastGradientClipping as Ghost
@@ -460,35 +499,66 @@ def _ghost_blockers(module: nn.Module) -> list[str]:
     ]
     if not layers:
         problems.append("the model has no trainable parameters")
-    # Ghost clipping refuses a parameter used twice in one forward pass
-    # (tied weights, a layer placed twice in the model).
-    owners: dict[int, list[str]] = {}
-    for name, sub in module.named_modules(remove_duplicate=False):
-        for pname, p in sub.named_parameters(recurse=False):
-            if p.requires_grad:
-                owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
-    problems += [
-        f"parameter {' = '.join(map(repr, names))} is shared (tied)"
-        for names in owners.values()
-        if len(names) > 1
+    # Ghost clipping refuses a parameter used twice in one forward pass.
+    return problems + _tied_parameters(module)
+
+
+def _ew_blockers(module: nn.Module) -> list[str]:
+    """Why torch's ExpandedWeights (Opacus' ``"ew"`` mode) cannot clip ``module`` (empty: it can).
+
+    Only layers whose functional op ExpandedWeights implements (its own
+    registry, ``torch.nn.utils._expanded_weights``) and no tied parameter (a
+    second use would accumulate into the same per-sample slot untested).
+    """
+    from opacus.utils.module_utils import trainable_modules
+    from torch import nn
+
+    supported = (
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+        nn.Embedding,
+    )
+    layers = list(trainable_modules(module))
+    problems = [
+        f"layer {name or '<root>'!r} ({type(sub).__name__}) has no ExpandedWeights rule"
+        for name, sub in layers
+        if type(sub) not in supported
     ]
-    return problems
+    if not layers:
+        problems.append("the model has no trainable parameters")
+    return problems + _tied_parameters(module)
 
 
-def choose_grad_sample_mode(module: nn.Module) -> Literal["ghost", "hooks"]:
+def _ghost_materialises(module: nn.Module) -> bool:
+    """Whether ghost mode would materialise some layer's per-sample gradients anyway."""
+    from opacus.grad_sample import GradSampleHooksFastGradientClipping as Ghost
+    from opacus.utils.module_utils import trainable_modules
+
+    return any(type(sub) not in Ghost.NORM_SAMPLERS for _, sub in trainable_modules(module))
+
+
+def choose_grad_sample_mode(module: nn.Module) -> ResolvedMode:
     """The per-sample gradient mode ``make_private(grad_sample_mode="auto")`` uses for ``module``.
 
-    ``"ghost"`` when Opacus can ghost-clip every *trainable* layer, else
-    ``"hooks"``. Why: hooks mode stores a per-sample gradient of every
-    parameter (``batch x parameters`` floats: 4.7 GB for a 9.2M-parameter MLP
-    at batch 128), while ghost clipping (Li et al., 2021, arXiv:2110.05679;
-    Bu et al., 2022, arXiv:2205.10683) gets each sample's gradient *norm* from
-    the layer's activations and output gradients, then takes a second,
-    re-weighted backward pass that yields the sum of the clipped gradients
-    directly: the same clipped sum, hence the same DP-SGD step and the same
-    privacy, in about the memory of non-private training (measured on that
-    MLP: 0.57 GB peak RSS against 9.2 GB with hooks), for a second backward
-    pass.
+    ``"ghost"`` when Opacus can ghost-clip every *trainable* layer, except
+    ``"ew"`` for small models whose layers ghost mode could not ghost-clip
+    anyway; else ``"hooks"``. Why: hooks mode stores a per-sample gradient of
+    every parameter (``batch x parameters`` floats: 4.7 GB for a
+    9.2M-parameter MLP at batch 128), while ghost clipping (Li et al., 2021,
+    arXiv:2110.05679; Bu et al., 2022, arXiv:2205.10683) gets each sample's
+    gradient *norm* from the layer's activations and output gradients, then
+    takes a second, re-weighted backward pass that yields the sum of the
+    clipped gradients directly: the same clipped sum, hence the same DP-SGD
+    step and the same privacy, in about the memory of non-private training
+    (measured on that MLP: 0.57 GB peak RSS against 9.2 GB with hooks), for
+    a second backward pass.
 
     A layer qualifies when its type is in Opacus' registry for that mode: a
     per-sample norm sampler (``nn.Linear``, ``nn.Embedding``: true ghost
@@ -501,10 +571,24 @@ def choose_grad_sample_mode(module: nn.Module) -> Literal["ghost", "hooks"]:
     (e.g. ``nn.PReLU``, ``nn.MultiheadAttention``: per-sample gradients via
     functorch) and for tied parameters, which ghost clipping refuses.
 
+    ``"ew"``: when some trainable layer has no norm sampler (a convolution,
+    a normalisation), ghost mode materialises its per-sample gradients *and*
+    pays the second backward pass. For a model of at most
+    :data:`EW_MAX_PARAMS` trainable parameters whose layers torch's
+    ExpandedWeights all handles, the ``"ew"`` mode is cheaper: it computes
+    every per-sample gradient inside the single backward pass (no second
+    pass, no module hooks), and is the same clipped step (measured on the
+    digits CNN: ~2.1x the non-private step against ~2.7x in ghost mode).
+
     A pure function of the module's structure; the loss must also suit ghost
-    clipping, which :func:`make_private` checks separately.
+    or ew clipping, which :func:`make_private` checks separately.
     """
-    return "hooks" if _ghost_blockers(module) else "ghost"
+    if _ghost_blockers(module):
+        return "hooks"
+    params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if _ghost_materialises(module) and params <= EW_MAX_PARAMS and not _ew_blockers(module):
+        return "ew"
+    return "ghost"
 
 
 def _ghost_loss_problem(criterion: object) -> str | None:
@@ -564,6 +648,7 @@ def make_private(
     secure_rng: bool = True,
     grad_sample_mode: GradSampleMode = "auto",
     criterion: Callable[..., Any] | None = None,
+    autocast: bool = False,
 ) -> PrivateTraining:
     """Wrap one round's model, optimizer and data for DP-SGD, continuing ``state``.
 
@@ -579,18 +664,24 @@ def make_private(
     and reproducible (simulations, tests), but predictable from its seed.
     The step, the step count and epsilon are the same either way.
 
-    Per-sample clipping is by ghost clipping or by hooks
-    (``grad_sample_mode``): ``"auto"`` picks ghost when
+    Per-sample clipping is by ghost clipping, by ExpandedWeights or by hooks
+    (``grad_sample_mode``): ``"auto"`` picks ghost or ew when
     :func:`choose_grad_sample_mode` does *and* ``criterion`` is a ``torch.nn``
-    loss with ``reduction="mean"`` (ghost clipping needs one loss per sample);
-    otherwise hooks (so a caller that passes no criterion keeps hooks). Both
+    loss with ``reduction="mean"`` (both need one loss per sample);
+    otherwise hooks (so a caller that passes no criterion keeps hooks). All
     modes clip each sample's gradient to ``max_grad_norm`` and add the same
     noise: same step, same accountant, same epsilon. Train with
     ``PrivateTraining.criterion``: in ghost mode it is Opacus' wrapped loss,
     whose ``backward()`` runs both passes. An empty Poisson batch still takes
-    its noise-only step in both modes: backpropagate a zero that depends on
-    the parameters (``outputs.sum() * 0.0``) rather than the criterion (whose
-    mean over no sample is NaN).
+    its noise-only step in every mode: in ghost and hooks mode backpropagate
+    a zero that depends on the parameters (``outputs.sum() * 0.0``) rather
+    than the criterion (whose mean over no sample is NaN); in ew mode, whose
+    forward pass refuses an empty batch, call
+    :meth:`PrivateTraining.noise_only_step` instead of the forward pass.
+
+    ``autocast``: the forward pass will run under mixed-precision autocast;
+    ``"auto"`` then picks ghost rather than ew (the same step), as
+    ExpandedWeights' own autograd functions are not verified under autocast.
 
     Raises
     ------
@@ -602,6 +693,8 @@ def make_private(
     _check_dp_arguments(noise_multiplier, max_grad_norm, grad_sample_mode)
     _check_module(module)
     mode = _resolve_mode(grad_sample_mode, module, criterion)
+    if autocast and grad_sample_mode == "auto" and mode == "ew":
+        mode = "ghost"  # chosen only where ghost clipping can clip the model too
     engine, private_module, dp_optimizer, dp_loader, loss = _engine_make_private(
         state,
         mode,
@@ -644,7 +737,7 @@ def _check_dp_arguments(noise_multiplier: float, max_grad_norm: float, mode: obj
 
 def _engine_make_private(
     state: AccountantState,
-    mode: Literal["ghost", "hooks"],
+    mode: ResolvedMode,
     criterion: Callable[..., Any] | None,
     **common: Any,
 ) -> tuple[
@@ -678,19 +771,18 @@ def _engine_make_private(
     return engine, cast("GradSampleModule", private_module), dp_optimizer, dp_loader, loss
 
 
-def _resolve_mode(
-    requested: str, module: nn.Module, criterion: object
-) -> Literal["ghost", "hooks"]:
+def _resolve_mode(requested: str, module: nn.Module, criterion: object) -> ResolvedMode:
     if requested == "hooks":
         return "hooks"
     loss_problem = _ghost_loss_problem(criterion)
     if requested == "auto":
         return "hooks" if loss_problem else choose_grad_sample_mode(module)
-    problems = _ghost_blockers(module) + ([loss_problem] if loss_problem else [])
+    blockers = _ew_blockers if requested == "ew" else _ghost_blockers
+    problems = blockers(module) + ([loss_problem] if loss_problem else [])
     if problems:
         raise InvalidConfigError(
-            "grad_sample_mode='ghost' cannot clip this model exactly: "
+            f"grad_sample_mode={requested!r} cannot clip this model exactly: "
             + "; ".join(problems)
             + ". Use grad_sample_mode='hooks' (or 'auto')"
         )
-    return "ghost"
+    return "ew" if requested == "ew" else "ghost"

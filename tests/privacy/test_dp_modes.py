@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedvault.client.training import train_private
 from fedvault.config import TrainingConfig
 from fedvault.errors import InvalidConfigError
+from fedvault.examples.digits import build_model as digits_cnn
 from fedvault.privacy.dp import (
+    EW_MAX_PARAMS,
     AccountantState,
     DpPlan,
     PrivacyConfig,
@@ -117,6 +119,9 @@ def _one_step(
     assert private.grad_sample_mode == mode
     assert private.criterion is not None
     private.optimizer.zero_grad(set_to_none=True)
+    if not len(y) and mode == "ew":  # as train_private: ExpandedWeights refuses batch 0
+        private.noise_only_step()
+        return model, private.state()
     outputs = private.module(x)
     loss = private.criterion(outputs, y) if len(y) else outputs.sum() * 0.0
     loss.backward()
@@ -162,8 +167,10 @@ def test_ghost_step_equals_hooks_step(build: Callable[[], nn.Module]) -> None:
     x, y = _batch()
     ghost, ghost_state = _one_step(model, "ghost", x, y)
     hooks, hooks_state = _one_step(model, "hooks", x, y)
+    ew, ew_state = _one_step(model, "ew", x, y)
     _assert_same_params(ghost, hooks)
-    assert ghost_state.history == hooks_state.history == ((NO_NOISE, 0.5, 1),)
+    _assert_same_params(ew, hooks)
+    assert ghost_state.history == hooks_state.history == ew_state.history == ((NO_NOISE, 0.5, 1),)
     # ... and both are the DP-SGD step computed sample by sample, with clipping at work.
     reference, clipped = _reference_step(model, x, y, clip=0.1, expected_batch=len(x) // 2)
     assert clipped >= len(x) // 2
@@ -182,7 +189,13 @@ def test_ghost_step_equals_hooks_step_for_a_cnn() -> None:
     model = _cnn()
     ghost, _ = _one_step(model, "ghost", x, y, clip=0.05)
     hooks, _ = _one_step(model, "hooks", x, y, clip=0.05)
+    ew, _ = _one_step(model, "ew", x, y, clip=0.05)
     _assert_same_params(ghost, hooks)
+    _assert_same_params(ew, hooks)
+    # ... and the DP-SGD step computed sample by sample, with clipping at work.
+    reference, clipped = _reference_step(model, x, y, clip=0.05, expected_batch=len(x) // 2)
+    assert clipped >= len(x) // 2
+    _assert_same_params(ew, reference, rtol=1e-4)
 
 
 def test_ghost_loss_with_one_column_per_sample_is_clipped_per_sample() -> None:
@@ -193,10 +206,12 @@ def test_ghost_loss_with_one_column_per_sample_is_clipped_per_sample() -> None:
     y = (labels > 0).float().unsqueeze(1)
     ghost, _ = _one_step(model, "ghost", x, y, criterion=nn.BCEWithLogitsLoss(), clip=0.05)
     hooks, _ = _one_step(model, "hooks", x, y, criterion=nn.BCEWithLogitsLoss(), clip=0.05)
+    ew, _ = _one_step(model, "ew", x, y, criterion=nn.BCEWithLogitsLoss(), clip=0.05)
     _assert_same_params(ghost, hooks)
+    _assert_same_params(ew, hooks)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "ew"])
 def test_empty_poisson_batch_takes_a_noise_only_step(mode: str) -> None:
     torch.manual_seed(3)
     model = _mlp()
@@ -268,15 +283,20 @@ def test_train_private_ghost_and_hooks_agree_including_empty_batches() -> None:
     torch.manual_seed(0)
     model = _mlp()
     results = {}
-    for mode in ("ghost", "hooks"):
+    for mode in ("ghost", "hooks", "ew"):
         trained = copy.deepcopy(model)
         results[mode] = (trained, _train(trained, data, plan, batch_size=1, grad_sample_mode=mode))
-    (ghost, g), (hooks, h) = results["ghost"], results["hooks"]
-    assert g.round_steps == h.round_steps == 40  # every batch, empty or not, is a step
-    assert g.state.history == h.state.history == ((plan.noise_multiplier, plan.sample_rate, 40),)
-    assert g.state.epsilon(DELTA) == h.state.epsilon(DELTA) <= 3.0
-    assert g.loss == pytest.approx(h.loss, rel=1e-5)
-    _assert_same_params(ghost, hooks, rtol=1e-4)
+    (hooks, h) = results["hooks"]
+    assert h.round_steps == 40  # every batch, empty or not, is a step
+    assert h.state.history == ((plan.noise_multiplier, plan.sample_rate, 40),)
+    assert h.state.epsilon(DELTA) <= 3.0
+    for mode in ("ghost", "ew"):
+        other, o = results[mode]
+        assert o.round_steps == h.round_steps
+        assert o.state.history == h.state.history
+        assert o.state.epsilon(DELTA) == h.state.epsilon(DELTA)
+        assert o.loss == pytest.approx(h.loss, rel=1e-5)
+        _assert_same_params(other, hooks, rtol=1e-4)
 
 
 def test_auto_mode_is_ghost_for_the_task_loss() -> None:
@@ -304,7 +324,50 @@ def test_auto_mode_is_ghost_for_the_task_loss() -> None:
     assert (legacy.grad_sample_mode, legacy.criterion) == ("hooks", None)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_digits_round_in_auto_mode_is_the_hooks_round() -> None:
+    """The digits CNN as a hospital trains it: ew (auto) and hooks, one round, same result."""
+    from fedvault.examples.digits import TASK as DIGITS
+
+    train, _ = DIGITS.load_data(0)
+    data = TensorDataset(*train[:200])  # type: ignore[index]
+    d = DIGITS.defaults
+    config = PrivacyConfig(epsilon=3.0, accountant="rdp")
+    plan = plan_dp(config, num_samples=200, batch_size=50, local_epochs=2, rounds=1)
+    torch.manual_seed(0)
+    model = digits_cnn()
+    runs = {}
+    for mode in ("auto", "hooks"):
+        trained = copy.deepcopy(model)
+        runs[mode] = (
+            trained,
+            train_private(
+                trained,
+                data,
+                task=DIGITS,
+                training=TrainingConfig(
+                    batch_size=50, learning_rate=d.learning_rate, local_epochs=2, momentum=0.5
+                ),
+                max_grad_norm=d.max_grad_norm,
+                batch_size=50,
+                plan=plan,
+                state=AccountantState("rdp"),
+                device=torch.device("cpu"),
+                seed=3,
+                grad_sample_mode=mode,  # type: ignore[arg-type]
+                secure_rng=False,
+            ),
+        )
+    (ew, r_ew), (hooks, r_hooks) = runs["auto"], runs["hooks"]
+    assert r_ew.state.history == r_hooks.state.history
+    assert r_ew.round_steps == r_hooks.round_steps == plan.steps_per_round == 8
+    assert r_ew.loss == pytest.approx(r_hooks.loss, rel=1e-5)
+    _assert_same_params(ew, hooks, rtol=1e-4)
+    assert any(
+        not torch.equal(p, q) for p, q in zip(model.parameters(), ew.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "ew"])
 def test_virtual_steps_change_nothing(mode: str) -> None:
     """Physical batches of <= 5 from Poisson batches of ~16: same steps, epsilon and model."""
     data = _data(64)
@@ -339,7 +402,7 @@ def test_virtual_steps_change_nothing(mode: str) -> None:
     _assert_same_params(split, full, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "ew"])
 def test_one_logical_step_split_matches_unsplit_without_noise(mode: str) -> None:
     data = _data(64, seed=4)
     plan = DpPlan(noise_multiplier=NO_NOISE, sample_rate=1.0, steps_per_round=1, rounds=1)
@@ -381,7 +444,16 @@ def test_mixed_precision_changes_nothing_on_cpu() -> None:
 
 def test_choose_grad_sample_mode() -> None:
     assert choose_grad_sample_mode(_mlp()) == "ghost"
-    assert choose_grad_sample_mode(_cnn()) == "ghost"  # Conv/GroupNorm: fast gradient clipping
+    # Conv/GroupNorm: ghost mode would materialise their per-sample gradients anyway
+    # (fast gradient clipping) and add a second backward pass; ExpandedWeights does not.
+    assert choose_grad_sample_mode(_cnn()) == "ew"
+    assert choose_grad_sample_mode(digits_cnn()) == "ew"
+    # ... up to EW_MAX_PARAMS: beyond, ghost mode's memory bound matters more.
+    big = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 28))
+    assert sum(p.numel() for p in big.parameters()) > EW_MAX_PARAMS
+    assert choose_grad_sample_mode(big) == "ghost"
+    # A layer ExpandedWeights has no rule for (trainable) keeps ghost mode.
+    assert choose_grad_sample_mode(nn.Sequential(_cnn(), nn.RMSNorm(3))) == "ghost"
     # PReLU has neither a per-sample norm nor a per-sample gradient in Opacus' registry ...
     prelu = nn.Sequential(nn.Linear(10, 8), nn.PReLU(), nn.Linear(8, 3))
     assert choose_grad_sample_mode(prelu) == "hooks"
@@ -397,6 +469,23 @@ def test_choose_grad_sample_mode() -> None:
     layer = nn.Linear(8, 8)
     assert choose_grad_sample_mode(nn.Sequential(layer, nn.Tanh(), layer)) == "hooks"
     assert choose_grad_sample_mode(nn.Sequential(nn.Linear(4, 4).requires_grad_(False))) == "hooks"
+
+
+@pytest.mark.parametrize(("autocast", "mode"), [(False, "ew"), (True, "ghost")])
+def test_auto_mode_avoids_ew_under_autocast(autocast: bool, mode: str) -> None:
+    """ExpandedWeights under autocast is unverified: the same step by ghost clipping instead."""
+    model = _cnn()
+    private = make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(20), batch_size=5),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        state=AccountantState(),
+        criterion=nn.CrossEntropyLoss(),
+        autocast=autocast,
+    )
+    assert private.grad_sample_mode == mode
 
 
 def test_make_private_resolves_and_refuses_modes() -> None:
@@ -428,8 +517,15 @@ def test_make_private_resolves_and_refuses_modes() -> None:
         make(_mlp(), "ghost", mse)
     with pytest.raises(InvalidConfigError, match="no criterion"):
         make(_mlp(), "ghost", None)
+    assert make(_mlp(), "ew", ce).grad_sample_mode == "ew"
+    with pytest.raises(InvalidConfigError, match=r"'1' \(PReLU\) has no ExpandedWeights rule"):
+        make(prelu, "ew", ce)
+    with pytest.raises(InvalidConfigError, match="no criterion"):
+        make(_mlp(), "ew", None)
+    with pytest.raises(InvalidConfigError, match="noise_only_step"):
+        make(_mlp(), "ghost", ce).noise_only_step()
     with pytest.raises(InvalidConfigError, match="grad_sample_mode"):
-        make(_mlp(), "ew", ce)
+        make(_mlp(), "functorch", ce)
 
 
 # --- memory, structurally -----------------------------------------------------

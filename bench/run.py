@@ -41,6 +41,7 @@ SECTIONS: dict[str, str] = {
     "big": "bench.big_model",
     "lora": "bench.lora",
     "secagg": "bench.secagg",
+    "deploy": "bench.deploy_latency",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

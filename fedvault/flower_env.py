@@ -5,7 +5,8 @@ Both the coordinator (``flower-superlink``, ``flwr``) and the hospitals
 both sides need, so neither imports the other:
 
 * :func:`flower_env` — the environment every Flower subprocess gets: telemetry
-  and update checks off (hospital machines must not phone home), a private
+  and update checks off (hospital machines must not phone home), a short
+  SuperExec task poll (:data:`SUPEREXEC_TASK_POLL_S`), a private
   ``FLWR_HOME`` (Flower writes app caches and CLI config there; the default
   ``~/.flwr`` would mix state between daemons and users), and the interpreter's
   ``bin`` directory first on ``PATH`` (Flower launches ``flower-superexec``,
@@ -38,6 +39,8 @@ from pathlib import Path
 from fedvault.errors import FedvaultError, InvalidConfigError
 
 __all__ = [
+    "SUPEREXEC_POLL_ENV",
+    "SUPEREXEC_TASK_POLL_S",
     "ConfigValue",
     "FlowerProcessError",
     "descendants",
@@ -59,6 +62,11 @@ ConfigValue = bool | int | float | str
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _DOTTED_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+#: Seconds between a SuperExec's polls for a task (a message for a ClientApp, a
+#: run for a ServerApp) at its SuperNode or SuperLink: loopback HTTP calls, a few
+#: milliseconds of CPU each (Flower's default is 1.0, its minimum 0.01).
+SUPEREXEC_TASK_POLL_S = 0.2
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 # These make flower-superlink open legacy gRPC Fleet/Control servers on
 # 0.0.0.0:9092/9093 next to its HTTPS port: a second, unguarded door.
 _FORBIDDEN_VARS = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
@@ -110,6 +118,10 @@ def flower_env(*, flwr_home: Path, base: Mapping[str, str] | None = None) -> dic
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     # Apps run in the daemon's own interpreter (no runtime dependency install).
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # Every message waits for the SuperExec's next task poll before its ClientApp
+    # (or the run's ServerApp) process starts; Flower's 1 s default cost a 3-node
+    # round ~0.75 s per message round trip. An operator's own setting wins.
+    env.setdefault(SUPEREXEC_POLL_ENV, repr(SUPEREXEC_TASK_POLL_S))
     bin_dir = str(Path(sys.executable).parent)
     path = env.get("PATH", "")
     if bin_dir not in path.split(os.pathsep):

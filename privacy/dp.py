@@ -652,19 +652,16 @@ def make_private(
 ) -> PrivateTraining:
     """Wrap one round's model, optimizer and data for DP-SGD, continuing ``state``.
 
-    The engine's accountant is restored from ``state`` *before* any step, so
-    epsilon keeps composing across rounds and process restarts. Sampling is
-    Poisson (what the accountant assumes).
+    The accountant is restored from ``state`` *before* any step, so epsilon
+    composes across rounds and restarts. Sampling is Poisson, as assumed.
 
-    ``secure_rng`` (on by default, as a deployed hospital trains): the
-    Gaussian noise and the Poisson batches come from a ChaCha20 keystream
-    keyed by the operating system, with a floating-point-robust Gaussian
-    (:mod:`fedvault.privacy.csprng`): unpredictable, and different on every
-    run whatever torch's seed. Off: torch's seeded Mersenne Twister, faster
-    and reproducible (simulations, tests), but predictable from its seed.
-    The step, the step count and epsilon are the same either way.
+    ``secure_rng`` (on by default, as a deployed hospital trains): noise and
+    Poisson batches from a ChaCha20 keystream keyed by the OS, with a
+    floating-point-robust Gaussian (:mod:`fedvault.privacy.csprng`). Off:
+    torch's seeded generator (reproducible, predictable from its seed). The
+    step, the step count and epsilon are the same either way.
 
-    Per-sample clipping is by ghost clipping, by ExpandedWeights or by hooks
+    Per-sample clipping is by ghost clipping, ExpandedWeights or hooks
     (``grad_sample_mode``): ``"auto"`` picks ghost or ew when
     :func:`choose_grad_sample_mode` does *and* ``criterion`` is a ``torch.nn``
     loss with ``reduction="mean"`` (both need one loss per sample);
@@ -679,9 +676,8 @@ def make_private(
     forward pass refuses an empty batch, call
     :meth:`PrivateTraining.noise_only_step` instead of the forward pass.
 
-    ``autocast``: the forward pass will run under mixed-precision autocast;
-    ``"auto"`` then picks ghost rather than ew (the same step), as
-    ExpandedWeights' own autograd functions are not verified under autocast.
+    ``autocast``: the forward pass runs under mixed precision; ``"auto"`` then
+    avoids ew (its autograd functions are not verified under autocast).
 
     Raises
     ------
@@ -694,7 +690,7 @@ def make_private(
     _check_module(module)
     mode = _resolve_mode(grad_sample_mode, module, criterion)
     if autocast and grad_sample_mode == "auto" and mode == "ew":
-        mode = "ghost"  # chosen only where ghost clipping can clip the model too
+        mode = "ghost"
     engine, private_module, dp_optimizer, dp_loader, loss = _engine_make_private(
         state,
         mode,

@@ -44,7 +44,15 @@ from fedvault.coordinator.superlink import (
     SuperLinkConfig,
     SuperLinkProcess,
 )
-from fedvault.flower_env import free_port, group_members, reap_group, terminate_tree
+from fedvault.flower_env import (
+    SUPEREXEC_POLL_ENV,
+    SUPEREXEC_TASK_POLL_S,
+    flower_env,
+    free_port,
+    group_members,
+    reap_group,
+    terminate_tree,
+)
 
 NODES = ("node1", "node2", "stranger", "late", "direct", "gated", "enrol1", "enrol2")
 
@@ -196,6 +204,38 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def _is_superexec(pid: int) -> bool:
+    return any(Path(arg).name == "flower-superexec" for arg in _cmdline(pid)[:2])
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def test_superexec_task_poll_is_fedvaults_unless_the_operator_set_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from flwr.supercore.superexec.run_superexec import _get_task_poll_interval
+
+    env = flower_env(flwr_home=tmp_path, base={})
+    assert env[SUPEREXEC_POLL_ENV] == repr(SUPEREXEC_TASK_POLL_S)
+    # Flower itself accepts the value (it refuses anything outside 0.01..60 s).
+    monkeypatch.setenv(SUPEREXEC_POLL_ENV, env[SUPEREXEC_POLL_ENV])
+    assert _get_task_poll_interval() == SUPEREXEC_TASK_POLL_S < 1.0
+    assert (
+        flower_env(flwr_home=tmp_path, base={SUPEREXEC_POLL_ENV: "2.5"})[SUPEREXEC_POLL_ENV]
+        == "2.5"
+    )
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -302,6 +342,11 @@ def test_two_node_tls_auth_run_completes_with_exact_fedavg(
         assert all(node.restarts == 0 for node in nodes)
         trees = {pid: _tree(pid) for node in nodes if (pid := node.pid) is not None}
         assert len(trees) == 2
+        # Each SuperNode's SuperExec polls for ClientApp tasks at fedvault's interval.
+        for tree in trees.values():
+            assert [_environ(p).get(SUPEREXEC_POLL_ENV) for p in tree if _is_superexec(p)] == [
+                repr(SUPEREXEC_TASK_POLL_S)
+            ]
     finally:
         t_stop = time.monotonic()
         for node in nodes:

@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 
 from fedvault.errors import (
+    FedvaultError,
     InvalidConfigError,
     KeyMismatchError,
     MalformedUpdateError,
     SecretKeyExposureError,
 )
+from fedvault.privacy import he_pool
 from fedvault.privacy.he import (
     FORMAT_VERSION,
     Aggregator,
@@ -321,6 +323,89 @@ def test_rejected_updates_leave_sum_untouched(ctx: HeContext, pub: HeContext) ->
     sums, weight = decrypt_update(ctx, agg.result())
     assert weight == BASE_WEIGHT + 1.0
     np.testing.assert_allclose(sums["a"], 8.0 * BASE["a"], rtol=0, atol=SUM_ATOL)
+
+
+# --- worker processes: the same sum, the same refusals -------------------------
+
+#: Chunks enough that an update is shared with a worker process (16 a process).
+SHARED = 50 * SLOTS
+
+
+def test_worker_processes_give_the_same_bytes(ctx: HeContext, pub: HeContext) -> None:
+    rng = np.random.default_rng(12)
+    updates = [encrypt_update(ctx, _model(SHARED - 7, 1.0, rng), weight=w) for w in WEIGHTS]
+    chunk = parse_envelope(updates[0]).chunks[0]
+    results = []
+    for processes in (1, 2, 3):
+        agg = Aggregator(pub, processes=processes)
+        assert len(agg._shares) == 0
+        for i, data in enumerate(updates):
+            agg.add(data)
+            if i == 0:
+                assert len(agg._shares) == processes - 1
+                # A bad chunk in any process's range is refused with its index,
+                # and leaves every process's part of the sum untouched.
+                for index in (3, 30, 48):
+                    bad = _tamper(data, _replace_chunk(index, _garble_middle(chunk)))
+                    with pytest.raises(MalformedUpdateError, match=f"chunk {index} of 50 cannot"):
+                        agg.add(bad)
+        results.append(agg.result())
+    assert results[0] == results[1] == results[2]  # byte for byte
+    sums, total = decrypt_update(ctx, results[2])
+    assert total == sum(WEIGHTS)
+    rng = np.random.default_rng(12)
+    expected = _weighted([_model(SHARED - 7, 1.0, rng) for _ in WEIGHTS], WEIGHTS)
+    for name, value in expected.items():
+        np.testing.assert_allclose(sums[name], value, rtol=0, atol=SUM_ATOL)
+    with pytest.raises(InvalidConfigError, match="processes=0 must be >= 1"):
+        Aggregator(pub, processes=0)
+
+
+def test_dead_worker_is_reported(ctx: HeContext, pub: HeContext) -> None:
+    data = encrypt_update(ctx, _model(SHARED, 1.0, np.random.default_rng(13)), weight=2.0)
+    agg = Aggregator(pub, processes=2)
+    agg.add(data)
+    assert agg._pool is not None
+    worker = agg._pool.workers[0].process
+    worker.kill()
+    worker.wait(timeout=30)
+    with pytest.raises(FedvaultError, match="died"):
+        agg.add(data)
+    # The next aggregation starts a fresh pool and works.
+    fresh = Aggregator(pub, processes=2)
+    fresh.add(data)
+    assert fresh._pool is not None and fresh._pool is not agg._pool
+    assert decrypt_update(ctx, fresh.result())[1] == 2.0
+
+
+def test_shares_follow_the_first_accepted_update(ctx: HeContext, pub: HeContext) -> None:
+    rng = np.random.default_rng(15)
+    small = encrypt_update(ctx, _model(SHARED, 1.0, rng), weight=1.0)
+    chunk = parse_envelope(small).chunks[0]
+    big_model = _model(SHARED + 20 * SLOTS, 1.0, rng)
+    big = encrypt_update(ctx, big_model, weight=2.0)
+    agg = Aggregator(pub, processes=2)
+    with pytest.raises(MalformedUpdateError, match="chunk 40 of 50 cannot"):
+        agg.add(_tamper(small, _replace_chunk(40, _garble_middle(chunk))))
+    agg.add(big)  # 70 chunks: a refused first update fixes nothing
+    sums, weight = decrypt_update(ctx, agg.result())
+    assert weight == 2.0 and len(agg._shares) == 1
+    for name, value in big_model.items():
+        np.testing.assert_allclose(sums[name], 2.0 * value, rtol=0, atol=SUM_ATOL)
+
+
+def test_workers_that_cannot_start_leave_the_sum_here(
+    ctx: HeContext, pub: HeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = encrypt_update(ctx, _model(SHARED, 1.0, np.random.default_rng(14)), weight=3.0)
+    reference = Aggregator(pub, processes=1)
+    reference.add(data)
+    monkeypatch.setattr(he_pool, "_pool", None)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # a worker that exits at once
+    agg = Aggregator(pub, processes=2)
+    agg.add(data)
+    assert agg._pool is None
+    assert agg.result() == reference.result()
 
 
 def test_wrong_key_message_names_expected_key(ctx: HeContext, pub: HeContext) -> None:

@@ -36,7 +36,6 @@ from fedvault.client.ledger import LocalLedger
 from fedvault.client.metrics import count_refusal, timed
 from fedvault.client.sent import SentUpdates
 from fedvault.client.site import HospitalIdentity, HospitalSite, SiteProvider
-from fedvault.client.training import evaluate, get_weights, set_weights, train_private
 from fedvault.config import JobConfig, SecureAggregation
 from fedvault.durable import atomic_write
 from fedvault.errors import (
@@ -176,12 +175,16 @@ def _archive(site: HospitalSite, instr: RoundInstruction, server_round: int) -> 
 
 def _evaluation(site: HospitalSite, model: object) -> tuple[float, float, int, str]:
     """(accuracy, loss, records, metrics JSON) of ``model`` on the held-out data."""
+    from fedvault.client.training import evaluate  # torch: only where a model runs
+
     result = evaluate(model, site.test_data, task=site.task, device=site.device)  # type: ignore[arg-type]
     accuracy = float(result.metrics.get("accuracy", 0.0))
     return accuracy, result.loss, result.samples, result.to_json()
 
 
 def _train(site: HospitalSite, instr: RoundInstruction) -> TrainReply:
+    from fedvault.client.training import get_weights, set_weights, train_private
+
     job = instr.job
     n = len(site.train_data)  # type: ignore[arg-type]
     batch_size = min(job.training.batch_size, n)
@@ -379,6 +382,8 @@ def _evaluate(site: HospitalSite, instr: RoundInstruction) -> EvalReply:
         _consent(site, instr, ledger)
     finally:
         ledger.close()
+    from fedvault.client.training import set_weights
+
     model = site.build_model()
     set_weights(model, _global_model(site, instr), site.task.shared_names(model))
     _archive(site, instr, instr.server_round)

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from flwr.app import Context
 
-from fedvault.client.data import DataSpec, load_task_data, validate_against_model
 from fedvault.client.keys import KeyStore
 from fedvault.client.node_settings import NODE_CONFIG_KEYS, NodeSettings
 from fedvault.client.policy import SitePolicy
 from fedvault.client.site import HospitalIdentity, HospitalSite
-from fedvault.client.training import pick_device
 from fedvault.config import JobConfig
 from fedvault.fingerprint import fingerprint_task
 from fedvault.kit import Kit, KitKind
@@ -42,6 +40,10 @@ class KitSites:
 
     def site(self, context: Context, job: JobConfig) -> HospitalSite:
         """The hospital ready to run ``job``: its policy, task, checked data and device."""
+        # Imported here: they load torch, which a query (unmask, key ceremony) never needs.
+        from fedvault.client.data import DataSpec, load_task_data, validate_against_model
+        from fedvault.client.training import pick_device
+
         who = self.identity(context)
         node = NodeSettings.from_context(context)
         policy = SitePolicy.load(node.policy_path)  # no policy: nothing is allowed

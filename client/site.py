@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import torch
 from flwr.app import Context
-from torch import nn
-from torch.utils.data import Dataset
 
 from fedvault.client.keys import KeyStore
 from fedvault.config import JobConfig
@@ -24,6 +21,12 @@ from fedvault.kit import Kit
 from fedvault.task import Task
 
 if TYPE_CHECKING:
+    # Types only: a ClientApp process that answers a query (unmask, key ceremony)
+    # must not pay torch's import (~1 s of CPU per message process).
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
     from fedvault.client.policy import SitePolicy
     from fedvault.fingerprint import TaskFingerprint
 

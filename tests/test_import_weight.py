@@ -53,3 +53,11 @@ def test_the_daemon_reads_a_job_file_without_the_training_stack(
     assert "torch" in _heavy_modules_after(
         f"from fedvault.examples import get_example\nget_example({example!r})"
     )
+
+
+def test_the_client_app_imports_torch_only_to_train() -> None:
+    # Flower starts one ClientApp process per message: the unmask query and the key
+    # ceremony's messages must not pay torch's (and Opacus') import, about 1 s of CPU
+    # each on this machine. TenSEAL is needed for the ceremony's keys.
+    loaded = _heavy_modules_after("import fedvault.client.client_app")
+    assert "torch" not in loaded and "opacus" not in loaded, loaded

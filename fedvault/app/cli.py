@@ -171,7 +171,15 @@ _MlflowOpt = Annotated[
         "--mlflow",
         metavar="URI",
         help="also log the job to MLflow at this tracking URI (file:DIR, sqlite:///PATH, "
-        "http://HOST:5000); needs `pip install 'fedvault[mlflow]'`",
+        "http://HOST:5000); needs `pip install 'fedvault\\[mlflow]'`",
+    ),
+]
+_RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="HOST:PORT",
+        help="join this running Ray cluster (its head's address, or auto) instead of "
+        "starting Ray here; every node needs fedvault and must reach --out",
     ),
 ]
 
@@ -207,20 +215,9 @@ def simulate(
     secure_rng: _SecureRng = False,
     masking: _Masking = True,
     mlflow: _MlflowOpt = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            metavar="HOST:PORT",
-            help="join this running Ray cluster (its head's address, or auto) instead of "
-            "starting Ray here; every node needs fedvault and must reach --out",
-        ),
-    ] = None,
+    ray_address: _RayAddressOpt = None,
 ) -> None:
-    """Simulate a consortium of virtual hospitals with the production apps.
-
-    OUT holds report.json, report.png and model/ (the final model, safetensors,
-    with its model card).
-    """
+    """Simulate virtual hospitals with the production apps; OUT: report, plot, model/, store."""
     try:
         from fedvault.app.simulation import noise_source
         from fedvault.app.simulation import simulate as run
@@ -363,7 +360,7 @@ def coordinator_start(
     job: Annotated[
         Path | None,
         typer.Option(
-            help="a job TOML ([job] name, task, hospitals, rounds, epsilon, ...) to queue at "
+            help="a job TOML (\\[job] name, task, hospitals, rounds, epsilon, ...) to queue at "
             "start, as `fedvault job submit` does"
         ),
     ] = None,
@@ -545,7 +542,7 @@ _Reason = Annotated[str, typer.Option(help="why, kept in the audit trail")]
 @job_app.command("submit")
 def job_submit(
     file: Annotated[
-        Path, typer.Argument(help="job TOML ([job] name, task, hospitals, rounds, ...)")
+        Path, typer.Argument(help="job TOML (\\[job] name, task, hospitals, rounds, ...)")
     ],
     kit: _OperatorKit,
     reason: _Reason = "",

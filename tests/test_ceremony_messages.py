@@ -361,6 +361,7 @@ class _Runner:
     def __init__(self, grid: object, settings: CoordinatorSettings, store: object, job: int):
         self.public, self.key_epoch, self.summary = None, 0, ""
         self.eval_spec = settings.eval_spec
+        self.started_at: dict[int, object] = {}  # the real runner's: round -> attempt start
 
     def ensure_keys(self) -> None:
         pass

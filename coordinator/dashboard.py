@@ -55,11 +55,18 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 
 from fedvault.errors import FedvaultError, InvalidConfigError
-from fedvault.kit import Kit, KitKind
+from fedvault.kit import Kit
 from fedvault.privacy.pki import Role, common_name, role_from_certificate, verify_issued_by
 from fedvault.proto import admin_pb2
 
-from .operator_api import ACCESS, REQUIRED_ROLE_METADATA, Caller, OperatorServicer, Rule
+from .operator_api import (
+    ACCESS,
+    REQUIRED_ROLE_METADATA,
+    Caller,
+    OperatorServicer,
+    Rule,
+    require_coordinator_kit,
+)
 from .records import AuditEvent, Job, LedgerRow, Participation, RoundView
 from .store import RoundStore
 
@@ -610,11 +617,7 @@ def serve_dashboard(
     StoreError
         The round store cannot be opened.
     """
-    if kit.kind is not KitKind.COORDINATOR:
-        raise InvalidConfigError(
-            f"kit {kit.root} is the {kit.kind.value} kit of {kit.party!r}; the dashboard "
-            "serves with the coordinator kit (OUT/coordinator from `fedvault provision`)"
-        )
+    require_coordinator_kit(kit, "the dashboard")
     bind = host or kit.operator_api_address.rpartition(":")[0].strip("[]")
     context = _tls_context(kit)
     store = RoundStore(store_url, at_rest_key=kit.at_rest_key())

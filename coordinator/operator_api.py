@@ -90,6 +90,7 @@ __all__ = [
     "JobIntake",
     "OperatorServicer",
     "Rule",
+    "require_coordinator_kit",
     "serve",
 ]
 
@@ -654,6 +655,21 @@ def _check_resubmit(job: Job, wanted: Mapping[str, object]) -> None:
         )
 
 
+def require_coordinator_kit(kit: Kit, service: str) -> None:
+    """Refuse to serve ``service`` with any kit but the coordinator's.
+
+    Raises
+    ------
+    InvalidConfigError
+        ``kit`` is a hospital's or an operator's.
+    """
+    if kit.kind is not KitKind.COORDINATOR:
+        raise InvalidConfigError(
+            f"kit {kit.root} is the {kit.kind.value} kit of {kit.party!r}; {service} "
+            "serves with the coordinator kit (OUT/coordinator from `fedvault provision`)"
+        )
+
+
 def serve(
     store_url: str,
     kit: Kit,
@@ -675,11 +691,7 @@ def serve(
     StoreError
         The round store cannot be opened.
     """
-    if kit.kind is not KitKind.COORDINATOR:
-        raise InvalidConfigError(
-            f"kit {kit.root} is the {kit.kind.value} kit of {kit.party!r}; the operator API "
-            "serves with the coordinator kit (OUT/coordinator from `fedvault provision`)"
-        )
+    require_coordinator_kit(kit, "the operator API")
     target = address or kit.operator_api_address
 
     def read(path: Path) -> bytes:

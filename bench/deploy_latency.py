@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Row, Section
+from fedvault.flower_env import app_pyproject
 
 __all__ = ["REMAINS", "run"]
 
@@ -59,33 +60,6 @@ TARGET_RATIO = 1.1  # ours / plain Flower, both at fedvault's settings
 _POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 FLOWER_DEFAULT_POLL = "1.0"  # Flower 1.41's default SuperExec task poll, seconds
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fvplainapp"
-version = "1.0.0"
-description = "plain Flower baseline for fedvault's deploy latency bench"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedvault"
-
-[tool.flwr.app.components]
-serverapp = "fvplainapp.server:app"
-clientapp = "fvplainapp.client:app"
-
-[tool.flwr.app.config]
-num-rounds = 3
-nodes = 3
-out-file = ""
-"""
 
 SERVER_PY = """\
 import json, time
@@ -212,7 +186,14 @@ def ours(work: Path, rounds: int, masking: bool) -> dict[str, Any]:
 def _plain_app(root: Path) -> Path:
     pkg = root / "fvplainapp"
     pkg.mkdir(parents=True)
-    (root / "pyproject.toml").write_text(APP_PYPROJECT)
+    pyproject = app_pyproject(
+        name="fvplainapp",
+        description="plain Flower baseline for fedvault's deploy latency bench",
+        serverapp="fvplainapp.server:app",
+        clientapp="fvplainapp.client:app",
+        config='num-rounds = 3\nnodes = 3\nout-file = ""',
+    )
+    (root / "pyproject.toml").write_text(pyproject)
     (pkg / "__init__.py").write_text("")
     (pkg / "server.py").write_text(SERVER_PY)
     (pkg / "client.py").write_text(CLIENT_PY)

@@ -44,7 +44,7 @@ from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlit
 from fedvault.coordinator.superlink import ControlApiError, SuperLinkConfig, SuperLinkProcess
 from fedvault.coordinator.tracking import start_coordinator_tracker
 from fedvault.errors import FedvaultError, InvalidConfigError, StoreError, TaskMismatchError
-from fedvault.flower_env import free_port
+from fedvault.flower_env import app_pyproject, free_port
 from fedvault.kit import Kit, KitKind
 from fedvault.task_registry import describe
 
@@ -64,38 +64,19 @@ __all__ = [
 
 log = logging.getLogger("fedvault.coordinator")
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedvault-job"
-version = "1.0.0"
-description = "fedvault consortium job (apps come from the installed fedvault package)"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedvault"
-
-[tool.flwr.app.components]
-serverapp = "fedvault.coordinator.server_app:app"
-clientapp = "fedvault.client.client_app:app"
-
-[tool.flwr.app.config]
-{config}
-"""
-
 
 def write_app_dir(path: Path) -> Path:
     """The Flower app `flwr run` submits; fedvault itself is installed on every party."""
     path.mkdir(parents=True, exist_ok=True)
     config = "\n".join(f'{key} = ""' for key in RUN_CONFIG_KEYS)
-    (path / "pyproject.toml").write_text(APP_PYPROJECT.format(config=config))
+    pyproject = app_pyproject(
+        name="fedvault-job",
+        description="fedvault consortium job (apps come from the installed fedvault package)",
+        serverapp="fedvault.coordinator.server_app:app",
+        clientapp="fedvault.client.client_app:app",
+        config=config,
+    )
+    (path / "pyproject.toml").write_text(pyproject)
     return path
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "SUPEREXEC_TASK_POLL_S",
     "ConfigValue",
     "FlowerProcessError",
+    "app_pyproject",
     "descendants",
     "flower_env",
     "flower_executable",
@@ -167,6 +168,50 @@ def write_cli_config(
     path = flwr_home / "config.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+_APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{name}"
+version = "1.0.0"
+description = "{description}"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedvault"
+
+[tool.flwr.app.components]
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def app_pyproject(
+    *, name: str, description: str, serverapp: str, clientapp: str, config: str
+) -> str:
+    """The ``pyproject.toml`` of a Flower app directory that ``flwr run`` submits.
+
+    ``serverapp``/``clientapp`` are ``module:attribute`` references; ``config`` is
+    the body of ``[tool.flwr.app.config]`` (TOML lines).
+    """
+    return _APP_PYPROJECT.format(
+        name=name,
+        description=description,
+        serverapp=serverapp,
+        clientapp=clientapp,
+        config=config,
+    )
 
 
 def toml_table(values: Mapping[str, ConfigValue]) -> str:

@@ -47,6 +47,7 @@ from fedvault.coordinator.superlink import (
 from fedvault.flower_env import (
     SUPEREXEC_POLL_ENV,
     SUPEREXEC_TASK_POLL_S,
+    app_pyproject,
     flower_env,
     free_port,
     group_members,
@@ -56,32 +57,6 @@ from fedvault.flower_env import (
 
 NODES = ("node1", "node2", "stranger", "late", "direct", "gated", "enrol1", "enrol2")
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fvprocapp"
-version = "1.0.0"
-description = "fedvault process test app"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedvault"
-
-[tool.flwr.app.components]
-serverapp = "fvprocapp.server:app"
-clientapp = "fvprocapp.client:app"
-
-[tool.flwr.app.config]
-num-rounds = 2
-out-file = ""
-"""
 
 SERVER_PY = """\
 import json
@@ -252,7 +227,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def app_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("app")
-    (root / "pyproject.toml").write_text(APP_PYPROJECT)
+    pyproject = app_pyproject(
+        name="fvprocapp",
+        description="fedvault process test app",
+        serverapp="fvprocapp.server:app",
+        clientapp="fvprocapp.client:app",
+        config='num-rounds = 2\nout-file = ""',
+    )
+    (root / "pyproject.toml").write_text(pyproject)
     pkg = root / "fvprocapp"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")

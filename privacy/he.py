@@ -59,7 +59,6 @@ FORMAT_VERSION = 2
 SCHEME = "bfv-fixed"
 
 _UINT32_MAX = 2**32 - 1
-_TS_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError, MemoryError)
 
 #: Fewer chunks per process than this and the pipe round trips cost more than
 #: the parallel parsing saves (one chunk parses in ~0.25 ms).
@@ -273,36 +272,6 @@ def _check_chunks(ctx: HeContext, chunks: Sequence[bytes], layout: Layout) -> in
     return expected
 
 
-def _load_range(ctx: HeContext, blobs: Sequence[bytes], start: int, expected: int) -> list[Any]:
-    """Deserialize and validate chunks ``start, start + 1, ...`` of an update's ``expected``.
-
-    Runs in the coordinator and in its worker processes (:mod:`.he_pool`).
-    """
-    params = ctx.params
-    cts = []
-    for i, blob in enumerate(blobs, start=start):
-        try:
-            ct = seal_bytes.load_ciphertext(ctx.seal, blob)
-        except _TS_ERRORS as exc:
-            raise MalformedUpdateError(
-                f"ciphertext chunk {i} of {expected} cannot be parsed ({exc}); the update "
-                "is corrupt or truncated, the sender must resend it"
-            ) from exc
-        ok = (
-            ct.size() == 2
-            and ct.parms_id() == ctx.data_parms_id
-            and not ct.is_ntt_form()
-            and ct.poly_modulus_degree() == params.poly_modulus_degree
-        )
-        if not ok:
-            raise MalformedUpdateError(
-                f"ciphertext chunk {i} of {expected} is not a fresh BFV ciphertext at the "
-                "data level of this context; discard this update"
-            )
-        cts.append(ct)
-    return cts
-
-
 def _load_chunks(
     ctx: HeContext,
     env: update_pb2.UpdateEnvelope,
@@ -316,7 +285,7 @@ def _load_chunks(
     The count and sizes of every chunk are checked first, whatever the window.
     """
     expected = _check_chunks(ctx, env.chunks, layout)
-    return _load_range(ctx, env.chunks[start:stop], start, expected)
+    return ctx.load_ciphertexts(env.chunks[start:stop], start, expected)
 
 
 def _layout_diff(got: Layout, want: Layout) -> str:
@@ -494,14 +463,14 @@ class Aggregator:
         """Load this process's chunks while the workers load theirs; commit if all are valid."""
         pool, own = self._pool, self._own
         if pool is None or not self._shares:
-            return _load_range(self._ctx, blobs, 0, expected)
+            return self._ctx.load_ciphertexts(blobs, 0, expected)
         with pool.lock:
             for worker, start, stop in self._shares:
                 pool.send(worker, ("stage", self._pool_id, start, expected, blobs[start:stop]))
             error: tuple[BaseException, BaseException | None] | None = None
             cts: list[Any] = []
             try:
-                cts = _load_range(self._ctx, blobs[:own], 0, expected)
+                cts = self._ctx.load_ciphertexts(blobs[:own], 0, expected)
             except MalformedUpdateError as exc:
                 error = (exc, exc.__cause__)
             except BaseException:

@@ -25,7 +25,7 @@ HomomorphicEncryption.org, 2018 (the parameter table). Microsoft SEAL 4.x
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -39,9 +39,11 @@ from fedvault.errors import (
     MalformedUpdateError,
     SecretKeyExposureError,
 )
+from fedvault.privacy import seal_bytes
 
 __all__ = [
     "HE_STANDARD_MAX_COEFF_BITS",
+    "TENSEAL_ERRORS",
     "HeContext",
     "HeParams",
 ]
@@ -61,8 +63,8 @@ _MAX_PRIME_BITS = 60
 # ~3.2 * sqrt(K) per coefficient) stay an order of magnitude inside it.
 _MIN_NOISE_MARGIN_BITS = 12
 
-# Errors the TenSEAL/SEAL bindings raise on malformed input.
-_TS_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError, MemoryError)
+#: Errors the TenSEAL/SEAL bindings raise on malformed input.
+TENSEAL_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError, MemoryError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,7 +223,7 @@ class HeContext:
                 plain_modulus=params.plain_modulus,
                 coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
             )
-        except _TS_ERRORS as exc:
+        except TENSEAL_ERRORS as exc:
             raise InvalidConfigError(
                 f"SEAL refused BFV parameters {params!r}: {exc}; "
                 "try the defaults (4096, (60, 49), 47)"
@@ -245,7 +247,7 @@ class HeContext:
             )
         try:
             context = ts.context_from(bytes(data))
-        except _TS_ERRORS as exc:
+        except TENSEAL_ERRORS as exc:
             raise MalformedUpdateError(
                 f"cannot parse the serialized HE context ({exc}); the file is corrupt "
                 "or truncated: copy the context from the kit again"
@@ -369,6 +371,42 @@ class HeContext:
     def serialize_public(self) -> bytes:
         """Serialize parameters and the public key; never the secret key."""
         return self._public_bytes
+
+    def load_ciphertexts(
+        self, blobs: Sequence[bytes], start: int, expected: int
+    ) -> list[sealapi.Ciphertext]:
+        """Parse chunks ``start, start + 1, ...`` of an update of ``expected`` chunks.
+
+        Each must be a fresh BFV ciphertext at this context's data level. Runs in
+        the coordinator and in its aggregation workers (:mod:`.he_pool`).
+
+        Raises
+        ------
+        MalformedUpdateError
+            If a chunk does not parse or is not such a ciphertext.
+        """
+        cts = []
+        for i, blob in enumerate(blobs, start=start):
+            try:
+                ct = seal_bytes.load_ciphertext(self.seal, blob)
+            except TENSEAL_ERRORS as exc:
+                raise MalformedUpdateError(
+                    f"ciphertext chunk {i} of {expected} cannot be parsed ({exc}); the update "
+                    "is corrupt or truncated, the sender must resend it"
+                ) from exc
+            ok = (
+                ct.size() == 2
+                and ct.parms_id() == self.data_parms_id
+                and not ct.is_ntt_form()
+                and ct.poly_modulus_degree() == self.params.poly_modulus_degree
+            )
+            if not ok:
+                raise MalformedUpdateError(
+                    f"ciphertext chunk {i} of {expected} is not a fresh BFV ciphertext at the "
+                    "data level of this context; discard this update"
+                )
+            cts.append(ct)
+        return cts
 
     def serialize_secret(self) -> bytes:
         """Serialize *with* the secret key, for the hospital's own disk or key sealing.

@@ -160,11 +160,9 @@ class _Share:
         self.pending: list[Any] | None = None
 
     def stage(self, start: int, expected: int, blobs: list[bytes]) -> Any:
-        from fedvault.privacy.he import _load_range
-
         self.pending = None
         try:
-            self.pending = _load_range(self.ctx, blobs, start, expected)
+            self.pending = self.ctx.load_ciphertexts(blobs, start, expected)
         except MalformedUpdateError as exc:
             return exc, exc.__cause__
         return None

@@ -26,13 +26,11 @@ import tenseal.sealapi as sealapi
 from fedvault.errors import KeyMismatchError, MalformedUpdateError
 from fedvault.privacy import he, seal_bytes
 from fedvault.privacy.fixed_point import FixedPoint
-from fedvault.privacy.he_context import HeContext
+from fedvault.privacy.he_context import TENSEAL_ERRORS, HeContext
 from fedvault.privacy.packing import Layout
 from fedvault.privacy.secagg_prg import MaskSum, centred
 
 __all__ = ["apply_correction", "encrypt_masked_update"]
-
-_TS_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError, MemoryError)
 
 
 class _MaskingEncoder:
@@ -140,7 +138,7 @@ def apply_correction(ctx: HeContext, aggregate: bytes, correction: MaskSum) -> b
         remaining -= count
         try:
             ct = seal_bytes.load_ciphertext(ctx.seal, blob)
-        except _TS_ERRORS as exc:
+        except TENSEAL_ERRORS as exc:
             raise MalformedUpdateError(f"an aggregate chunk cannot be parsed ({exc})") from exc
         ctx.encoder.encode(centred(correction.take(count), t).tolist(), plain)
         ctx.evaluator.sub_plain_inplace(ct, plain)

@@ -88,7 +88,9 @@ def test_print_summary_reads_the_typed_report() -> None:
                     "accountant": "prv",
                     "epsilon": 0.25,
                     "delta": 1e-5,
-                }
+                },
+                # Refused before it ever trained: no ledger entry, every value unknown.
+                "hospital-2": {},
             },
         }
     )
@@ -99,3 +101,5 @@ def test_print_summary_reads_the_typed_report() -> None:
     assert "final accuracy 0.9000   auroc 0.9500   max ε 0.250 at δ=1e-05" in text
     assert "rounds 1   status finished" in text
     assert "report: /runs/x/report.json" in text
+    row = next(line for line in text.splitlines() if "hospital-2" in line)
+    assert row.count("n/a") == 6, row  # samples, ε, σ, sample rate, steps, accountant

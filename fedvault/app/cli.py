@@ -89,6 +89,10 @@ _TABLE_METRICS = {
 }
 
 
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
 def print_summary(report: Report, console: Console, out_dir: Path) -> None:
     """The readable end of a run: per-round pooled metrics, per-hospital privacy spend."""
     present = {k for r in report.rounds for k in r.metrics}
@@ -114,31 +118,28 @@ def print_summary(report: Report, console: Console, out_dir: Path) -> None:
     hospitals = Table(title="Hospitals (privacy spent in this job)")
     for col in ("hospital", "samples", "ε", "noise σ", "sample rate", "DP steps", "accountant"):
         hospitals.add_column(col, justify="right")
+    # A hospital that never trained (refused, dropped) has no ledger entry: its cells are n/a.
     for name, h in sorted(report.hospitals.items()):
         hospitals.add_row(
             name,
-            str(h.samples),
-            f"{h.epsilon:.3f}",
-            f"{h.noise_multiplier:.3f}",
-            f"{h.sample_rate:.4f}",
-            str(h.steps),
-            h.accountant,
+            _num(h.samples, "d"),
+            _num(h.epsilon, ".3f"),
+            _num(h.noise_multiplier, ".3f"),
+            _num(h.sample_rate, ".4f"),
+            _num(h.steps, "d"),
+            h.accountant or "n/a",
         )
     console.print(rounds)
     console.print(hospitals)
     final = report.final
-
-    def num(value: float | None, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-
     shown: dict[str, float | None] = {**final.metrics} or {"accuracy": final.accuracy}
     order = sorted(k for k in shown if k != "loss")
     order.sort(key=lambda k: k != "accuracy")  # the familiar one first
-    values = "   ".join(f"[bold]{k}[/bold] {num(shown[k], '.4f')}" for k in order)
+    values = "   ".join(f"[bold]{k}[/bold] {_num(shown[k], '.4f')}" for k in order)
     console.print(
         f"[bold]final[/bold] {values}   "
-        f"[bold]max ε[/bold] {num(final.epsilon_max, '.3f')} "
-        f"at δ={num(final.delta, 'g')}   "
+        f"[bold]max ε[/bold] {_num(final.epsilon_max, '.3f')} "
+        f"at δ={_num(final.delta, 'g')}   "
         f"[bold]rounds[/bold] {final.rounds_completed}   status {final.status}"
     )
     console.print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'report.png'}")

@@ -9,7 +9,7 @@ AUDIT_OUT ?= audit-out
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install system-deps demo test audit bench soak lint proto clean
+.PHONY: install system-deps demo test audit bench bench-smoke soak lint proto clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ audit: install
 # Not part of `make test`: timings and load, side by side in one run (bench/README.md).
 bench: install
 	$(BIN)/python -m bench.run
+
+# Every bench section's code path at its smallest size (`bench.run --quick`), so a
+# section cannot rot unnoticed; CI runs it after `make test` (~10-15 min on 2 cores).
+bench-smoke: install
+	$(BIN)/pytest -m bench_smoke tests/test_bench_smoke.py
 
 soak: install
 	$(BIN)/python -m bench.soak

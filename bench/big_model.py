@@ -39,8 +39,8 @@ process's peak memory is its own. Three measurements, side by side in one run:
    and a linear head), 3 hospitals, ε = 8, 6 rounds (the example's defaults),
    DP + HE. Reported as "not available" if the task cannot be found.
 
-``--quick`` shrinks everything (a 99k MLP, 1 round, 6 instead of 30
-hospitals, LoRA on 2 hospitals with 60 notes each) so every code path runs in
+``--quick`` shrinks everything (a 6.6k MLP, 1 round, 6 instead of 30
+hospitals, LoRA on 2 hospitals with 30 notes each) so every code path runs in
 a few minutes.
 
 Run one job by hand::
@@ -70,7 +70,7 @@ __all__ = ["DigitsData", "LimitedData", "Mlp", "mlp_task", "run"]
 
 FEATURES, CLASSES = 64, 10
 HIDDEN = (3000, 3000, 640)  # 11,125,050 parameters
-QUICK_HIDDEN = (256, 256, 64)  # 99,530
+QUICK_HIDDEN = (64, 32)  # 6,570: --quick is a smoke test; process and Ray start-up set its time
 ROUNDS = 2
 EPSILON = 3.0
 HOSPITALS = 3
@@ -530,7 +530,7 @@ def _lora_jobs(quick: bool) -> list[tuple[str, dict[str, Any], float]]:
         "hospitals": 2 if quick else LORA_HOSPITALS,
         "rounds": 1 if quick else LORA_ROUNDS,
         "epsilon": LORA_EPSILON,
-        "limit": 60 if quick else 0,
+        "limit": 30 if quick else 0,
     }
     for name in LORA_TASKS:
         jobs.append((name, {**lora, "task": name}, 300 if quick else LORA_CAP_S))

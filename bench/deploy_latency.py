@@ -54,7 +54,9 @@ REMAINS = (
     "plain Flower's Grid.send_and_receive polls replies every 3 s"
 )
 
-ROUNDS_FULL, ROUNDS_QUICK = 5, 3
+ROUNDS_FULL, ROUNDS_QUICK = 5, 2  # quick: one gap between rounds, so one per-round figure
+#: --quick runs the headline pair only (real processes: ~a minute a job, see bench/README.md).
+QUICK_CONFIGS = ("flower", "ours_masked")
 CAP_S = 900  # per job, generous on a loaded 2-core host
 TARGET_RATIO = 1.1  # ours / plain Flower, both at fedvault's settings
 _POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -283,6 +285,8 @@ def measure(
     }
     if only is not None:
         configs = {only: configs[only]}
+    elif quick:
+        configs = {name: configs[name] for name in QUICK_CONFIGS}
     polls: dict[str, str | None] = {"default_poll": FLOWER_DEFAULT_POLL, "fedvault_poll": None}
     if poll != "both":
         polls = {k: v for k, v in polls.items() if k == poll}
@@ -311,7 +315,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def run(quick: bool = False) -> Section:
     """Section ``deploy``: seconds per round, ``fedvault demo`` vs plain Flower, side by side."""
-    # Quick: fedvault's settings only (three jobs); full adds Flower's default poll.
+    # Quick: fedvault's settings, masked vs Flower only (two jobs); full adds the
+    # unmasked demo and Flower's default poll.
     res = measure(quick, poll="fedvault_poll" if quick else "both")
     best = res["best_round_s"]
     section = Section(name="deploy", details={**res, "remains": REMAINS})

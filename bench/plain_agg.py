@@ -20,6 +20,7 @@ __all__ = ["run"]
 
 def run(quick: bool = False) -> Section:
     size = 200_000 if quick else 1_000_000
+    repeats = 2 if quick else 9
     updates, weights = make_updates(10, size, seed=1)
 
     def ours() -> dict[str, np.ndarray]:
@@ -38,7 +39,7 @@ def run(quick: bool = False) -> Section:
     # Round-robin repeats, so both see the same load on this shared machine.
     base_s = ours_s = float("inf")
     avg: dict[str, np.ndarray] = {}
-    for _ in range(9):
+    for _ in range(repeats):
         seconds, _ = timed(numpy_sum)
         base_s = min(base_s, seconds)
         seconds, avg = timed(ours)

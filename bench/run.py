@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python -m bench.run                 # everything (~15-25 minutes)
     .venv/bin/python -m bench.run --only he,plain # a subset; merged into results.json
-    .venv/bin/python -m bench.run --quick         # smaller sizes, a smoke test
+    .venv/bin/python -m bench.run --quick         # smoke (make bench-smoke), results-quick.json
 
 Each section measures ours against a baseline taken in the same run and
 reports the ratio; ``bench/results.json`` gets the issue's keys (and the
@@ -44,6 +44,7 @@ SECTIONS: dict[str, str] = {
     "deploy": "bench.deploy_latency",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"
+QUICK_RESULTS = RESULTS.with_name("results-quick.json")
 
 
 def _fmt(value: float | None) -> str:
@@ -100,9 +101,20 @@ def _machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help=f"comma-separated subset of {list(SECTIONS)}")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: every section's code path at its smallest size, targets not judged",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results file (default {RESULTS.name}, or {QUICK_RESULTS.name} with --quick)",
+    )
     args = parser.parse_args(argv)
+    # A smoke run must never overwrite the measured results.
+    args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
@@ -137,10 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Write after every section so a long run leaves its results behind.
         results["machine"] = _machine()
         results["quick"] = args.quick
+        results["failed_sections"] = failed  # this run's, so far (the smoke test reads it)
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     console.print(_table(rows))
     console.print(f"results written to {args.out}")
-    results["failed_sections"] = failed
     if failed:
         console.print(f"[bold red]section(s) {failed} raised: the bench failed[/bold red]")
     return results

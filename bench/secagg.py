@@ -70,9 +70,11 @@ from bench.common import Row, Section, best_of, make_updates, run_child, timed
 __all__ = ["run"]
 
 SIZES = (3, 5, 10)
-SIZE, QUICK_SIZE = 1_000_000, 100_000  # parameters per update (the he section's 1M)
-REPEATS, QUICK_REPEATS = 3, 2
+QUICK_SIZES = (3, 5)  # --quick: n = 5 also runs the dropped-hospital correction (3 has none)
+SIZE, QUICK_SIZE = 1_000_000, 20_000  # parameters per update (the he section's 1M)
+REPEATS, QUICK_REPEATS = 3, 1
 SIM_HOSPITALS, SIM_ROUNDS = 3, 2
+QUICK_SIM_ROUNDS = 1  # --quick: round 1, Ray's start-up included
 SIM_REPEATS, QUICK_SIM_REPEATS = 2, 1  # each, interleaved: on, off, off, on
 SIM_CAP_S = 600
 DEPLOY_ROUNDS, DEPLOY_CAP_S = 5, 600  # fedvault demo (full mode only): rounds, time cap
@@ -270,7 +272,8 @@ def _rounds(quick: bool) -> dict[str, Any]:
     repeats = QUICK_REPEATS if quick else REPEATS
     updates, _ = make_updates(1, size)
     ctx = HeContext.generate()
-    per_n = {str(n): _one_size(ctx, updates[0], n, repeats) for n in SIZES}
+    sizes = QUICK_SIZES if quick else SIZES
+    per_n = {str(n): _one_size(ctx, updates[0], n, repeats) for n in sizes}
     return {"params": size, "repeats": repeats, "clock": "process CPU time", "n": per_n}
 
 
@@ -355,8 +358,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _sim_job(masking: bool) -> dict[str, Any]:
-    spec = {"masking": masking, "hospitals": SIM_HOSPITALS, "rounds": SIM_ROUNDS}
+def _sim_job(masking: bool, rounds: int = SIM_ROUNDS) -> dict[str, Any]:
+    spec = {"masking": masking, "hospitals": SIM_HOSPITALS, "rounds": rounds}
     run = run_child("bench.secagg", ["--child", json.dumps(spec)], SIM_CAP_S)
     if run.returncode is None:
         return {"ok": False, "reason": f"time cap ({SIM_CAP_S} s)", "wall_s": run.wall_s}
@@ -367,8 +370,8 @@ def _sim_job(masking: bool) -> dict[str, Any]:
     ok = (
         run.returncode == 0
         and result["status"] == "finished"
-        and result["rounds"] == SIM_ROUNDS
-        and len(result["round_s"]) == SIM_ROUNDS
+        and result["rounds"] == rounds
+        and len(result["round_s"]) == rounds
         and (result["unmask_answers"] > 0) == masking
     )
     out = {**result, "ok": ok, "child_wall_s": run.wall_s}
@@ -379,11 +382,12 @@ def _sim_job(masking: bool) -> dict[str, Any]:
 
 def _simulations(quick: bool) -> dict[str, Any]:
     repeats = QUICK_SIM_REPEATS if quick else SIM_REPEATS
+    rounds = QUICK_SIM_ROUNDS if quick else SIM_ROUNDS
     jobs: dict[str, list[dict[str, Any]]] = {"masked": [], "unmasked": []}
     for i in range(repeats):  # on, off, off, on: both see the same load and the same cold start
         for masking in (True, False) if i % 2 == 0 else (False, True):
-            jobs["masked" if masking else "unmasked"].append(_sim_job(masking))
-    out: dict[str, Any] = {"hospitals": SIM_HOSPITALS, "rounds": SIM_ROUNDS, "jobs": jobs}
+            jobs["masked" if masking else "unmasked"].append(_sim_job(masking, rounds))
+    out: dict[str, Any] = {"hospitals": SIM_HOSPITALS, "rounds": rounds, "jobs": jobs}
     for name, runs in jobs.items():
         good = [r for r in runs if r["ok"]]
         out[f"{name}_round_s"] = min((r["round_s"][-1] for r in good), default=None)
@@ -509,8 +513,8 @@ def _sim_rows(sim: dict[str, Any], quick: bool) -> tuple[list[Row], dict[str, An
     failed = "" if ratio is not None else " (a job failed, see details)"
     rows = [
         Row(
-            f"secagg: simulated round (breast-cancer, {SIM_HOSPITALS} hospitals, round 2 of "
-            f"{SIM_ROUNDS}), masking on vs off{failed}",
+            f"secagg: simulated round (breast-cancer, {SIM_HOSPITALS} hospitals, round "
+            f"{sim['rounds']} of {sim['rounds']}), masking on vs off{failed}",
             masked,
             unmasked,
             "s",

@@ -38,6 +38,10 @@ SIZES = (1000, 2500, 5000)
 TARGET = 5000  # issue 15: 5,000 hospitals, 3 rounds, within the cap
 CLUSTER_HOSPITALS = 60
 ROUNDS = 3
+# --quick: one small job, one round, and only the two-node cluster (the one-node
+# cluster runs the same code); a smoke test of every path, no maximum searched.
+QUICK_SIZES, QUICK_ROUNDS = (3,), 1
+QUICK_CLUSTER_NODES, QUICK_CLUSTER_HOSPITALS = (2,), 2
 TRAIN_RECORDS = 455  # breast-cancer training split (80 % of 569)
 
 
@@ -186,8 +190,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _cluster_child(nodes: int, hospitals: int) -> dict[str, Any]:
-    """Hospital-rounds per second of a 3-round job on a loopback cluster of ``nodes`` nodes."""
+def _cluster_child(nodes: int, hospitals: int, rounds: int = ROUNDS) -> dict[str, Any]:
+    """Hospital-rounds per second of a ``rounds``-round job on a loopback cluster of ``nodes``."""
     from rich.console import Console
 
     from fedvault.app.simulation import simulate
@@ -195,7 +199,7 @@ def _cluster_child(nodes: int, hospitals: int) -> dict[str, Any]:
 
     example, _ = _example(hospitals)
     config = JobConfig.for_example(
-        example, hospitals=hospitals, rounds=ROUNDS, secure_aggregation="he", seed=0
+        example, hospitals=hospitals, rounds=rounds, secure_aggregation="he", seed=0
     )
     with (
         LoopbackCluster(nodes) as cluster,
@@ -215,13 +219,14 @@ def _cluster_child(nodes: int, hospitals: int) -> dict[str, Any]:
         "nodes": nodes,
         "hospitals": hospitals,
         "seconds": seconds,
-        "hospital_rounds_per_s": hospitals * ROUNDS / seconds,
+        "rounds": rounds,
+        "hospital_rounds_per_s": hospitals * rounds / seconds,
         "status": report.get("final", {}).get("status"),
         "load_average": os.getloadavg(),
     }
 
 
-def _child(hospitals: int, patched: bool = False) -> dict[str, Any]:
+def _child(hospitals: int, patched: bool = False, rounds: int = ROUNDS) -> dict[str, Any]:
     from rich.console import Console
 
     from fedvault.app.simulation import simulate
@@ -231,7 +236,7 @@ def _child(hospitals: int, patched: bool = False) -> dict[str, Any]:
         _throttle_reports()
     example, copies = _example(hospitals, patched)
     config = JobConfig.for_example(
-        example, hospitals=hospitals, rounds=ROUNDS, secure_aggregation="he", seed=0
+        example, hospitals=hospitals, rounds=rounds, secure_aggregation="he", seed=0
     )
     start = time.perf_counter()
     with (
@@ -249,8 +254,10 @@ def _child(hospitals: int, patched: bool = False) -> dict[str, Any]:
     }
 
 
-def _attempt(hospitals: int, cap_s: float, patched: bool = False) -> dict[str, Any]:
-    args = ["--child", str(hospitals), *(["--patched"] if patched else [])]
+def _attempt(
+    hospitals: int, cap_s: float, patched: bool = False, rounds: int = ROUNDS
+) -> dict[str, Any]:
+    args = ["--child", str(hospitals), "--rounds", str(rounds), *(["--patched"] if patched else [])]
     run = run_child("bench.sim_scale", args, cap_s)
     if run.returncode is None:
         return {
@@ -269,11 +276,13 @@ def _attempt(hospitals: int, cap_s: float, patched: bool = False) -> dict[str, A
             "reason": run.stderr[-2000:],
         }
     result = run.last_json()
-    ok = result["status"] == "finished" and result["rounds"] == ROUNDS and run.wall_s <= cap_s
+    ok = result["status"] == "finished" and result["rounds"] == rounds and run.wall_s <= cap_s
     return {**result, "patched": patched, "wall_s": run.wall_s, "ok": ok}
 
 
-def _search(sizes: tuple[int, ...], patched: bool) -> tuple[int, list[dict[str, Any]]]:
+def _search(
+    sizes: tuple[int, ...], patched: bool, rounds: int = ROUNDS
+) -> tuple[int, list[dict[str, Any]]]:
     """Largest size that finishes within the cap, trying ``sizes`` in increasing order.
 
     A job's time grows at least linearly with its hospitals, so a size whose
@@ -296,7 +305,7 @@ def _search(sizes: tuple[int, ...], patched: bool) -> tuple[int, list[dict[str, 
                     }
                 )
                 break
-        attempt = _attempt(hospitals, CAP_S, patched)
+        attempt = _attempt(hospitals, CAP_S, patched, rounds)
         attempts.append(attempt)
         if not attempt["ok"]:
             break
@@ -305,16 +314,17 @@ def _search(sizes: tuple[int, ...], patched: bool) -> tuple[int, list[dict[str, 
 
 
 def run(quick: bool = False) -> Section:
-    sizes = (20,) if quick else SIZES
-    best, attempts = _search(sizes, patched=False)
-    details: dict[str, Any] = {"attempts": attempts, "cap_s": CAP_S}
+    rounds = QUICK_ROUNDS if quick else ROUNDS
+    best, attempts = _search(QUICK_SIZES if quick else SIZES, patched=False, rounds=rounds)
+    details: dict[str, Any] = {"attempts": attempts, "cap_s": CAP_S, "rounds": rounds}
     section = Section(name="scale", details=details)
     section.keys = {"max_sim_hospitals": best}
     last_ok = next((a for a in reversed(attempts) if a["ok"]), None)
     note = f"{last_ok['wall_s']:.0f} s" if last_ok else ""
     section.rows = [
         Row(
-            f"simulated hospitals, 3 rounds in {CAP_S:.0f} s ({note})",
+            f"simulated hospitals, {rounds} round{'s' if rounds > 1 else ''} in {CAP_S:.0f} s"
+            f" ({note})",
             float(best),
             None,
             "",
@@ -349,12 +359,12 @@ def run(quick: bool = False) -> Section:
 
 def _cluster_rows(details: dict[str, Any], quick: bool) -> list[Row]:
     """Hospital-rounds per second on a loopback Ray cluster of one, then two, one-CPU nodes."""
-    hospitals = 6 if quick else CLUSTER_HOSPITALS
+    hospitals = QUICK_CLUSTER_HOSPITALS if quick else CLUSTER_HOSPITALS
+    rounds = QUICK_ROUNDS if quick else ROUNDS
     rates: dict[int, float | None] = {}
-    for nodes in (1, 2):
-        run = run_child(
-            "bench.sim_scale", ["--cluster", str(nodes), "--hospitals", str(hospitals)], CAP_S
-        )
+    for nodes in QUICK_CLUSTER_NODES if quick else (1, 2):
+        args = ["--cluster", str(nodes), "--hospitals", str(hospitals), "--rounds", str(rounds)]
+        run = run_child("bench.sim_scale", args, CAP_S)
         ok = run.returncode == 0
         result: dict[str, Any] = (
             run.last_json() if ok else {"error": run.stderr[-2000:] or "time cap"}
@@ -386,11 +396,12 @@ def main(argv: list[str] | None = None) -> None:
         help="hospital-rounds per second on a loopback Ray cluster of NODES one-CPU nodes",
     )
     parser.add_argument("--hospitals", type=int, default=60, help="hospitals for --cluster")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of the job")
     args = parser.parse_args(argv)
     if args.cluster:
-        print(json.dumps(_cluster_child(args.cluster, args.hospitals)))
+        print(json.dumps(_cluster_child(args.cluster, args.hospitals, args.rounds)))
     elif args.child:
-        print(json.dumps(_child(args.child, args.patched)))
+        print(json.dumps(_child(args.child, args.patched, args.rounds)))
     else:
         print(json.dumps(run().details, indent=2))
 

@@ -7,9 +7,10 @@ no training:
 
 * **ours**: the production ServerApp (``coordinator/server_app.py``: reply
   validation, encrypted aggregation, the SQLite round-store commit, audit
-  rows) with a client that answers every round with a valid encrypted update
-  (encrypted once per round and worker, then reused) and its piggybacked
-  evaluation;
+  rows) with a client that answers every round with a valid reply and its
+  piggybacked evaluation: in ``none`` mode the arrays it received, undecoded (as
+  Flower's no-op client does), in ``he`` mode an encrypted update (encrypted once
+  per round and worker, then reused);
 * **Flower**: ``flwr.serverapp.strategy.FedAvg`` with a client that returns
   the arrays it received. Its default round also runs a separate evaluation
   exchange; ours carries evaluation inside the train reply, so the key ratio
@@ -18,12 +19,14 @@ no training:
 
 A round's time is the time between the ends of consecutive rounds, measured in
 the ServerApp; round 1 (actor start-up, the initial model) is dropped and the
-median of the rest is kept. Each configuration runs in its own process.
+median of the rest is kept. Each configuration runs in its own process;
+``--quick`` runs both sides once in one process, on one Ray session.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -31,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,10 @@ __all__ = ["run"]
 
 ROUNDS = 5
 SIZES = (10, 100)
+# --quick (make test's smoke run): both sides once, in one process on one Ray session;
+# 3 rounds: round 1 is dropped, so two are measured.
+QUICK_ROUNDS = 3
+QUICK_HOSPITALS = 5
 PULL_S = 0.01  # lever: the in-memory grid's reply polling interval (Flower default 0.1 s)
 TIMEOUT_S = 300  # a child past this is reported as failed (Ray can hang under load)
 # Per worker process: keys and the round's encrypted update, made once.
@@ -200,11 +208,20 @@ def run_ours(
     from fedvault.config import JobConfig
     from fedvault.coordinator import server_app
     from fedvault.coordinator.records import RoundView
+    from fedvault.coordinator.report import ReportBuilder
     from fedvault.coordinator.server_app import CoordinatorSettings, run_job
     from fedvault.coordinator.store import RoundStore, sqlite_url
     from fedvault.coordinator.strategy import RoundCollector, SecureFedAvg
     from fedvault.examples.digits import EXAMPLE
-    from fedvault.messages import EvalReply, ModelPayload, ReplyStatus, RoundInstruction, TrainReply
+    from fedvault.messages import (
+        CONFIG_KEY,
+        MODEL_KEY,
+        EvalReply,
+        ModelPayload,
+        ReplyStatus,
+        RoundInstruction,
+        TrainReply,
+    )
     from fedvault.privacy.dp import AccountantState
     from fedvault.privacy.he_context import HeContext
     from fedvault.task_registry import load_task
@@ -214,6 +231,9 @@ def run_ours(
         hospitals=hospitals,
         rounds=rounds,
         secure_aggregation="he" if he else "none",
+        # This client cannot mask (no shares, no unmask answers); masked rounds have
+        # their own section (secagg). Without this the he run failed in round 1.
+        masking=False,
         job="bench-rounds",
     )
     public = None
@@ -241,6 +261,7 @@ def run_ours(
     clock.wrap(RoundCollector, "finish", "finish_aggregate")
     clock.wrap(RoundStore, "commit_round", "store_commit")
     clock.wrap(server_app, "_committed_round", "store_read_view")
+    clock.wrap(ReportBuilder, "build", "report_build")  # the summary relayed to hospitals
 
     class Timer:
         def on_start(self, job: JobConfig, resumed_after: int) -> None:
@@ -257,23 +278,23 @@ def run_ours(
 
     @client.train()  # type: ignore[misc]
     def train(msg: Message, context: Context) -> Message:
-        instr = RoundInstruction.from_message(msg)
+        payload = None
         if key_path:
+            instr = RoundInstruction.from_message(msg)
+            server_round = instr.server_round
             payload = ModelPayload(
-                envelope=_cached_update(
-                    key_path, instr.job.job, instr.server_round, instr.key_epoch
-                )
+                envelope=_cached_update(key_path, instr.job.job, server_round, instr.key_epoch)
             )
-        else:  # like Flower's no-op client: send back the arrays received
-            payload = ModelPayload(arrays=instr.model.arrays)
-        steps = 10 * instr.server_round
+        else:
+            server_round = int(msg.content.config_records[CONFIG_KEY]["server-round"])  # type: ignore[arg-type]
+        steps = 10 * server_round
         reply = TrainReply(
             hospital=f"hospital-{int(context.node_config['partition-id']) + 1}",
             status=ReplyStatus.OK,
             update=payload,
             samples=10,
             train_loss=0.5,
-            epsilon=0.1 * instr.server_round,
+            epsilon=0.1 * server_round,
             delta=1e-5,
             noise_multiplier=1.0,
             sample_rate=0.1,
@@ -285,7 +306,17 @@ def run_ours(
             eval_loss=1.0,
             eval_samples=10,
         )
-        return Message(reply.to_content(), reply_to=msg)
+        content = reply.to_content()
+        if payload is None:
+            # Like Flower's no-op client: the arrays received go back as they came. Decoding
+            # and re-encoding them cost this client ~2.8 ms a message, 0.14 s of a
+            # 100-hospital round on 2 workers, none of it the coordinator's.
+            content[MODEL_KEY] = msg.content.array_records[MODEL_KEY]
+        return Message(content, reply_to=msg)
+
+    @client.query()  # type: ignore[misc]
+    def query(msg: Message, context: Context) -> Message:  # the job's summary, at its end
+        return Message(msg.content, reply_to=msg)
 
     @client.evaluate()  # type: ignore[misc]
     def evaluate_fn(msg: Message, context: Context) -> Message:
@@ -394,17 +425,33 @@ def _row(label: str, ours: dict[str, Any], base: dict[str, Any], target: bool) -
     )
 
 
+def _quick_children(hospitals: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Both sides in one child (``--mode quick``): one interpreter, one Ray start."""
+    args = ["--mode", "quick", "--hospitals", str(hospitals), "--rounds", str(rounds)]
+    run = run_child("bench.round_overhead", [*args, "--pull-interval", str(PULL_S)], TIMEOUT_S)
+    if run.returncode != 0:
+        why = f"no result within {TIMEOUT_S} s" if run.returncode is None else run.stderr[-2000:]
+        return {mode: {"mode": mode, "error": why} for mode in ("ours", "flower")}
+    out: dict[str, dict[str, Any]] = run.last_json()
+    for res in out.values():
+        res["wall_s"] = run.wall_s  # of both
+    return out
+
+
 def run(quick: bool = False) -> Section:
-    rounds = 3 if quick else ROUNDS
-    sizes = (10,) if quick else SIZES
+    rounds = QUICK_ROUNDS if quick else ROUNDS
+    sizes = (QUICK_HOSPITALS,) if quick else SIZES
     details: dict[str, Any] = {"pull_interval_s": PULL_S, "rounds": rounds}
     section = Section(name="round")
     ratios = []
     for hospitals in sizes:
         # The measurement: both sides on the same Flower settings, replies polled every
         # PULL_S (Flower's default 0.1 s quantises a ~0.1 s round into whole polls).
-        modes = ("ours", "flower") if quick else ("ours", "flower", "ours-he")
-        res = {mode: _child(mode, hospitals, rounds, PULL_S) for mode in modes}
+        if quick:
+            res = _quick_children(hospitals, rounds)
+        else:
+            modes = ("ours", "flower", "ours-he")
+            res = {mode: _child(mode, hospitals, rounds, PULL_S) for mode in modes}
         ratio = _ratio(res["ours"], res["flower"])
         details[str(hospitals)] = {**res, "ratio": ratio}
         if ratio is not None:
@@ -451,10 +498,56 @@ def run(quick: bool = False) -> Section:
     return section
 
 
+@contextlib.contextmanager
+def _one_ray_session() -> Iterator[None]:
+    """Start Ray once for several simulations in this process (``--mode quick``).
+
+    Flower's Ray backend starts Ray only if none runs, but shuts it down after
+    every simulation; starting it costs seconds (20 s at load 7 on 2 cores), so
+    its shutdown waits for the last simulation.
+    """
+    import ray
+
+    ray.init(
+        # As Flower's backend would start it: its workers find this checkout.
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+        **_backend_config()["init_args"],
+    )
+    shutdown = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ray.shutdown = shutdown
+        shutdown()
+
+
+def _measure(mode: str, hospitals: int, rounds: int, pull_s: float | None, **kw: Any) -> Any:
+    """One configuration's JSON result (rounds 2..R)."""
+    with tempfile.TemporaryDirectory(prefix="fedvault-bench-") as tmp:
+        if mode.startswith("ours"):
+            clock = run_ours(hospitals, rounds, Path(tmp), pull_s, he=mode == "ours-he", **kw)
+        else:
+            clock = run_flower(hospitals, rounds, mode == "flower-eval", pull_s)
+    durations = _durations(clock.ends)[: rounds - 1]  # rounds 2..R
+    phases = clock.phases(1, rounds)
+    phases["other"] = statistics.median(durations) - sum(phases.values())
+    return {
+        "mode": mode,
+        "hospitals": hospitals,
+        "round_s": durations,
+        "median_round_s": statistics.median(durations),
+        "phases_s": phases,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.round_overhead")
     parser.add_argument(
-        "--mode", choices=("ours", "ours-he", "flower", "flower-eval"), required=True
+        "--mode",
+        choices=("ours", "ours-he", "flower", "flower-eval", "quick"),
+        required=True,
+        help="quick: ours and flower, one after the other on one Ray session",
     )
     parser.add_argument("--hospitals", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -463,34 +556,16 @@ def main(argv: list[str] | None = None) -> None:
         "--profile", type=Path, default=None, help="ours: cProfile the ServerApp into this file"
     )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fedvault-bench-") as tmp:
-        if args.mode.startswith("ours"):
-            clock = run_ours(
-                args.hospitals,
-                args.rounds,
-                Path(tmp),
-                args.pull_interval,
-                he=args.mode == "ours-he",
-                profile=args.profile,
-            )
-        else:
-            clock = run_flower(
-                args.hospitals, args.rounds, args.mode == "flower-eval", args.pull_interval
-            )
-    durations = _durations(clock.ends)[: args.rounds - 1]  # rounds 2..R
-    phases = clock.phases(1, args.rounds)
-    phases["other"] = statistics.median(durations) - sum(phases.values())
-    print(
-        json.dumps(
-            {
-                "mode": args.mode,
-                "hospitals": args.hospitals,
-                "round_s": durations,
-                "median_round_s": statistics.median(durations),
-                "phases_s": phases,
+    if args.mode == "quick":
+        with _one_ray_session():
+            out = {
+                mode: _measure(mode, args.hospitals, args.rounds, args.pull_interval)
+                for mode in ("ours", "flower")
             }
-        )
-    )
+    else:
+        kw = {"profile": args.profile} if args.mode.startswith("ours") else {}
+        out = _measure(args.mode, args.hospitals, args.rounds, args.pull_interval, **kw)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

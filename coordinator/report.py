@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TypeGuard
@@ -29,7 +29,7 @@ from fedvault.durable import atomic_write
 from fedvault.errors import InvalidConfigError, StoreError
 from fedvault.json_types import JSONObject, JSONValue
 
-from .records import LedgerRow
+from .records import Job, LedgerRow, RoundView
 from .store import RoundStore
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "JSONObject",
     "JSONValue",
     "Report",
+    "ReportBuilder",
     "ReportSummary",
     "RoundReport",
     "SummaryRound",
@@ -422,36 +423,42 @@ def build_report(store: RoundStore, job_name: str) -> Report:
     Only committed rounds appear in ``rounds``, each once and in order; failed
     attempts are not results.
     """
-    job = store.get_job(job_name)
-    if job is None:
-        raise StoreError(
-            f"no job {job_name!r} in this store; run it first, or pass the --store that holds it"
-        )
-    committed = [r for r in store.rounds(job.id) if r.status == "committed"]
-    pending = iter(store.ledger(job.id))  # ordered by round
-    next_row = next(pending, None)
-    latest: dict[str, LedgerRow] = {}
-    rounds: list[RoundReport] = []
-    samples: dict[str, int | None] = {}  # hospital -> samples of the last round it trained in
-    for r in committed:
-        while next_row is not None and next_row.round <= r.number:
-            latest[next_row.hospital] = next_row
-            next_row = next(pending, None)
+    return ReportBuilder(store, job_name).build()
+
+
+@dataclass
+class _Folded:
+    """What the rounds folded so far leave for the next: each hospital's state."""
+
+    rounds: list[RoundReport] = field(default_factory=list)
+    latest: dict[str, LedgerRow] = field(default_factory=dict)  # hospital -> newest ledger row
+    samples: dict[str, int | None] = field(default_factory=dict)  # of the last round it trained
+
+    def copy(self) -> _Folded:
+        return _Folded(list(self.rounds), dict(self.latest), dict(self.samples))
+
+    def fold(
+        self, r: RoundView, ledger: Iterator[LedgerRow], pending: LedgerRow | None
+    ) -> LedgerRow | None:
+        """Add committed round ``r``; consumes ``ledger`` up to it, returns its first later row."""
+        while pending is not None and pending.round <= r.number:
+            self.latest[pending.hospital] = pending
+            pending = next(ledger, None)
         by_status: dict[str, dict[str, str]] = {"refused": {}, "rejected": {}, "failed": {}}
         for p in r.participations:
-            samples.setdefault(p.hospital, None)
+            self.samples.setdefault(p.hospital, None)
             if p.status == "ok":
-                samples[p.hospital] = p.samples
+                self.samples[p.hospital] = p.samples
             else:
                 by_status[p.status][p.hospital] = p.reason
-        rounds.append(
+        self.rounds.append(
             RoundReport(
                 round=r.number,
                 accuracy=r.eval_accuracy,
                 loss=r.eval_loss,
                 metrics=dict(r.eval_metrics),
                 hospital_metrics={e.hospital: dict(e.metrics) for e in r.evaluations},
-                epsilon={h: latest[h].epsilon for h in sorted(latest)},
+                epsilon={h: self.latest[h].epsilon for h in sorted(self.latest)},
                 participants=tuple(
                     sorted(p.hospital for p in r.participations if p.status == "ok")
                 ),
@@ -462,7 +469,70 @@ def build_report(store: RoundStore, job_name: str) -> Report:
                 bytes_received=sum(p.bytes_received for p in r.participations),
             )
         )
-    hospitals = {h: HospitalPrivacy(samples=n) for h, n in samples.items()}
+        return pending
+
+
+class ReportBuilder:
+    """Builds one job's report again after each round, reading only what may have changed.
+
+    The first :meth:`build` reads the whole job, as :func:`build_report` does; each
+    later one reads only the rounds and ledger rows after the second-newest
+    committed round of the build before, and the job's row (its status). That
+    suits the coordinator running the job: between builds it commits a round,
+    records the evaluation of the round before it (or, at the end, of the
+    last), and nothing else changes a committed round. The report is the one
+    :func:`build_report` would build from the same store.
+
+    Parameters
+    ----------
+    store
+        The round store holding the job.
+    job_name
+        The job's name.
+    """
+
+    def __init__(self, store: RoundStore, job_name: str) -> None:
+        self._store, self._job_name = store, job_name
+        # Committed rounds up to ``_after`` are final: folded into ``_done`` once.
+        self._after = 0
+        self._done = _Folded()
+        #: The newest committed round as the last :meth:`build` read it (``None``: none yet).
+        self.newest: RoundView | None = None
+
+    def build(self) -> Report:
+        """The job's report as the store has it now.
+
+        Raises
+        ------
+        StoreError
+            The store holds no such job.
+        """
+        job = self._store.get_job(self._job_name)
+        if job is None:
+            raise StoreError(
+                f"no job {self._job_name!r} in this store; run it first, or pass the --store "
+                "that holds it"
+            )
+        rounds = self._store.rounds(job.id, after=self._after)
+        fresh = [r for r in rounds if r.status == "committed"]
+        ledger = iter(self._store.ledger(job.id, after=self._after))  # ordered by round
+        pending = next(ledger, None)
+        # All but the newest are final and folded for good; the newest is folded on a
+        # copy: its evaluation comes with the next commit.
+        for r in fresh[:-1]:
+            pending = self._done.fold(r, ledger, pending)
+            self._after = r.number
+        folded = self._done.copy()
+        for r in fresh[-1:]:
+            folded.fold(r, ledger, pending)
+            self.newest = r
+        return _report(job, folded)
+
+
+def _report(job: Job, folded: _Folded) -> Report:
+    """The report of ``job`` once all of its committed rounds are folded."""
+    rounds, latest = folded.rounds, folded.latest
+    hospitals = {h: HospitalPrivacy(samples=n) for h, n in folded.samples.items()}
     for hospital, row in latest.items():
         hospitals[hospital] = replace(
             hospitals[hospital],
@@ -482,7 +552,7 @@ def build_report(store: RoundStore, job_name: str) -> Report:
         hospital_metrics=last.hospital_metrics if last else {},
         epsilon_max=max((row.epsilon for row in latest.values()), default=None),
         delta=max(deltas, default=None),
-        rounds_completed=len(committed),
+        rounds_completed=len(rounds),
         status=job.status,
     )
     return Report(

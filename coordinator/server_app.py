@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from fedvault.coordinator.records import (
     RoundCommit,
     RoundView,
 )
-from fedvault.coordinator.report import build_report, summarise, write_report
+from fedvault.coordinator.report import ReportBuilder, summarise, write_report
 from fedvault.coordinator.round_events import round_committed, round_failed, round_started
 from fedvault.coordinator.run_settings import RunSettings
 from fedvault.coordinator.store import RoundStore
@@ -205,6 +206,23 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _in_memory_poll_s(grid: Grid) -> float | None:
+    """The poll interval of Flower's in-memory grid (a simulation); ``None`` for any other.
+
+    Its replies already live in this process (the simulation's link state), so
+    pulling them all in one call holds no more in memory than pulling a few,
+    and a pull is a function call, not a request to a SuperLink: it is polled
+    the way Flower's own ``send_and_receive`` polls it, every ``pull_interval``
+    (25 pulls of 4 per poll cost 100 hospitals ~8 ms each time, under Flower's
+    link-state lock). Checked through ``sys.modules``: importing the grid's
+    module takes ~2 s, and a grid of a module never imported is not one.
+    """
+    module = sys.modules.get("flwr.superlink.grid.inmemory_grid")
+    if module is None or not isinstance(grid, module.InMemoryGrid):
+        return None
+    return float(grid.pull_interval)
+
+
 def _wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while (connected := len(list(grid.get_node_ids()))) < needed:
@@ -288,7 +306,9 @@ class _RoundRunner:
 
         Replies are pulled a few at a time and handed on at once, never
         collected: the ServerApp holds at most :data:`_PULL_BATCH` updates,
-        however many hospitals the consortium has.
+        however many hospitals the consortium has. Flower's in-memory grid (a
+        simulation, whose replies are in this process anyway) is pulled whole,
+        every ``pull_interval`` (see :func:`_in_memory_poll_s`).
 
         Every instruction lives only as long as the round waits for it (its
         TTL): the SuperLink then refuses a straggler's late reply, and a hospital
@@ -312,10 +332,12 @@ class _RoundRunner:
         outstanding = set(ids)
         answered: set[int] = set()
         deadline = time.monotonic() + timeout
-        pause = _FIRST_POLL_S
+        in_memory = _in_memory_poll_s(self.grid)
+        pause = _FIRST_POLL_S if in_memory is None else in_memory
         while outstanding and time.monotonic() < deadline:
             arrived = 0
-            for chunk in _chunks(sorted(outstanding), _PULL_BATCH):
+            batch = _PULL_BATCH if in_memory is None else len(outstanding)
+            for chunk in _chunks(sorted(outstanding), batch):
                 for reply in self.grid.pull_messages(chunk):
                     arrived += 1
                     outstanding.discard(reply.metadata.reply_to_message_id)
@@ -328,9 +350,13 @@ class _RoundRunner:
                         answered.add(reply.metadata.src_node_id)
                         on_reply(reply)
                     del reply  # handed on: the collector keeps only the running sum
-            if outstanding and not arrived:
+            # In memory, every pull waits its interval, as Flower's own loop does: pulling
+            # again at once after replies held the link state's lock and the GIL from the
+            # threads that deliver the rest (3x the pulls).
+            if outstanding and (in_memory is not None or not arrived):
                 time.sleep(pause)
-                pause = min(2 * pause, _poll_cap(len(outstanding)))
+                if in_memory is None:
+                    pause = min(2 * pause, _poll_cap(len(outstanding)))
         for msg_id in outstanding:
             node = addressed[msg_id]
             if node not in answered:
@@ -508,23 +534,25 @@ def run_job(
         obs.on_start(job, done)
         _audit_start(store, settings, job_row.id, done)
         runner = _RoundRunner(grid, settings, store, job_row.id)
-        runner.summary = _summary(store, settings)
+        reports = ReportBuilder(store, job.job)  # re-reads only the newest rounds
+        runner.summary = _summary(reports, settings)
         runner.ensure_keys()
         model = _latest_model(store, settings, runner, job_row.id)
         for number in range(done + 1, job.rounds + 1):
             if _wait_while_paused(store, job.job, settings.pause_poll_s) == "stop":
                 log.info("job %s stopped by an operator before round %d", job.job, number)
-                _write_report(store, settings)
+                _write_report(store, reports, settings)
                 return "stopped"
             started = time.monotonic()
             outcome = _train_round(runner, store, job_row.id, job, number, model, obs)
             if outcome is None:
                 store.set_job_status(job_row.id, "failed")
-                _write_report(store, settings)
+                _write_report(store, reports, settings)
                 return "failed"
-            model = _commit_round(runner, store, settings, job_row.id, number, outcome)
+            model, view = _commit_round(
+                runner, store, reports, settings, job_row.id, number, outcome
+            )
             observe_round(job.job, time.monotonic() - started)
-            view = _committed_round(store, job_row.id, number)
             round_committed(job.job, view)
             obs.on_round(view)
         final = _committed_round(store, job_row.id, job.rounds)
@@ -533,7 +561,7 @@ def run_job(
             runner.evaluate(final.number, model)
             obs.on_round(_committed_round(store, job_row.id, final.number))
         store.set_job_status(job_row.id, "finished")
-        runner.announce(_write_report(store, settings) or _summary(store, settings))
+        runner.announce(_write_report(store, reports, settings) or _summary(reports, settings))
         return "finished"
 
 
@@ -614,14 +642,15 @@ def _train_round(
 def _commit_round(
     runner: _RoundRunner,
     store: RoundStore,
+    reports: ReportBuilder,
     settings: CoordinatorSettings,
     job_id: int,
     number: int,
     outcome: RoundOutcome,
-) -> ModelPayload:
+) -> tuple[ModelPayload, RoundView]:
     """Commit round ``number`` in one transaction and refresh the job summary.
 
-    Returns the new global model.
+    Returns the new global model and the round as committed.
     """
     assert outcome.model is not None
     with observe_commit(settings.job.job):
@@ -638,8 +667,12 @@ def _commit_round(
                 started_at=runner.started_at.get(number),
             ),
         )
-    runner.summary = _write_report(store, settings) or _summary(store, settings)
-    return outcome.model
+    runner.summary = _write_report(store, reports, settings) or _summary(reports, settings)
+    # The summary's build just read the round back: no second read of it.
+    view = reports.newest
+    if view is None or view.number != number:
+        view = _committed_round(store, job_id, number)
+    return outcome.model, view
 
 
 def _committed_round(store: RoundStore, job_id: int, number: int) -> RoundView:
@@ -683,17 +716,17 @@ def _final_refusal(participations: Sequence[Participation]) -> bool:
     return bool(missing) and all(p.code in _FINAL_REFUSALS for p in missing)
 
 
-def _summary(store: RoundStore, settings: CoordinatorSettings) -> str:
+def _summary(reports: ReportBuilder, settings: CoordinatorSettings) -> str:
     """The compact job report hospitals keep with their model versions (JSON)."""
-    report = build_report(store, settings.job.job)
+    report = reports.build()
     return json.dumps(summarise(report, consortium=settings.consortium).to_json(), allow_nan=False)
 
 
-def _write_report(store: RoundStore, settings: CoordinatorSettings) -> str:
+def _write_report(store: RoundStore, reports: ReportBuilder, settings: CoordinatorSettings) -> str:
     """Write report.json/.png where configured; return the compact summary it implies."""
     if settings.report_dir is None:
         return ""
-    report = build_report(store, settings.job.job)
+    report = reports.build()
     write_report(store, settings.job.job, settings.report_dir, report=report)
     return json.dumps(summarise(report, consortium=settings.consortium).to_json(), allow_nan=False)
 

@@ -61,6 +61,7 @@ from .store_engine import (
 )
 from .store_models import (
     JOB_STATUSES,
+    AuditTable,
     Base,
     JobTable,
     LedgerTable,
@@ -702,13 +703,16 @@ class RoundStore:
             }
             return [round_view(r, states) for r in rows]
 
-    def ledger(self, job_id: int) -> list[LedgerRow]:
-        """The job's privacy ledger, by round then hospital (ε is cumulative)."""
+    def ledger(self, job_id: int, *, after: int = 0) -> list[LedgerRow]:
+        """The job's privacy ledger after round ``after``, by round then hospital.
+
+        ε is cumulative.
+        """
         with self._session(f"read the privacy ledger of job {job_id}") as s:
             self._job_row(s, job_id)
             rows = s.scalars(
                 select(LedgerTable)
-                .where(LedgerTable.job_id == job_id)
+                .where(LedgerTable.job_id == job_id, LedgerTable.round > after)
                 .order_by(LedgerTable.round, LedgerTable.hospital)
             ).all()
             return [ledger_record(r) for r in rows]
@@ -738,10 +742,18 @@ class RoundStore:
             )
         if job.status == "stopped":
             return "stop"
-        for event in reversed(self.audit_events(job.id)):
-            action = event.detail.get("action") if event.kind == "operator_action" else None
-            if action in ("pause", "resume"):
-                return "pause" if action == "pause" else "run"
+        # Only the job's operator actions, newest first: the loop asks before every
+        # round, and reading the whole trail grew with rounds x hospitals.
+        with self._session("read the operator actions") as s:
+            actions = s.scalars(
+                select(AuditTable.detail)
+                .where(AuditTable.job_id == job.id, AuditTable.kind == "operator_action")
+                .order_by(AuditTable.id.desc())
+            )
+            for detail in actions:
+                action = json.loads(detail).get("action")
+                if action in ("pause", "resume"):
+                    return "pause" if action == "pause" else "run"
         return "run"
 
     def audit_events(self, job_id: int | None = None) -> list[AuditRow]:

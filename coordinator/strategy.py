@@ -130,6 +130,11 @@ class RoundOutcome:
     # Why the attempt failed although updates arrived (a masked round that
     # could not be unmasked); empty otherwise.
     failure: str = ""
+    # The hospitals in ``participations``: each reply asks, a scan made a round O(hospitals²).
+    _hospitals: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._hospitals.update(p.hospital for p in self.participations)
 
     @property
     def accepted(self) -> int:
@@ -144,10 +149,15 @@ class RoundOutcome:
         duplicate, or a node that first sent garbage) is only logged and
         audited. Use this for every participation, also the ServerApp's.
         """
-        if any(p.hospital == participation.hospital for p in self.participations):
+        if self.has(participation.hospital):
             return False
         self.participations.append(participation)
+        self._hospitals.add(participation.hospital)
         return True
+
+    def has(self, hospital: str) -> bool:
+        """Whether ``hospital`` already has its part in the round recorded."""
+        return hospital in self._hospitals
 
 
 class SecureFedAvg(Strategy):
@@ -552,7 +562,7 @@ class RoundCollector:
         The node's enrolled hospital, or the node itself once that hospital's row is taken.
         """
         sender = (self.strategy.enrolled or {}).get(node, f"node-{node}")
-        if repeated or any(p.hospital == sender for p in self.outcome.participations):
+        if repeated or self.outcome.has(sender):
             sender = f"node-{node}"  # the sender's own row is already taken
         return sender
 
@@ -646,7 +656,7 @@ def _check_first_reply(
     outcome: RoundOutcome, hospital: str, node: int, repeated: bool, server_round: int
 ) -> None:
     """Only a hospital's, and a node's, first reply of a round counts."""
-    if repeated or any(p.hospital == hospital for p in outcome.participations):
+    if repeated or outcome.has(hospital):
         raise MalformedUpdateError(
             f"duplicate reply for round {server_round} (from {hospital}, node "
             f"{node}): only the first reply counts; discard this one"

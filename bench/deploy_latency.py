@@ -49,8 +49,8 @@ __all__ = ["REMAINS", "run"]
 REMAINS = (
     "SuperNode: sleeps a fixed 3 s after an empty pull (a 3-node round waits ~2.25 s for "
     "the last node to notice), and polls its ClientApp's reply every 0.5 s; "
-    "one flwr-clientapp process per message (import flwr ~0.4 s CPU, fedvault's "
-    "ClientApp module ~2.0 s CPU of which torch ~1.3 s, even for the unmask query); "
+    "one flwr-clientapp process per message (import flwr ~0.4 s CPU; fedvault's "
+    "ClientApp imports torch only to train: ~0.5 s of imports for the unmask query); "
     "plain Flower's Grid.send_and_receive polls replies every 3 s"
 )
 

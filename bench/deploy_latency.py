@@ -214,18 +214,7 @@ def plain_flower(work: Path, rounds: int, hospitals: int = 3) -> dict[str, Any]:
     work.mkdir(parents=True)
     paths = prepare_consortium(work, hospitals=hospitals, rounds=rounds, epsilon=3.0)
     kit = Kit.load(paths["kits"] / "coordinator", expected_kind=KitKind.COORDINATOR)
-    host, _, port = kit.coordinator_address.rpartition(":")
-    link = SuperLinkProcess(
-        SuperLinkConfig(
-            state_dir=work / "superlink",
-            ca_certfile=kit.ca_path,
-            certfile=kit.cert_path,
-            keyfile=kit.key_path,
-            fleet_host=host,
-            fleet_port=int(port),
-            control_port=free_port(),
-        )
-    )
+    link = SuperLinkProcess(SuperLinkConfig.for_kit(kit, work / "superlink"))
     out_file = work / "stamps.json"
     load = _load()
     started = time.monotonic()

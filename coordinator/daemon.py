@@ -44,7 +44,7 @@ from fedvault.coordinator.store import DEFAULT_STORE_FILENAME, RoundStore, sqlit
 from fedvault.coordinator.superlink import ControlApiError, SuperLinkConfig, SuperLinkProcess
 from fedvault.coordinator.tracking import start_coordinator_tracker
 from fedvault.errors import FedvaultError, InvalidConfigError, StoreError, TaskMismatchError
-from fedvault.flower_env import app_pyproject, free_port
+from fedvault.flower_env import app_pyproject
 from fedvault.kit import Kit, KitKind
 from fedvault.task_registry import describe
 
@@ -238,18 +238,7 @@ class _Service:
 
 
 def _superlink(kit: Kit, state: Path) -> SuperLinkProcess:
-    host, _, port = kit.coordinator_address.rpartition(":")
-    return SuperLinkProcess(
-        SuperLinkConfig(
-            state_dir=state / "superlink",
-            ca_certfile=kit.ca_path,
-            certfile=kit.cert_path,
-            keyfile=kit.key_path,
-            fleet_host=host,
-            fleet_port=int(port),
-            control_port=free_port(),
-        )
-    )
+    return SuperLinkProcess(SuperLinkConfig.for_kit(kit, state / "superlink"))
 
 
 def run_coordinator(opts: CoordinatorOptions, *, stop: threading.Event | None = None) -> str:

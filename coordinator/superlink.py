@@ -34,12 +34,14 @@ from fedvault.flower_env import (
     FlowerProcessError,
     flower_env,
     flower_executable,
+    free_port,
     log_tail,
     spawn,
     terminate_tree,
     toml_table,
     write_cli_config,
 )
+from fedvault.kit import Kit
 
 __all__ = [
     "ControlApiError",
@@ -97,6 +99,25 @@ class SuperLinkConfig:
             )
         if not self.stop_grace > 0:
             raise InvalidConfigError(f"stop_grace={self.stop_grace} must be > 0 seconds.")
+
+    @classmethod
+    def for_kit(cls, kit: Kit, state_dir: Path, **overrides: Any) -> SuperLinkConfig:
+        """The SuperLink a coordinator kit describes: its certificates, its public address.
+
+        The loopback control port is a free one; ``overrides`` (say ``stop_grace``)
+        set the rest.
+        """
+        host, _, port = kit.coordinator_address.rpartition(":")
+        settings: dict[str, Any] = {
+            "ca_certfile": kit.ca_path,
+            "certfile": kit.cert_path,
+            "keyfile": kit.key_path,
+            "fleet_host": host,
+            "fleet_port": int(port),
+            "control_port": free_port(),
+            **overrides,
+        }
+        return cls(state_dir=state_dir, **settings)
 
     @property
     def database(self) -> Path:

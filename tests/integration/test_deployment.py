@@ -492,17 +492,7 @@ def test_hospitals_of_another_ca_or_with_unenrolled_keys_cannot_connect(
     kits_a = _provision_consortium(tmp_path, "alpha")
     kits_b = _provision_consortium(tmp_path, "beta")
     coord = Kit.load(kits_a / "coordinator", expected_kind=KitKind.COORDINATOR)
-    host, _, port = coord.coordinator_address.rpartition(":")
-    config = SuperLinkConfig(
-        state_dir=tmp_path / "superlink",
-        ca_certfile=coord.ca_path,
-        certfile=coord.cert_path,
-        keyfile=coord.key_path,
-        fleet_host=host,
-        fleet_port=int(port),
-        control_port=free_port(),
-        stop_grace=5.0,
-    )
+    config = SuperLinkConfig.for_kit(coord, tmp_path / "superlink", stop_grace=5.0)
     b_kit = Kit.load(kits_b / "hospitals" / "beta-h1", expected_kind=KitKind.HOSPITAL)
 
     def node(name: str, root_ca: Path) -> SuperNodeSupervisor:

@@ -240,6 +240,21 @@ def _data(n: int, seed: int = 0) -> TensorDataset:
     return TensorDataset(*_batch(n, seed))
 
 
+def _wrap(model: nn.Module, mode: str = "auto", criterion: Any = None, **kwargs: Any) -> Any:
+    """``make_private`` of ``model`` on 20 random records, the settings the mode checks use."""
+    return make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(20), batch_size=5),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        state=AccountantState(),
+        grad_sample_mode=mode,
+        criterion=criterion,
+        **kwargs,
+    )
+
+
 def _train(
     model: nn.Module,
     data: TensorDataset,
@@ -301,26 +316,11 @@ def test_train_private_ghost_and_hooks_agree_including_empty_batches() -> None:
 
 def test_auto_mode_is_ghost_for_the_task_loss() -> None:
     model = _mlp()
-    private = make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(_data(20), batch_size=5),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        state=AccountantState(),
-        criterion=_task().criterion(),
-    )
+    private = _wrap(model, criterion=_task().criterion())
     assert private.grad_sample_mode == "ghost"
     # Callers that pass no criterion (they compute the loss themselves) keep hooks.
     model = _mlp()
-    legacy = make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(_data(20), batch_size=5),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        state=AccountantState(),
-    )
+    legacy = _wrap(model)
     assert (legacy.grad_sample_mode, legacy.criterion) == ("hooks", None)
 
 
@@ -475,57 +475,36 @@ def test_choose_grad_sample_mode() -> None:
 def test_auto_mode_avoids_ew_under_autocast(autocast: bool, mode: str) -> None:
     """ExpandedWeights under autocast is unverified: the same step by ghost clipping instead."""
     model = _cnn()
-    private = make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(_data(20), batch_size=5),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        state=AccountantState(),
-        criterion=nn.CrossEntropyLoss(),
-        autocast=autocast,
-    )
+    private = _wrap(model, criterion=nn.CrossEntropyLoss(), autocast=autocast)
     assert private.grad_sample_mode == mode
 
 
 def test_make_private_resolves_and_refuses_modes() -> None:
-    def make(model: nn.Module, mode: str, criterion: Any) -> Any:
-        return make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(_data(20), batch_size=5),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            state=AccountantState(),
-            grad_sample_mode=mode,  # type: ignore[arg-type]
-            criterion=criterion,
-        )
-
     def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.mse_loss(outputs, targets)
 
     prelu = nn.Sequential(nn.Linear(10, 8), nn.PReLU(), nn.Linear(8, 3))
     ce = nn.CrossEntropyLoss()
-    assert make(prelu, "auto", ce).grad_sample_mode == "hooks"
-    assert make(_mlp(), "auto", mse).grad_sample_mode == "hooks"  # not a per-sample loss
+    assert _wrap(prelu, "auto", ce).grad_sample_mode == "hooks"
+    assert _wrap(_mlp(), "auto", mse).grad_sample_mode == "hooks"  # not a per-sample loss
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
-    assert make(_mlp(), "auto", weighted).grad_sample_mode == "hooks"
-    assert make(_mlp(), "hooks", ce).criterion is ce
+    assert _wrap(_mlp(), "auto", weighted).grad_sample_mode == "hooks"
+    assert _wrap(_mlp(), "hooks", ce).criterion is ce
     with pytest.raises(InvalidConfigError, match=r"'1' \(PReLU\)"):
-        make(prelu, "ghost", ce)
+        _wrap(prelu, "ghost", ce)
     with pytest.raises(InvalidConfigError, match=r"not a torch\.nn loss"):
-        make(_mlp(), "ghost", mse)
+        _wrap(_mlp(), "ghost", mse)
     with pytest.raises(InvalidConfigError, match="no criterion"):
-        make(_mlp(), "ghost", None)
-    assert make(_mlp(), "ew", ce).grad_sample_mode == "ew"
+        _wrap(_mlp(), "ghost", None)
+    assert _wrap(_mlp(), "ew", ce).grad_sample_mode == "ew"
     with pytest.raises(InvalidConfigError, match=r"'1' \(PReLU\) has no ExpandedWeights rule"):
-        make(prelu, "ew", ce)
+        _wrap(prelu, "ew", ce)
     with pytest.raises(InvalidConfigError, match="no criterion"):
-        make(_mlp(), "ew", None)
+        _wrap(_mlp(), "ew", None)
     with pytest.raises(InvalidConfigError, match="noise_only_step"):
-        make(_mlp(), "ghost", ce).noise_only_step()
+        _wrap(_mlp(), "ghost", ce).noise_only_step()
     with pytest.raises(InvalidConfigError, match="grad_sample_mode"):
-        make(_mlp(), "functorch", ce)
+        _wrap(_mlp(), "functorch", ce)
 
 
 # --- memory, structurally -----------------------------------------------------

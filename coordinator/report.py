@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TypeGuard
+from typing import IO, TYPE_CHECKING, TypeGuard
 
 from fedvault.durable import atomic_write
 from fedvault.errors import InvalidConfigError, StoreError
@@ -31,6 +31,9 @@ from fedvault.json_types import JSONObject, JSONValue
 
 from .records import Job, LedgerRow, RoundView
 from .store import RoundStore
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = [
     "REPORT_JSON",
@@ -243,15 +246,21 @@ class Report:
 
 @dataclass(frozen=True)
 class SummaryRound:
-    """One round in a job summary: pooled metrics and each hospital's ε only."""
+    """One round in a job summary: pooled metrics, each listed hospital's ε, the largest ε."""
 
     round: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     epsilon: Mapping[str, float] = field(default_factory=dict)
+    epsilon_max: float | None = None
 
     def to_json(self) -> JSONObject:
         """The round's entry in the summary's ``rounds``."""
-        return {"round": self.round, "metrics": dict(self.metrics), "epsilon": dict(self.epsilon)}
+        return {
+            "round": self.round,
+            "metrics": dict(self.metrics),
+            "epsilon": dict(self.epsilon),
+            "epsilon_max": self.epsilon_max,
+        }
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,7 @@ class ReportSummary:
     rounds: tuple[SummaryRound, ...]
     final: FinalReport
     hospitals: Mapping[str, HospitalPrivacy]
+    hospitals_not_listed: int = 0
 
     def to_json(self) -> JSONObject:
         """The summary as a JSON object, as hospitals keep it."""
@@ -277,6 +287,7 @@ class ReportSummary:
             "rounds": [r.to_json() for r in self.rounds],
             "final": self.final.to_json(),
             "hospitals": {name: h.to_json() for name, h in self.hospitals.items()},
+            "hospitals_not_listed": self.hospitals_not_listed,
         }
 
     @classmethod
@@ -292,11 +303,13 @@ class ReportSummary:
                     round=r.integer("round"),
                     metrics=r.numbers("metrics"),
                     epsilon=r.numbers("epsilon"),
+                    epsilon_max=r.number("epsilon_max"),
                 )
                 for r in f.objects("rounds")
             ),
             final=FinalReport._read(f.obj("final")),
             hospitals={n: HospitalPrivacy._read(h) for n, h in f.members("hospitals").items()},
+            hospitals_not_listed=f.integer("hospitals_not_listed", default=0),
         )
 
 
@@ -563,21 +576,41 @@ def _report(job: Job, folded: _Folded) -> Report:
     )
 
 
-def summarise(report: Report, *, consortium: str = "") -> ReportSummary:
+SUMMARY_LISTS_UP_TO = 100
+"""Largest consortium whose summary lists every hospital's privacy spend."""
+
+
+def summarise(
+    report: Report, *, consortium: str = "", lists_up_to: int = SUMMARY_LISTS_UP_TO
+) -> ReportSummary:
     """The part of a report hospitals keep beside their model versions (model cards).
 
-    Per round only the pooled metrics and each hospital's ε (no participant
-    lists or byte counts), so it stays small for a large consortium.
+    Per round only the pooled metrics, each hospital's ε and the largest ε (no
+    participant lists or byte counts). Every hospital receives the summary with
+    every round's instruction, so above ``lists_up_to`` hospitals (a simulation,
+    in practice) the per-hospital entries (ε, DP parameters, final metrics) are
+    left out and only the largest ε per round and at the end are kept: listed,
+    the relay would grow with the consortium at every hospital, i.e. with its
+    square in all (1.3 MB per hospital and round at 5,000 hospitals). The
+    coordinator's ``report.json`` keeps everything.
     """
+    listed = len(report.hospitals) <= lists_up_to
     return ReportSummary(
         consortium=consortium,
         job=_text_or_none(report.config.get("job")),
         task=_text_or_none(report.config.get("task")),
         rounds=tuple(
-            SummaryRound(round=r.round, metrics=r.metrics, epsilon=r.epsilon) for r in report.rounds
+            SummaryRound(
+                round=r.round,
+                metrics=r.metrics,
+                epsilon=r.epsilon if listed else {},
+                epsilon_max=max(r.epsilon.values(), default=None),
+            )
+            for r in report.rounds
         ),
-        final=report.final,
-        hospitals=report.hospitals,
+        final=report.final if listed else replace(report.final, hospital_metrics={}),
+        hospitals=report.hospitals if listed else {},
+        hospitals_not_listed=0 if listed else len(report.hospitals),
     )
 
 
@@ -632,10 +665,7 @@ def _plot(report: Report, out: IO[bytes]) -> None:
         acc_ax.legend(fontsize="small")
     if not {"mae", "rmse"} & set(names):  # classification scores live in [0, 1]
         acc_ax.set_ylim(0.0, 1.02)
-    for hospital in report.hospitals:
-        spent = [(r.round, r.epsilon[hospital]) for r in rounds if hospital in r.epsilon]
-        if spent:
-            eps_ax.plot(*zip(*spent, strict=True), marker="o", label=hospital)
+    _plot_epsilon(eps_ax, report)
     target = report.config.get("epsilon")
     if isinstance(target, int | float) and not isinstance(target, bool):
         eps_ax.axhline(target, linestyle="--", color="black", label=f"target ε = {target:g}")
@@ -647,3 +677,34 @@ def _plot(report: Report, out: IO[bytes]) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.grid(alpha=0.3)
     fig.savefig(out, format="png", dpi=100)
+
+
+PLOT_EACH_UP_TO = 12
+"""Largest consortium whose ε plot has a line (and a legend entry) per hospital."""
+
+
+def _plot_epsilon(ax: Axes, report: Report) -> None:
+    """Cumulative ε per round: a line per hospital, or for a large consortium its range.
+
+    A thousand lines and legend entries are unreadable (and took seconds to draw
+    every round); above :data:`PLOT_EACH_UP_TO` hospitals the plot shows the
+    largest, median and smallest ε of each round, the range shaded.
+    """
+    if len(report.hospitals) <= PLOT_EACH_UP_TO:
+        for hospital in report.hospitals:
+            spent = [(r.round, r.epsilon[hospital]) for r in report.rounds if hospital in r.epsilon]
+            if spent:
+                ax.plot(*zip(*spent, strict=True), marker="o", label=hospital)
+        return
+    spent_rounds = [r for r in report.rounds if r.epsilon]
+    if not spent_rounds:
+        return
+    xs = [r.round for r in spent_rounds]
+    values = [sorted(r.epsilon.values()) for r in spent_rounds]
+    low, high = [v[0] for v in values], [v[-1] for v in values]
+    ax.fill_between(
+        xs, low, high, alpha=0.25, label=f"range over {len(report.hospitals)} hospitals"
+    )
+    ax.plot(xs, high, marker="o", label="largest")
+    ax.plot(xs, [v[len(v) // 2] for v in values], marker=".", label="median")
+    ax.plot(xs, low, marker="o", label="smallest")

@@ -198,10 +198,16 @@ def evaluate_scores(
     clash = set(extra) & set(_NAMES[kind])
     if clash:
         raise InvalidConfigError(f"task metrics {sorted(clash)} shadow built-in ones; rename them")
-    if kind == "regression":
-        metrics, stats = _regression_eval(y, s)
-    else:
-        metrics, stats = _classification_eval(kind, y, s, k)
+    from sklearn import config_context
+
+    # The inputs were checked above (shapes, finiteness, labels, probabilities), so
+    # scikit-learn's own per-call validation is skipped: on a simulated hospital's few
+    # records it cost more than the metrics themselves.
+    with config_context(skip_parameter_validation=True, assume_finite=True):
+        if kind == "regression":
+            metrics, stats = _regression_eval(y, s)
+        else:
+            metrics, stats = _classification_eval(kind, y, s, k)
     metrics["loss"] = float(loss)
     for name, fn in extra.items():
         value = float(fn(y, s))

@@ -59,9 +59,11 @@ import itertools
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -270,13 +272,34 @@ class RoundContext:
         object.__setattr__(self, "digest", digest)
 
 
-def neighbour_graph(context: RoundContext, params: SecAggParams) -> dict[str, tuple[str, ...]]:
+def neighbour_graph(context: RoundContext, params: SecAggParams) -> Mapping[str, tuple[str, ...]]:
     """Every participant's neighbours (sorted), the same at every party.
 
     The complete graph when the degree is ``n - 1``; otherwise SecAgg+'s random
     Harary graph: the participants on a ring in an order drawn from the round's
     public digest, each joined to the ``k/2`` nearest on either side.
+
+    Memoised per process (read-only): the graph is public and a pure function of
+    the round, and a simulation's worker masks for thousands of hospitals of the
+    same round, each of which would otherwise rebuild all ``n`` rows.
     """
+    key = (context.digest, params)
+    with _GRAPHS_LOCK:
+        graph = _GRAPHS.get(key)
+        if graph is None:
+            graph = MappingProxyType(_build_graph(context, params))
+            if len(_GRAPHS) >= _GRAPHS_KEPT:
+                del _GRAPHS[next(iter(_GRAPHS))]
+            _GRAPHS[key] = graph
+    return graph
+
+
+_GRAPHS: dict[tuple[bytes, SecAggParams], Mapping[str, tuple[str, ...]]] = {}
+_GRAPHS_LOCK = threading.Lock()
+_GRAPHS_KEPT = 4  # a round or two per job; the oldest goes first
+
+
+def _build_graph(context: RoundContext, params: SecAggParams) -> dict[str, tuple[str, ...]]:
     names = context.participants
     n = len(names)
     k = params.degree_for(n)

@@ -142,7 +142,8 @@ def build_card(
     best, higher = selector == "best", greater_is_better(metric)
     how = f"the round with the {'highest' if higher else 'lowest'} pooled {metric}"
     how = how if best else "the last round held" if selector == "latest" else "by number"
-    each = _mapping(_round_entry(summary, server_round).get("hospital_metrics"))
+    now = _round_entry(summary, server_round)
+    each = _mapping(now.get("hospital_metrics"))
     hospitals = {str(h): round_metrics({"metrics": m}) for h, m in sorted(each.items())}
     return {
         "card_version": 1,
@@ -159,6 +160,12 @@ def build_card(
         "privacy": {
             "target": dict(_mapping(job_config.get("privacy"))) or None,
             "hospitals": _privacy(summary, server_round),
+            "epsilon_max": {
+                "at_round": 0.0 if server_round == 0 else now.get("epsilon_max"),
+                "at_job_end": final.get("epsilon_max"),
+            },
+            # a consortium of more than 100 hospitals relays only the largest ε
+            "hospitals_not_listed": summary.get("hospitals_not_listed") or 0,
         },
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "exported_by": exported_by,
@@ -230,6 +237,18 @@ def _markdown(card: Mapping[str, Any]) -> str:
     for name, p in hospitals.items():
         ends = [p["at_round"]["epsilon"], p["at_round"]["delta"], *p["at_job_end"].values()]
         lines.append(_row([name, *ends, *(p[k] for k in _DP_KEYS)]))
+    worst, unlisted = (
+        _mapping(card["privacy"].get("epsilon_max")),
+        card["privacy"].get("hospitals_not_listed"),
+    )
+    if unlisted:
+        lines += [
+            "",
+            f"{unlisted} hospitals are not listed (a consortium of more than 100 relays only "
+            f"the largest ε; the coordinator's report.json lists each): the largest ε was "
+            f"{_num(worst.get('at_round'))} at round {rnd} and {_num(worst.get('at_job_end'))} "
+            "at the job's end.",
+        ]
     rows = card["metrics_per_round"]
     names = sorted({m for r in rows for m in r["metrics"]})
     lines += ["", "## Metrics per round (consortium, pooled)", ""]

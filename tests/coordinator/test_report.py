@@ -173,3 +173,33 @@ def test_report_of_a_job_without_rounds(tmp_path: Path) -> None:
         assert write_report(s, "empty", tmp_path).is_file()
         with pytest.raises(StoreError, match="no job 'nope'"):
             build_report(s, "nope")
+
+
+def test_a_large_consortiums_epsilon_plot_shows_the_range_not_a_line_each() -> None:
+    from matplotlib.figure import Figure
+
+    from fedvault.coordinator.report import PLOT_EACH_UP_TO, Report, _plot_epsilon
+
+    def report(hospitals: int) -> Report:
+        names = [f"h{i:03d}" for i in range(hospitals)]
+        rounds = [
+            {
+                "round": r,
+                "participants": names,
+                "epsilon": {h: 0.1 * r + 0.001 * i for i, h in enumerate(names)},
+            }
+            for r in (1, 2, 3)
+        ]
+        final = {"rounds_completed": 3, "status": "finished"}
+        return Report.from_json(
+            {"config": {}, "rounds": rounds, "final": final, "hospitals": {h: {} for h in names}}
+        )
+
+    small, large = Figure().subplots(), Figure().subplots()
+    _plot_epsilon(small, report(PLOT_EACH_UP_TO))
+    assert len(small.get_legend_handles_labels()[1]) == PLOT_EACH_UP_TO
+    _plot_epsilon(large, report(400))
+    labels = large.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["largest", "median", "range over 400 hospitals", "smallest"]
+    largest = large.get_lines()[0].get_ydata()
+    assert list(largest) == pytest.approx([0.1 * r + 0.399 for r in (1, 2, 3)])

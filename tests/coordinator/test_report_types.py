@@ -120,9 +120,35 @@ def test_summary_round_trips_and_keeps_only_metrics_and_epsilon_per_round() -> N
         "round": 1,
         "metrics": {"auroc": 0.9, "loss": 0.5},
         "epsilon": {"hospital-1": 0.31, "hospital-2": 0.32},
+        "epsilon_max": 0.32,
     }
     assert data["final"] == REPORT.final.to_json()
     assert data["hospitals"] == REPORT.to_json()["hospitals"]
+    assert data["hospitals_not_listed"] == 0
+
+
+def test_a_large_consortiums_summary_keeps_the_largest_epsilon_not_every_hospital() -> None:
+    # Relayed to every hospital with every instruction: listing each hospital would make
+    # the relay grow with the square of the consortium.
+    summary = summarise(REPORT, consortium="north", lists_up_to=1)
+    data = summary.to_json()
+    assert ReportSummary.from_json(_through_json(data)) == summary
+    assert data["rounds"][0] == {
+        "round": 1,
+        "metrics": {"auroc": 0.9, "loss": 0.5},
+        "epsilon": {},
+        "epsilon_max": 0.32,
+    }
+    assert (data["hospitals"], data["hospitals_not_listed"]) == ({}, 2)
+    assert data["final"]["hospital_metrics"] == {}
+    assert data["final"]["epsilon_max"] == REPORT.final.epsilon_max
+    assert data["final"]["metrics"] == REPORT.final.to_json()["metrics"]
+    # A summary relayed before these fields existed still reads back.
+    old = summarise(REPORT).to_json()
+    del old["hospitals_not_listed"]
+    for r in old["rounds"]:
+        del r["epsilon_max"]
+    assert ReportSummary.from_json(_through_json(old)).hospitals_not_listed == 0
 
 
 def test_a_report_written_before_task_metrics_reads_back() -> None:

@@ -303,6 +303,12 @@ def test_sparse_graph_rounds_cancel_with_a_dropout() -> None:
         RoundContext(JOB, ROUND, tuple(reversed(r.names)), b"instr"), params
     )
     assert graph != neighbour_graph(RoundContext(JOB, ROUND + 1, r.names, b"instr"), params)
+    # Memoised per round (a simulation's worker masks for many hospitals of one round),
+    # read-only, and never shared across rounds or parameters.
+    assert neighbour_graph(r.context, params) is graph
+    with pytest.raises(TypeError):
+        graph["h00"] = ()  # type: ignore[index]
+    assert neighbour_graph(r.context, SecAggParams(degree=6, complete_up_to=3)) != graph
     rng = np.random.default_rng(9)
     xs = {p: _ints(rng, 64) for p in r.names}
     ys = {p: r.sessions[p].mask(xs[p])[0] for p in r.names}

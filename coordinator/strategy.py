@@ -381,6 +381,7 @@ class RoundCollector:
         self.strategy, self.server_round = strategy, server_round
         self.unmasking = unmasking
         self.nodes: dict[str, int] = {}  # accepted hospital -> its node (the unmask round)
+        self._hospital_of: dict[int, str] = {}  # its inverse
         self.outcome = RoundOutcome()
         self.aggregator: UpdateAggregator[Any, Any] = strategy.mode.aggregator(
             strategy.public_context,
@@ -452,7 +453,9 @@ class RoundCollector:
         """Record one survivor's unmask answer; a bad one is recorded against its sender."""
         assert self.unmasking is not None
         node = msg.metadata.src_node_id
-        hospital = next((h for h, n in self.nodes.items() if n == node), f"node-{node}")
+        if len(self._hospital_of) != len(self.nodes):  # filled once, after the train replies
+            self._hospital_of = {n: h for h, n in self.nodes.items()}
+        hospital = self._hospital_of.get(node, f"node-{node}")
         try:
             answer = UnmaskAnswer.from_message(msg)
             if answer.hospital != hospital:

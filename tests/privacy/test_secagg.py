@@ -689,6 +689,9 @@ def test_the_coordinator_refuses_forged_seeds_and_survives_one_corrupt_share() -
     for v, rep in replies.items():
         if v != "h03":
             coord.add_reply(rep)
+    # Seeds are rebuilt while the replies arrive, each from its first T shares; h02's
+    # first four hold the corrupt one, so it waits for the end and every share.
+    assert set(coord._seeds) == set(coord.survivors) - {"h02"}
     total = sum(ys[p].astype(object) for p in coord.survivors) - coord.correction(32).astype(object)
     got = centred(np.asarray(total % T_MOD, dtype=np.int64), T_MOD)
     np.testing.assert_array_equal(got, sum(xs[p] for p in coord.survivors))

@@ -35,7 +35,7 @@ __all__ = ["LoopbackCluster", "ReplicatedData", "run"]
 
 CAP_S = 300.0
 CLEANUP_S = 600.0  # deleting a big job's output (the hospitals' files) after it is timed
-SIZES = (1000, 2500, 5000)
+SIZES = (1000, 1500, 2000, 2500, 3000, 4000, 5000)
 TARGET = 5000  # issue 15: 5,000 hospitals, 3 rounds, within the cap
 CLUSTER_HOSPITALS = 60
 ROUNDS = 3

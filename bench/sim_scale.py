@@ -103,12 +103,12 @@ def _throttle_reports(every_s: float = 60.0) -> None:
     write = server_app.write_report
     last = [0.0]
 
-    def throttled(store: Any, job: str, out: Any) -> Any:
+    def throttled(store: Any, job: str, out: Any, **kwargs: Any) -> Any:
         row = store.get_job(job)
         done = row is not None and row.status in ("finished", "failed", "stopped")
         if done or time.monotonic() - last[0] >= every_s:
             last[0] = time.monotonic()
-            return write(store, job, out)
+            return write(store, job, out, **kwargs)
         return None
 
     server_app.write_report = throttled  # type: ignore[assignment]
@@ -341,11 +341,13 @@ def run(quick: bool = False) -> Section:
             higher_is_better=True,
         ),
     ]
-    if not quick and best < SIZES[-1]:
+    if quick or best < SIZES[-1]:
         # Lever: the proposed patches (a process-wide memo of DP plans at the
-        # hospitals, reports written once a minute), from the first size that failed.
-        failed = next(a["hospitals"] for a in attempts if not a["ok"])
-        lever_best, lever_attempts = _search(tuple(h for h in SIZES if h >= failed), True)
+        # hospitals, reports written once a minute), from the first size that failed
+        # (--quick: the one small job, so that the patches cannot rot unnoticed).
+        failed = next((a["hospitals"] for a in attempts if not a["ok"]), QUICK_SIZES[0])
+        lever_sizes = QUICK_SIZES if quick else tuple(h for h in SIZES if h >= failed)
+        lever_best, lever_attempts = _search(lever_sizes, True, rounds)
         details["patched_attempts"] = lever_attempts
         section.keys["lever_max_sim_hospitals_patched"] = max(lever_best, best)
         lever_ok = next((a for a in reversed(lever_attempts) if a["ok"]), None)

@@ -7,6 +7,10 @@ its smallest size, targets not judged. A section that raises makes ``bench.run``
 exit 1; a job that fails inside a section (a simulation that did not finish, a
 demo that crashed) does not raise but leaves its keys ``None``, so the keys are
 checked too. Timings are not asserted: only that every path ran to the end.
+
+``make test`` runs the sections that need no Ray and no daemons (seconds); the
+rest, minutes of process and Ray start-up, carry the ``bench_smoke`` marker, which
+``make test`` deselects and ``make bench-smoke`` (CI, after ``make test``) runs.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.bench_smoke]
+pytestmark = [pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"  # the real one, which the test must leave alone
@@ -39,6 +43,11 @@ def _sections() -> list[str]:
 
 
 SECTIONS = _sections()
+#: Sections whose smoke runs in seconds, in this process's machine, with no Ray, no
+#: simulation and no daemons: ``make test`` runs these; ``make bench-smoke`` (CI,
+#: after ``make test``) runs every section.
+IN_PROCESS = ("he", "plain", "dp", "levers")
+FAST_TIMEOUT_S = 300
 # ~5 minutes on an idle 2-core machine (bench/README.md); generous for a loaded one.
 RUN_TIMEOUT_S = 1700
 
@@ -82,16 +91,16 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("bench") / "results.json"
+def _run_quick(out: Path, sections: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
+    """``bench.run --quick`` of ``sections`` (all: empty) into ``out``; its results."""
     before = _digest(RESULTS)
+    only = ["--only", ",".join(sections)] if sections else []
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), *only],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=RUN_TIMEOUT_S,
+        timeout=timeout_s,
         check=False,
     )
     tail = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-4000:]}"
@@ -103,6 +112,25 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run_quick(tmp_path_factory.mktemp("bench") / "results.json", (), RUN_TIMEOUT_S)
+
+
+@pytest.mark.timeout(FAST_TIMEOUT_S + 60)
+def test_the_in_process_sections_run_in_make_test(tmp_path: Path) -> None:
+    """Every ``make test`` smokes the sections that need no Ray and no daemons."""
+    results = _run_quick(tmp_path / "results.json", IN_PROCESS, FAST_TIMEOUT_S)
+    assert results["failed_sections"] == [], results["_tail"]
+    assert results["_returncode"] == 0, results["_tail"]
+    for name in IN_PROCESS:
+        details = results["details"].get(name)
+        assert details is not None and "error" not in details, f"section {name}: {details}"
+        missing = [key for key in REQUIRED[name] if not _number(results.get(key))]
+        assert not missing, f"section {name} left keys missing or null: {missing}"
+
+
+@pytest.mark.bench_smoke
 @pytest.mark.timeout(RUN_TIMEOUT_S + 100)
 def test_every_section_runs(quick: dict[str, Any]) -> None:
     assert quick["failed_sections"] == [], quick["_tail"]
@@ -114,6 +142,7 @@ def test_every_section_runs(quick: dict[str, Any]) -> None:
         assert "error" not in details, f"section {name}: {details.get('error')}"
 
 
+@pytest.mark.bench_smoke
 @pytest.mark.timeout(RUN_TIMEOUT_S + 100)
 def test_every_section_writes_its_keys(quick: dict[str, Any]) -> None:
     assert set(REQUIRED) == set(SECTIONS), "a section was added: say which keys it must write"
@@ -127,6 +156,7 @@ def test_every_section_writes_its_keys(quick: dict[str, Any]) -> None:
     assert quick["max_sim_hospitals"] > 0
 
 
+@pytest.mark.bench_smoke
 @pytest.mark.timeout(RUN_TIMEOUT_S + 100)
 def test_every_job_inside_a_section_finished(quick: dict[str, Any]) -> None:
     """Jobs whose failure leaves no key behind: the clusters and the simulated secagg jobs."""
@@ -136,6 +166,8 @@ def test_every_job_inside_a_section_finished(quick: dict[str, Any]) -> None:
     for name, result in clusters.items():
         assert result.get("status") == "finished", f"{name}: {result}"
     assert all(a["ok"] for a in scale["attempts"]), scale["attempts"]
+    lever = scale["patched_attempts"]  # the what-if patches, on the same small job
+    assert lever and all(a["ok"] for a in lever), lever
     jobs = quick["details"]["secagg"]["simulation"]["jobs"]
     for kind, runs in jobs.items():
         assert runs and all(r["ok"] for r in runs), f"secagg {kind}: {runs}"

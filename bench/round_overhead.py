@@ -1,7 +1,8 @@
 """Measurement 4: coordinator round overhead against a plain Flower FedAvg round.
 
-Both run on Flower's simulation runtime with the same backend settings as
-``fedvault simulate`` (one Ray actor per core), the same number of simulated
+Both run on Flower's simulation runtime as ``fedvault simulate`` runs it (one
+Ray actor per core, the LinkState indexed by destination node:
+``fedvault/app/sim_linkstate.py``), the same number of simulated
 hospitals, the same model (the digits CNN, 6,186 weights) and clients that do
 no training:
 
@@ -132,6 +133,8 @@ def run_flower(hospitals: int, rounds: int, evaluate: bool, pull_s: float | None
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
+    from fedvault.app.sim_linkstate import indexed_linkstate
+
     clock = _Clock()
 
     class TimedFedAvg(FedAvg):  # type: ignore[misc]
@@ -182,12 +185,13 @@ def run_flower(hospitals: int, rounds: int, evaluate: bool, pull_s: float | None
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
 
     _quiet()
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=hospitals,
-        backend_config=_backend_config(),  # type: ignore[arg-type]
-    )
+    with indexed_linkstate():  # fedvault simulate's runtime, for both sides
+        run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=hospitals,
+            backend_config=_backend_config(),  # type: ignore[arg-type]
+        )
     return clock
 
 
@@ -205,6 +209,7 @@ def run_ours(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from fedvault.app.sim_linkstate import indexed_linkstate
     from fedvault.config import JobConfig
     from fedvault.coordinator import server_app
     from fedvault.coordinator.records import RoundView
@@ -341,12 +346,13 @@ def run_ours(
             raise RuntimeError(f"job ended {status}")
 
     _quiet()
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=hospitals,
-        backend_config=_backend_config(),  # type: ignore[arg-type]
-    )
+    with indexed_linkstate():  # fedvault simulate's runtime, for both sides
+        run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=hospitals,
+            backend_config=_backend_config(),  # type: ignore[arg-type]
+        )
     return clock
 
 

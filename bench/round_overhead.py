@@ -107,6 +107,22 @@ def _backend_config() -> dict[str, Any]:
     }
 
 
+def _simulate(server: Any, client: Any, hospitals: int) -> None:
+    """Run a ServerApp and ClientApp on Flower's runtime as ``fedvault simulate`` runs it."""
+    from flwr.simulation import run_simulation
+
+    from fedvault.app.sim_linkstate import indexed_linkstate
+
+    _quiet()
+    with indexed_linkstate():  # the LinkState index, for both sides
+        run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=hospitals,
+            backend_config=_backend_config(),  # type: ignore[arg-type]
+        )
+
+
 def _quiet() -> None:
     import logging
     import warnings
@@ -131,9 +147,6 @@ def run_flower(hospitals: int, rounds: int, evaluate: bool, pull_s: float | None
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
-
-    from fedvault.app.sim_linkstate import indexed_linkstate
 
     clock = _Clock()
 
@@ -184,14 +197,7 @@ def run_flower(hospitals: int, rounds: int, evaluate: bool, pull_s: float | None
         initial = ArrayRecord(build_model().state_dict())
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
 
-    _quiet()
-    with indexed_linkstate():  # fedvault simulate's runtime, for both sides
-        run_simulation(
-            server_app=server,
-            client_app=client,
-            num_supernodes=hospitals,
-            backend_config=_backend_config(),  # type: ignore[arg-type]
-        )
+    _simulate(server, client, hospitals)
     return clock
 
 
@@ -207,9 +213,7 @@ def run_ours(
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
 
-    from fedvault.app.sim_linkstate import indexed_linkstate
     from fedvault.config import JobConfig
     from fedvault.coordinator import server_app
     from fedvault.coordinator.records import RoundView
@@ -345,14 +349,7 @@ def run_ours(
         if status != "finished":
             raise RuntimeError(f"job ended {status}")
 
-    _quiet()
-    with indexed_linkstate():  # fedvault simulate's runtime, for both sides
-        run_simulation(
-            server_app=server,
-            client_app=client,
-            num_supernodes=hospitals,
-            backend_config=_backend_config(),  # type: ignore[arg-type]
-        )
+    _simulate(server, client, hospitals)
     return clock
 
 

@@ -263,22 +263,27 @@ def test_hospital_export_refusals(hospital_state: Path, tmp_path: Path, he_ctx: 
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def _card(**changes: Any) -> dict[str, Any]:
+    """``build_card`` of round 1 of a coordinator's export, with ``changes``."""
+    fields: dict[str, Any] = {
+        "task_fingerprint": None,
+        "server_round": 1,
+        "selector": "latest",
+        "summary": None,
+        "consortium": "c",
+        "exported_by": "coordinator",
+        "weights_sha256": "0" * 64,
+    }
+    return dict(build_card(**(fields | changes)))
+
+
 def test_a_large_consortiums_card_gives_the_largest_epsilon() -> None:
     # Above 100 hospitals the coordinator relays only the largest ε (report.summarise).
     from fedvault.app.model_card import card_markdown
     from fedvault.coordinator.report import Report, summarise
 
     summary = summarise(Report.from_json(_summary(METRICS)), lists_up_to=1).to_json()
-    card = build_card(
-        job_config=_config("j"),
-        task_fingerprint=None,
-        server_round=2,
-        selector="2",
-        summary=summary,
-        consortium="c",
-        exported_by="hospital-1",
-        weights_sha256="0" * 64,
-    )
+    card = _card(job_config=_config("j"), server_round=2, selector="2", summary=summary)
     assert card["privacy"]["hospitals"] == {}
     assert card["privacy"]["hospitals_not_listed"] == 2
     assert card["privacy"]["epsilon_max"] == {"at_round": 1.02, "at_job_end": None}
@@ -289,16 +294,7 @@ def test_a_large_consortiums_card_gives_the_largest_epsilon() -> None:
 
 def test_an_export_is_checked_against_its_card(tmp_path: Path) -> None:
     weights = {"w": np.ones((2, 2), dtype=np.float32)}
-    card = build_card(
-        job_config=_config("p", "none"),
-        task_fingerprint=None,
-        server_round=1,
-        selector="latest",
-        summary=None,
-        consortium="c",
-        exported_by="coordinator",
-        weights_sha256="0" * 64,
-    )
+    card = _card(job_config=_config("p", "none"))
     with pytest.raises(InvalidConfigError, match="weights_sha256"):
         write_export(tmp_path / "x", weights=weights, card=card)
     out = write_export(

@@ -715,8 +715,9 @@ class UnmaskingSession:
         self.stage = CoordinatorStage.COLLECTING
         self._masked: dict[str, MaskedShares] = {}
         self._replies: dict[str, UnmaskReply] = {}
-        # Self-mask seeds rebuilt as soon as T shares of them were in (see add_reply).
-        self._share_counts: dict[str, int] = {}
+        # Each survivor's self-mask shares as they came back, and the seeds rebuilt as
+        # soon as T of them were in (see add_reply).
+        self._shares_of: dict[str, list[tuple[int, bytes]]] = {}
         self._seeds: dict[str, bytes] = {}
         self.survivors: tuple[str, ...] = ()
         self.dropped: tuple[str, ...] = ()
@@ -847,9 +848,10 @@ class UnmaskingSession:
             if _pair_commitment(self.context, v, d, seed) != self._masked[v].seed_commitments[d]:
                 raise ProtocolError(f"the seed {v!r} revealed for {d!r} fails its commitment")
         self._replies[v] = reply
-        for u in reply.self_shares:
-            self._share_counts[u] = self._share_counts.get(u, 0) + 1
-            if self._share_counts[u] == self.threshold:
+        for u, share in reply.self_shares.items():
+            shares = self._shares_of.setdefault(u, [])
+            shares.append(share)
+            if len(shares) == self.threshold:
                 self._rebuild_early(u)
 
     def _rebuild_early(self, u: str) -> None:
@@ -862,10 +864,9 @@ class UnmaskingSession:
         not match the commitment (a corrupt share), :meth:`correction_stream` tries
         again with every share that came back.
         """
-        shares = [r.self_shares[u] for r in self._replies.values() if u in r.self_shares]
         try:
             seed = _reconstruct(
-                shares, self.threshold, self._masked[u].self_commitment, self.context, u
+                self._shares_of[u], self.threshold, self._masked[u].self_commitment, self.context, u
             )
         except UnmaskError:
             return
@@ -902,7 +903,7 @@ class UnmaskingSession:
     def _self_stream(self, u: str) -> UniformStream:
         seed = self._seeds.get(u)
         if seed is None:
-            shares = [r.self_shares[u] for r in self._replies.values() if u in r.self_shares]
+            shares = self._shares_of.get(u, [])
             if len(shares) < self.threshold:
                 raise UnmaskError(
                     f"only {len(shares)} of the {self.threshold} shares needed to unmask {u!r} "

@@ -18,9 +18,8 @@ Ceremony actions (Flower ``query`` messages, see :func:`handle_key_query`):
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import re
-import threading
 from pathlib import Path
 
 from cryptography import x509
@@ -36,25 +35,13 @@ __all__ = ["KeyStore", "custodian_ceremony", "install_sealed_key"]
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 
 
-# Loaded secret contexts by the SHA-256 of their bytes. A simulation's worker serves
-# thousands of hospitals of one consortium, which all hold the same key (one file,
-# hard-linked): parsing it once per hospital cost ~5 ms each and a copy in memory.
-_LOADED: dict[bytes, HeContext] = {}
-_LOADED_KEPT = 4
-_LOADED_LOCK = threading.Lock()
-
-
-def _load(path: Path) -> HeContext:
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).digest()
-    with _LOADED_LOCK:
-        ctx = _LOADED.get(digest)
-        if ctx is None:
-            ctx = HeContext.from_bytes(data)
-            if len(_LOADED) >= _LOADED_KEPT:
-                del _LOADED[next(iter(_LOADED))]
-            _LOADED[digest] = ctx
-    return ctx
+# A simulation's worker serves thousands of hospitals of one consortium, which all
+# hold the same key (one file, hard-linked): parsing it once per hospital cost ~5 ms
+# each and a copy in memory. Keyed by the bytes themselves, so a changed file is
+# parsed (and checked) afresh.
+@functools.lru_cache(maxsize=4)
+def _parse(data: bytes) -> HeContext:
+    return HeContext.from_bytes(data)
 
 
 class KeyStore:
@@ -89,7 +76,7 @@ class KeyStore:
                     f"{held or 'none'}); the key ceremony has not reached it yet — "
                     "restart the hospital daemon so the coordinator can relay the key"
                 )
-            ctx = _load(path)
+            ctx = _parse(path.read_bytes())
             if not ctx.is_private:
                 raise KeyMismatchError(f"{path} holds no secret key; re-run the key ceremony")
             self._cache[epoch] = ctx

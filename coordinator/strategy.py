@@ -453,8 +453,6 @@ class RoundCollector:
         """Record one survivor's unmask answer; a bad one is recorded against its sender."""
         assert self.unmasking is not None
         node = msg.metadata.src_node_id
-        if len(self._hospital_of) != len(self.nodes):  # filled once, after the train replies
-            self._hospital_of = {n: h for h, n in self.nodes.items()}
         hospital = self._hospital_of.get(node, f"node-{node}")
         try:
             answer = UnmaskAnswer.from_message(msg)
@@ -535,6 +533,7 @@ class RoundCollector:
             assert self.unmasking is not None
             self.unmasking.add_masked(shares)
             self.nodes[reply.hospital] = node
+            self._hospital_of[node] = reply.hospital
         self.loss_sum += reply.train_loss * reply.samples
         if evaluation is not None:
             self.outcome.evaluations.add(*evaluation)

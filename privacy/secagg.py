@@ -54,12 +54,12 @@ the context's ``nonce`` carries that instruction's digest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import math
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -283,20 +283,12 @@ def neighbour_graph(context: RoundContext, params: SecAggParams) -> Mapping[str,
     the round, and a simulation's worker masks for thousands of hospitals of the
     same round, each of which would otherwise rebuild all ``n`` rows.
     """
-    key = (context.digest, params)
-    with _GRAPHS_LOCK:
-        graph = _GRAPHS.get(key)
-        if graph is None:
-            graph = MappingProxyType(_build_graph(context, params))
-            if len(_GRAPHS) >= _GRAPHS_KEPT:
-                del _GRAPHS[next(iter(_GRAPHS))]
-            _GRAPHS[key] = graph
-    return graph
+    return _graph(context, params)
 
 
-_GRAPHS: dict[tuple[bytes, SecAggParams], Mapping[str, tuple[str, ...]]] = {}
-_GRAPHS_LOCK = threading.Lock()
-_GRAPHS_KEPT = 4  # a round or two per job; the oldest goes first
+@functools.lru_cache(maxsize=4)  # a round or two per job
+def _graph(context: RoundContext, params: SecAggParams) -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType(_build_graph(context, params))
 
 
 def _build_graph(context: RoundContext, params: SecAggParams) -> dict[str, tuple[str, ...]]:

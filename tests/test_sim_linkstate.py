@@ -95,6 +95,8 @@ def _script(indexed: bool) -> list[object]:
     time.sleep(0.1)
     seen.append(_tags(state.get_message_ins(node_id=a, limit=1)))  # a1
     seen.append(_tags(state.get_message_ins(node_id=a, limit=1)))  # a2
+    # A delivered message cannot be queued again (Flower refuses it).
+    assert state.store_message_ins(state.message_ins_store[ids["a2"]]) is None
     seen.append(_tags(state.get_message_ins(node_id=c, limit=1)))  # expired: nothing
     seen.append(_tags(state.get_message_ins(node_id=d, limit=1)))  # nothing sent
     seen.append(_tags(state.get_message_ins(node_id=b, limit=None)))  # b1

@@ -164,7 +164,7 @@ def build_card(
                 "at_round": 0.0 if server_round == 0 else now.get("epsilon_max"),
                 "at_job_end": final.get("epsilon_max"),
             },
-            # a consortium of more than 100 hospitals relays only the largest ε
+            # a large consortium's summary lists only the largest ε (report.summarise)
             "hospitals_not_listed": summary.get("hospitals_not_listed") or 0,
         },
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -244,8 +244,8 @@ def _markdown(card: Mapping[str, Any]) -> str:
     if unlisted:
         lines += [
             "",
-            f"{unlisted} hospitals are not listed (a consortium of more than 100 relays only "
-            f"the largest ε; the coordinator's report.json lists each): the largest ε was "
+            f"{unlisted} hospitals are not listed (for a consortium this large the "
+            "coordinator relays only the largest ε; its report.json lists each): the largest ε was "
             f"{_num(worst.get('at_round'))} at round {rnd} and {_num(worst.get('at_job_end'))} "
             "at the job's end.",
         ]

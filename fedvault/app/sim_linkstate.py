@@ -40,8 +40,11 @@ class IndexedLinkState(in_memory_linkstate.InMemoryLinkState):
         message_id = super().store_message_ins(message)
         if message_id is not None:
             with self.lock:
-                if message_id in self.message_ins_store and message_id not in self._dst_of:
-                    dst = message.metadata.dst_node_id
+                stored = self.message_ins_store.get(message_id)
+                # A duplicate id is answered with the stored message's id: index only
+                # what is still waiting for delivery.
+                if stored is not None and stored.metadata.delivered_at == "":
+                    dst = stored.metadata.dst_node_id
                     self._dst_of[message_id] = dst
                     self._undelivered.setdefault(dst, {})[message_id] = None
         return message_id

@@ -345,8 +345,11 @@ def run(quick: bool = False) -> Section:
         # Lever: the proposed patches (a process-wide memo of DP plans at the
         # hospitals, reports written once a minute), from the first size that failed
         # (--quick: the one small job, so that the patches cannot rot unnoticed).
-        failed = next((a["hospitals"] for a in attempts if not a["ok"]), QUICK_SIZES[0])
-        lever_sizes = QUICK_SIZES if quick else tuple(h for h in SIZES if h >= failed)
+        if quick:
+            lever_sizes = QUICK_SIZES
+        else:
+            failed = next(a["hospitals"] for a in attempts if not a["ok"])
+            lever_sizes = tuple(h for h in SIZES if h >= failed)
         lever_best, lever_attempts = _search(lever_sizes, True, rounds)
         details["patched_attempts"] = lever_attempts
         section.keys["lever_max_sim_hospitals_patched"] = max(lever_best, best)

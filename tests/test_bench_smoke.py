@@ -21,6 +21,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,36 +122,38 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_the_in_process_sections_run_in_make_test(tmp_path: Path) -> None:
     """Every ``make test`` smokes the sections that need no Ray and no daemons."""
     results = _run_quick(tmp_path / "results.json", IN_PROCESS, FAST_TIMEOUT_S)
+    _assert_sections_ran(results, IN_PROCESS)
+    missing = {name: _missing_keys(results, name) for name in IN_PROCESS}
+    assert not any(missing.values()), f"keys missing or null: {missing}"
+
+
+def _assert_sections_ran(results: dict[str, Any], names: Sequence[str]) -> None:
+    """The run exited 0, no section raised, and each of ``names`` left error-free details."""
     assert results["failed_sections"] == [], results["_tail"]
     assert results["_returncode"] == 0, results["_tail"]
-    for name in IN_PROCESS:
+    assert results["quick"] is True
+    for name in names:
         details = results["details"].get(name)
-        assert details is not None and "error" not in details, f"section {name}: {details}"
-        missing = [key for key in REQUIRED[name] if not _number(results.get(key))]
-        assert not missing, f"section {name} left keys missing or null: {missing}"
+        assert details is not None, f"section {name} left no details"
+        assert "error" not in details, f"section {name}: {details.get('error')}"
+
+
+def _missing_keys(results: dict[str, Any], name: str) -> list[str]:
+    """Section ``name``'s required keys that are missing or not a finite number."""
+    return [key for key in REQUIRED[name] if not _number(results.get(key))]
 
 
 @pytest.mark.bench_smoke
 @pytest.mark.timeout(RUN_TIMEOUT_S + 100)
 def test_every_section_runs(quick: dict[str, Any]) -> None:
-    assert quick["failed_sections"] == [], quick["_tail"]
-    assert quick["_returncode"] == 0, quick["_tail"]
-    assert quick["quick"] is True
-    for name in SECTIONS:
-        details = quick["details"].get(name)
-        assert details is not None, f"section {name} left no details"
-        assert "error" not in details, f"section {name}: {details.get('error')}"
+    _assert_sections_ran(quick, SECTIONS)
 
 
 @pytest.mark.bench_smoke
 @pytest.mark.timeout(RUN_TIMEOUT_S + 100)
 def test_every_section_writes_its_keys(quick: dict[str, Any]) -> None:
     assert set(REQUIRED) == set(SECTIONS), "a section was added: say which keys it must write"
-    missing = {
-        name: [key for key in keys if not _number(quick.get(key))]
-        for name, keys in REQUIRED.items()
-    }
-    missing = {name: keys for name, keys in missing.items() if keys}
+    missing = {name: keys for name in REQUIRED if (keys := _missing_keys(quick, name))}
     shown = {name: quick["details"].get(name) for name in missing}
     assert not missing, f"keys missing or null: {missing}\n{json.dumps(shown, default=str)[:6000]}"
     assert quick["max_sim_hospitals"] > 0

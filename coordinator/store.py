@@ -31,10 +31,10 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
 
-from sqlalchemy import Engine, LargeBinary, String, func, select, text
+from sqlalchemy import Engine, LargeBinary, String, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from fedvault.errors import FedvaultError, InvalidConfigError, StoreError
 
@@ -75,8 +75,8 @@ from .store_models import (
     first_broken_link,
     job_record,
     ledger_record,
-    ledger_row,
-    participation_row,
+    ledger_values,
+    participation_values,
     round_view,
     utcnow,
 )
@@ -410,19 +410,20 @@ class RoundStore:
                 num_participants=len(ok),
                 train_loss=commit.train_loss,
             )
-            rnd.participations = [participation_row(p) for p in commit.participations]
-            s.add(rnd)
+            _add_round(s, rnd, commit.participations)
             sha256 = self._add_model(s, job, commit.number, model, now)
+            ledger = []
             for p in ok:
                 if p.epsilon is None:
                     continue
-                row = ledger_row(job.id, commit.number, p)
+                row = ledger_values(job.id, commit.number, p)
                 if p.accountant_state is not None:
                     context = state_context(job.id, p.hospital, commit.number)
-                    row.accountant_state, row.at_rest = self._sealer.seal_text(
+                    row["accountant_state"], row["at_rest"] = self._sealer.seal_text(
                         p.accountant_state, context
                     )
-                s.add(row)
+                ledger.append(row)
+            _insert(s, LedgerTable, ledger)
             job.updated_at = now
             detail = {
                 "round": commit.number,
@@ -508,8 +509,7 @@ class RoundStore:
                 started_at=started_at or utcnow(),
                 num_participants=sum(p.status == "ok" for p in participations),
             )
-            rnd.participations = [participation_row(p) for p in participations]
-            s.add(rnd)
+            _add_round(s, rnd, participations)
             statuses = {p.hospital: p.status for p in participations}
             self._log(
                 s,
@@ -555,37 +555,18 @@ class RoundStore:
                 "keep one evaluation per hospital"
             )
         rnd = s.scalars(
-            select(RoundTable)
-            .where(
+            select(RoundTable).where(
                 RoundTable.job_id == job.id,
                 RoundTable.number == number,
                 RoundTable.status == "committed",
             )
-            .options(selectinload(RoundTable.participations))
         ).one_or_none()
         if rnd is None:
             raise StoreError(
                 f"round {number} of job {job.name!r} is not committed; "
                 "evaluate committed rounds only"
             )
-        wanted = {e.hospital: e for e in evaluations}
-        rows = {p.hospital: p for p in rnd.participations}
-        for hospital, row in rows.items():
-            if hospital in wanted:
-                continue
-            if row.status == "evaluated":
-                rnd.participations.remove(row)  # delete-orphan
-            else:
-                row.eval_accuracy = row.eval_loss = row.eval_samples = None
-                row.eval_metrics = None
-        for e in evaluations:
-            row = rows.get(e.hospital) or ParticipationTable(
-                hospital=e.hospital, status="evaluated"
-            )
-            if e.hospital not in rows:
-                rnd.participations.append(row)
-            row.eval_accuracy, row.eval_loss, row.eval_samples = e.accuracy, e.loss, e.samples
-            row.eval_metrics = _metrics_json(e.metrics)
+        _evaluate_participations(s, rnd.id, evaluations)
         total = sum(e.samples for e in evaluations)  # each >= 1: 0 only when empty
         scored = [e for e in evaluations if e.accuracy is not None]  # none for regression
         scored_total = sum(e.samples for e in scored)
@@ -602,7 +583,7 @@ class RoundStore:
             job,
             "round.evaluated",
             round=number,
-            hospitals=sorted(wanted),
+            hospitals=sorted(e.hospital for e in evaluations),
             accuracy=rnd.eval_accuracy,
             loss=rnd.eval_loss,
             metrics=dict(pooled) if total else {},
@@ -686,8 +667,16 @@ class RoundStore:
                 select(RoundTable)
                 .where(RoundTable.job_id == job_id, RoundTable.number > after)
                 .order_by(RoundTable.number, RoundTable.attempt)
-                .options(selectinload(RoundTable.participations))
             ).all()
+            # Plain rows, not ORM objects: hundreds per round, only read.
+            participations: dict[int, list[Any]] = {r.id: [] for r in rows}
+            for p in s.execute(
+                select(*ParticipationTable.__table__.c)
+                .join(RoundTable, RoundTable.id == ParticipationTable.round_id)
+                .where(RoundTable.job_id == job_id, RoundTable.number > after)
+                .order_by(ParticipationTable.id)
+            ):
+                participations[p.round_id].append(p)
             states = {
                 (hospital, number): None
                 if state is None
@@ -701,7 +690,7 @@ class RoundStore:
                     ).where(LedgerTable.job_id == job_id, LedgerTable.round > after)
                 )
             }
-            return [round_view(r, states) for r in rows]
+            return [round_view(r, participations[r.id], states) for r in rows]
 
     def ledger(self, job_id: int, *, after: int = 0) -> list[LedgerRow]:
         """The job's privacy ledger after round ``after``, by round then hospital.
@@ -710,11 +699,11 @@ class RoundStore:
         """
         with self._session(f"read the privacy ledger of job {job_id}") as s:
             self._job_row(s, job_id)
-            rows = s.scalars(
-                select(LedgerTable)
+            rows = s.execute(
+                select(*LedgerTable.__table__.c)
                 .where(LedgerTable.job_id == job_id, LedgerTable.round > after)
                 .order_by(LedgerTable.round, LedgerTable.hospital)
-            ).all()
+            )
             return [ledger_record(r) for r in rows]
 
     # -- audit --------------------------------------------------------------------
@@ -796,3 +785,69 @@ def _metrics_json(metrics: Mapping[str, float]) -> str | None:
                 f"metric {name!r} = {value!r} is not a finite number; drop it before storing"
             )
     return json.dumps(dict(sorted(metrics.items())), allow_nan=False)
+
+
+def _insert(s: Session, table: type[Base], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` into ``table`` as one bulk statement (executemany), inside ``s``."""
+    if rows:
+        s.execute(insert(table), list(rows))
+
+
+def _add_round(s: Session, rnd: RoundTable, participations: Sequence[Participation]) -> None:
+    """Add round row ``rnd`` and its participations' rows, in ``participations``' order."""
+    s.add(rnd)
+    s.flush()  # the round's id, which its participations' rows carry
+    _insert(s, ParticipationTable, [participation_values(rnd.id, p) for p in participations])
+
+
+def _evaluate_participations(
+    s: Session, round_id: int, evaluations: Sequence[HospitalEval]
+) -> None:
+    """Put each hospital's evaluation on its participation in round ``round_id``.
+
+    A hospital that did not train gets a row of status ``evaluated``; an
+    evaluation recorded before and not repeated now is removed (``evaluated``
+    rows) or cleared. Bulk statements by primary key: a round has one row per
+    hospital, hundreds in a large consortium.
+    """
+    rows = {
+        r.hospital: r
+        for r in s.execute(
+            select(
+                ParticipationTable.id, ParticipationTable.hospital, ParticipationTable.status
+            ).where(ParticipationTable.round_id == round_id)
+        )
+    }
+    wanted = {e.hospital for e in evaluations}
+    stale = [r.id for h, r in rows.items() if h not in wanted and r.status == "evaluated"]
+    cleared = [
+        {
+            "id": r.id,
+            "eval_accuracy": None,
+            "eval_loss": None,
+            "eval_samples": None,
+            "eval_metrics": None,
+        }
+        for h, r in rows.items()
+        if h not in wanted and r.status != "evaluated"
+    ]
+    scores = {
+        e.hospital: {
+            "eval_accuracy": e.accuracy,
+            "eval_loss": e.loss,
+            "eval_samples": e.samples,
+            "eval_metrics": _metrics_json(e.metrics),
+        }
+        for e in evaluations
+    }
+    if stale:
+        s.execute(delete(ParticipationTable).where(ParticipationTable.id.in_(stale)))
+    updates = cleared + [{"id": rows[h].id, **v} for h, v in scores.items() if h in rows]
+    if updates:
+        s.execute(update(ParticipationTable), updates)
+    new = [
+        {"round_id": round_id, "hospital": h, "status": "evaluated", **v}
+        for h, v in scores.items()
+        if h not in rows
+    ]
+    _insert(s, ParticipationTable, new)

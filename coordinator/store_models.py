@@ -68,9 +68,9 @@ __all__ = [
     "first_broken_link",
     "job_record",
     "ledger_record",
-    "ledger_row",
+    "ledger_values",
     "participation_record",
-    "participation_row",
+    "participation_values",
     "round_view",
     "utcnow",
 ]
@@ -378,21 +378,25 @@ _PARTICIPATION_COLUMNS = tuple(
 _LEDGER_COLUMNS = (*(f.name for f in fields(LedgerRow) if f.name != "round"), "accountant_state")
 
 
-def participation_row(p: Participation) -> ParticipationTable:
-    """A new ``participations`` row for ``p``."""
-    return ParticipationTable(**{name: getattr(p, name) for name in _PARTICIPATION_COLUMNS})
+def participation_values(round_id: int, p: Participation) -> dict[str, Any]:
+    """The columns of ``p``'s new ``participations`` row, for a bulk INSERT.
+
+    Rows go in as one bulk statement per table, not as ORM objects: building and
+    flushing hundreds of objects was most of a round's commit.
+    """
+    return {"round_id": round_id, **{name: getattr(p, name) for name in _PARTICIPATION_COLUMNS}}
 
 
-def participation_record(row: ParticipationTable, accountant_state: str | None) -> Participation:
-    """The record of a stored participation (with its ledger's accountant state)."""
+def participation_record(row: Any, accountant_state: str | None) -> Participation:
+    """The record of a stored participation row (with its ledger's accountant state)."""
     values = {name: getattr(row, name) for name in _PARTICIPATION_COLUMNS}
     return Participation(**values, accountant_state=accountant_state)
 
 
-def ledger_row(job_id: int, round_number: int, p: Participation) -> LedgerTable:
-    """A new ``privacy_ledger`` row for an ``ok`` participation that reported ε."""
+def ledger_values(job_id: int, round_number: int, p: Participation) -> dict[str, Any]:
+    """The columns of the ``privacy_ledger`` row of an ``ok`` participation that reported ε."""
     values = {name: getattr(p, name) for name in _LEDGER_COLUMNS}
-    return LedgerTable(job_id=job_id, round=round_number, **values)
+    return {"job_id": job_id, "round": round_number, "at_rest": AT_REST_NONE, **values}
 
 
 def job_record(row: JobTable) -> Job:
@@ -407,8 +411,8 @@ def job_record(row: JobTable) -> Job:
     )
 
 
-def ledger_record(row: LedgerTable) -> LedgerRow:
-    """The record of a privacy-ledger row."""
+def ledger_record(row: Any) -> LedgerRow:
+    """The record of a privacy-ledger row (an ORM object or a Core row: read by column name)."""
     return LedgerRow(*(getattr(row, f.name) for f in fields(LedgerRow)))
 
 
@@ -420,8 +424,17 @@ def audit_record(row: AuditTable, job_name: str | None) -> AuditRow:
     )
 
 
-def round_view(r: RoundTable, states: Mapping[tuple[str, int], str | None]) -> RoundView:
-    """The record of a stored round; ``states`` maps (hospital, round) to accountant state."""
+def round_view(
+    r: RoundTable,
+    participations: Sequence[Any],
+    states: Mapping[tuple[str, int], str | None],
+) -> RoundView:
+    """The record of a stored round.
+
+    ``participations``: its ``participations`` rows in id order (ORM objects or
+    Core rows: read by column name); ``states`` maps (hospital, round) to
+    accountant state.
+    """
     committed = r.status == "committed"
     return RoundView(
         number=r.number,
@@ -438,7 +451,7 @@ def round_view(r: RoundTable, states: Mapping[tuple[str, int], str | None]) -> R
         started_at=r.started_at,
         participations=tuple(
             participation_record(p, states.get((p.hospital, r.number)) if committed else None)
-            for p in r.participations
+            for p in participations
             if p.status != "evaluated"
         ),
         evaluations=tuple(
@@ -449,7 +462,7 @@ def round_view(r: RoundTable, states: Mapping[tuple[str, int], str | None]) -> R
                 samples=p.eval_samples,
                 metrics=json.loads(p.eval_metrics) if p.eval_metrics else {},
             )
-            for p in sorted(r.participations, key=lambda p: p.hospital)
+            for p in sorted(participations, key=lambda p: p.hospital)
             if p.eval_loss is not None and p.eval_samples is not None
         ),
     )

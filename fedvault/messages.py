@@ -40,6 +40,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import SType
 
 from fedvault.config import JobConfig
 from fedvault.errors import (
@@ -54,6 +55,7 @@ from fedvault.errors import (
     StoreError,
     TaskMismatchError,
 )
+from fedvault.npz import array_from_npy
 from fedvault.privacy.secagg import RoundContext
 from fedvault.privacy.secagg_messages import UnmaskReply, UnmaskRequest
 
@@ -222,8 +224,13 @@ def payload_from_record(record: ArrayRecord) -> ModelPayload:
 
 
 def _numpy(array: Array, name: str) -> np.ndarray:
+    if array.stype != SType.NUMPY:
+        raise MalformedUpdateError(
+            f"array {name!r} cannot be decoded (serialized as {array.stype!r}, not numpy); "
+            "the sender runs another protocol version, discard it"
+        )
     try:
-        return array.numpy()
+        return array_from_npy(array.data, array.dtype, array.shape)
     except (ValueError, TypeError, EOFError) as exc:  # what numpy's .npy reader raises
         raise MalformedUpdateError(
             f"array {name!r} cannot be decoded ({exc}); it is corrupt, the sender must resend it"

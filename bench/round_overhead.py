@@ -49,6 +49,8 @@ SIZES = (10, 100)
 # 3 rounds: round 1 is dropped, so two are measured.
 QUICK_ROUNDS = 3
 QUICK_HOSPITALS = 5
+# The ServerApp's own work (``--inline``): no runtime, so a round costs milliseconds.
+INLINE_ROUNDS = 12
 PULL_S = 0.01  # lever: the in-memory grid's reply polling interval (Flower default 0.1 s)
 TIMEOUT_S = 300  # a child past this is reported as failed (Ray can hang under load)
 # Per worker process: keys and the round's encrypted update, made once.
@@ -72,24 +74,30 @@ class _Clock:
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.total[phase] = self.total.get(phase, 0.0) + time.perf_counter() - start
+                self.add(phase, time.perf_counter() - start)
 
         setattr(owner, name, timed)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.total[phase] = self.total.get(phase, 0.0) + seconds
 
     def round_end(self) -> None:
         self.ends.append(time.perf_counter())
         self.snapshots.append(dict(self.total))
+
+    def per_round(self, phase: str, first: int, last: int) -> list[float]:
+        """Seconds spent in ``phase`` in each of rounds ``first+1 .. last``."""
+        return [
+            self.snapshots[i].get(phase, 0.0) - self.snapshots[i - 1].get(phase, 0.0)
+            for i in range(first, min(last, len(self.snapshots)))
+        ]
 
     def phases(self, first: int, last: int) -> dict[str, float]:
         """Median seconds per round spent in each phase, rounds ``first+1 .. last``."""
         out: dict[str, float] = {}
         names = set().union(*self.snapshots) if self.snapshots else set()
         for phase in sorted(names):
-            per_round = [
-                self.snapshots[i].get(phase, 0.0) - self.snapshots[i - 1].get(phase, 0.0)
-                for i in range(first, min(last, len(self.snapshots)))
-            ]
-            if per_round:
+            if per_round := self.per_round(phase, first, last):
                 out[phase] = statistics.median(per_round)
         return out
 
@@ -123,6 +131,80 @@ def _simulate(server: Any, client: Any, hospitals: int) -> None:
         )
 
 
+class _InlineGrid:
+    """A grid whose hospitals answer in this thread when their reply is pulled (``--inline``).
+
+    No Flower runtime, no Ray, no polling: a round's time is then the ServerApp's
+    own work plus the clients' (timed apart, as phase ``simulated_clients``). It
+    is the part of a round that is the coordinator's alone, and it holds still
+    under load where the simulated round moves by tens of milliseconds.
+    """
+
+    def __init__(self, hospitals: int, handlers: dict[str, Any], clock: _Clock) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.handlers, self.clock = handlers, clock
+        self.pending: dict[str, Any] = {}
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node - 1},
+                state=RecordDict(),
+                run_config={},
+            )
+            for node in range(1, hospitals + 1)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        import uuid
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
+            self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Any]:
+        replies = []
+        for msg_id in message_ids:
+            msg = self.pending.pop(msg_id, None)
+            if msg is not None:
+                start = time.perf_counter()
+                handler = self.handlers[msg.metadata.message_type.split(".")[0]]
+                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+                self.clock.add("simulated_clients", time.perf_counter() - start)
+        return replies
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def _run(
+    server: Any,
+    client: Any,
+    main: Any,
+    handlers: dict[str, Any],
+    hospitals: int,
+    clock: _Clock,
+    inline: bool,
+) -> None:
+    """On Flower's simulation runtime, or ``inline`` (:class:`_InlineGrid`)."""
+    if not inline:
+        _simulate(server, client, hospitals)
+        return
+    from flwr.supercore.task_identity import TaskIdentity
+
+    _quiet()
+    # What Flower sets in a ServerApp process before messages can be made.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    main(_InlineGrid(hospitals, handlers, clock), None)
+
+
 def _quiet() -> None:
     import logging
     import warnings
@@ -141,7 +223,13 @@ def _weights() -> dict[str, Any]:
     return {k: v.numpy().copy() for k, v in build_model().state_dict().items()}
 
 
-def run_flower(hospitals: int, rounds: int, evaluate: bool, pull_s: float | None = None) -> _Clock:
+def run_flower(
+    hospitals: int,
+    rounds: int,
+    evaluate: bool,
+    pull_s: float | None = None,
+    inline: bool = False,
+) -> _Clock:
     """Round end times of a plain Flower FedAvg job with no-op clients."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -197,7 +285,8 @@ def run_flower(hospitals: int, rounds: int, evaluate: bool, pull_s: float | None
         initial = ArrayRecord(build_model().state_dict())
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
 
-    _simulate(server, client, hospitals)
+    handlers = {"train": train, "evaluate": evaluate_fn}
+    _run(server, client, main, handlers, hospitals, clock, inline)
     return clock
 
 
@@ -208,6 +297,7 @@ def run_ours(
     pull_s: float | None = None,
     he: bool = False,
     profile: Path | None = None,
+    inline: bool = False,
 ) -> _Clock:
     """Round end times of fedvault's ServerApp with no-op clients (``none`` or ``he`` mode)."""
     from flwr.app import Context, Message
@@ -349,7 +439,8 @@ def run_ours(
         if status != "finished":
             raise RuntimeError(f"job ended {status}")
 
-    _simulate(server, client, hospitals)
+    handlers = {"train": train, "query": query, "evaluate": evaluate_fn}
+    _run(server, client, main, handlers, hospitals, clock, inline)
     return clock
 
 
@@ -391,7 +482,9 @@ def _durations(ends: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(ends)]
 
 
-def _child(mode: str, hospitals: int, rounds: int, pull_s: float | None = None) -> dict[str, Any]:
+def _child(
+    mode: str, hospitals: int, rounds: int, pull_s: float | None = None, inline: bool = False
+) -> dict[str, Any]:
     """Run one configuration in a fresh process (Ray starts and stops cleanly).
 
     A failure or a hang (seen under heavy load: Ray's raylet died and the
@@ -400,6 +493,7 @@ def _child(mode: str, hospitals: int, rounds: int, pull_s: float | None = None) 
     """
     args = ["--mode", mode, "--hospitals", str(hospitals), "--rounds", str(rounds)]
     args += ["--pull-interval", str(pull_s)] if pull_s is not None else []
+    args += ["--inline"] if inline else []
     run = run_child("bench.round_overhead", args, TIMEOUT_S)
     if run.returncode is None:
         return {"mode": mode, "error": f"no result within {TIMEOUT_S} s"}
@@ -425,6 +519,28 @@ def _row(label: str, ours: dict[str, Any], base: dict[str, Any], target: bool) -
         "s",
         "<= 1.1x" if target else "",
         (ratio is not None and ratio <= 1.1) if target else None,
+    )
+
+
+def _serverapp_work(section: Section, details: dict[str, Any], hospitals: int, rounds: int) -> None:
+    """The ServerApp's own work per round, ours vs FedAvg, without Flower's runtime."""
+    res = {mode: _child(mode, hospitals, rounds, inline=True) for mode in ("ours", "flower")}
+    ours, base = res["ours"], res["flower"]
+    ok = "error" not in ours and "error" not in base
+    ratio = ours["median_serverapp_s"] / base["median_serverapp_s"] if ok else None
+    details[str(hospitals)]["serverapp_work"] = {**res, "ratio": ratio}
+    if ok:
+        section.keys[f"round_serverapp_s_{hospitals}"] = ours["median_serverapp_s"]
+        section.keys[f"baseline_flower_serverapp_s_{hospitals}"] = base["median_serverapp_s"]
+        section.keys[f"round_serverapp_ratio_{hospitals}"] = ratio
+    section.rows.append(
+        Row(
+            f"  the ServerApp's own work, {hospitals} hospitals (no runtime)"
+            + ("" if ok else " (a run failed, see details)"),
+            ours.get("median_serverapp_s"),
+            base.get("median_serverapp_s"),
+            "s",
+        )
     )
 
 
@@ -482,6 +598,7 @@ def run(quick: bool = False) -> Section:
                     False,
                 )
             )
+        _serverapp_work(section, details, hospitals, QUICK_ROUNDS if quick else INLINE_ROUNDS)
         if not quick and hospitals == sizes[0]:
             # Lever: Flower's default polling interval, on both sides.
             default = {mode: _child(mode, hospitals, rounds) for mode in ("ours", "flower")}
@@ -525,23 +642,32 @@ def _one_ray_session() -> Iterator[None]:
         shutdown()
 
 
-def _measure(mode: str, hospitals: int, rounds: int, pull_s: float | None, **kw: Any) -> Any:
+def _measure(
+    mode: str, hospitals: int, rounds: int, pull_s: float | None, inline: bool = False, **kw: Any
+) -> Any:
     """One configuration's JSON result (rounds 2..R)."""
     with tempfile.TemporaryDirectory(prefix="fedvault-bench-") as tmp:
         if mode.startswith("ours"):
-            clock = run_ours(hospitals, rounds, Path(tmp), pull_s, he=mode == "ours-he", **kw)
+            he = mode == "ours-he"
+            clock = run_ours(hospitals, rounds, Path(tmp), pull_s, he=he, inline=inline, **kw)
         else:
-            clock = run_flower(hospitals, rounds, mode == "flower-eval", pull_s)
+            clock = run_flower(hospitals, rounds, mode == "flower-eval", pull_s, inline=inline)
     durations = _durations(clock.ends)[: rounds - 1]  # rounds 2..R
     phases = clock.phases(1, rounds)
     phases["other"] = statistics.median(durations) - sum(phases.values())
-    return {
+    out = {
         "mode": mode,
         "hospitals": hospitals,
         "round_s": durations,
         "median_round_s": statistics.median(durations),
         "phases_s": phases,
     }
+    if inline:  # the ServerApp's own work: each round less its clients' answers
+        clients = clock.per_round("simulated_clients", 1, rounds)
+        own = [d - c for d, c in zip(durations, clients, strict=True)]
+        out["serverapp_s"] = own
+        out["median_serverapp_s"] = statistics.median(own)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -558,6 +684,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="ours: cProfile the ServerApp into this file"
     )
+    parser.add_argument(
+        "--inline",
+        action="store_true",
+        help="no Flower runtime: hospitals answer in the ServerApp's thread (its own work)",
+    )
     args = parser.parse_args(argv)
     if args.mode == "quick":
         with _one_ray_session():
@@ -567,7 +698,9 @@ def main(argv: list[str] | None = None) -> None:
             }
     else:
         kw = {"profile": args.profile} if args.mode.startswith("ours") else {}
-        out = _measure(args.mode, args.hospitals, args.rounds, args.pull_interval, **kw)
+        out = _measure(
+            args.mode, args.hospitals, args.rounds, args.pull_interval, inline=args.inline, **kw
+        )
     print(json.dumps(out))
 
 

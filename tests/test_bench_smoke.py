@@ -64,7 +64,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         "secure_rng_vs_fast_noise_1m",
     ),
     "levers": ("lever_fixed_point", "lever_bfv_symmetric_seeded", "lever_accumulate"),
-    "round": ("round_overhead_ratio",),
+    "round": ("round_overhead_ratio", "round_serverapp_ratio_5"),
     "scale": ("max_sim_hospitals",),
     # Each of these needs its jobs to have finished: the DP+HE, DP and plain MLP jobs
     # and the many-hospital coordinator job.

@@ -366,12 +366,16 @@ def run(quick: bool = False) -> Section:
                 higher_is_better=True,
             )
         )
-    section.rows += _cluster_rows(details, quick)
+    section.rows += _cluster_rows(section, details, quick)
     return section
 
 
-def _cluster_rows(details: dict[str, Any], quick: bool) -> list[Row]:
-    """Hospital-rounds per second on a loopback Ray cluster of one, then two, one-CPU nodes."""
+def _cluster_rows(section: Section, details: dict[str, Any], quick: bool) -> list[Row]:
+    """Hospital-rounds per second on a loopback Ray cluster of one, then two, one-CPU nodes.
+
+    Keys ``ray_cluster_hospital_rounds_per_s_<nodes>``, and ``ray_cluster_speedup_2_nodes``
+    (two nodes over one) when both ran.
+    """
     hospitals = QUICK_CLUSTER_HOSPITALS if quick else CLUSTER_HOSPITALS
     rounds = QUICK_ROUNDS if quick else ROUNDS
     rates: dict[int, float | None] = {}
@@ -384,6 +388,9 @@ def _cluster_rows(details: dict[str, Any], quick: bool) -> list[Row]:
         )
         details[f"cluster_{nodes}_nodes"] = result
         rates[nodes] = result["hospital_rounds_per_s"] if ok else None
+        section.keys[f"ray_cluster_hospital_rounds_per_s_{nodes}"] = rates[nodes]
+    if rates.get(1) and rates.get(2):
+        section.keys["ray_cluster_speedup_2_nodes"] = rates[2] / rates[1]
     return [
         Row(
             f"--ray-address, {nodes} one-CPU node(s) on loopback ({hospitals} hospitals)",

@@ -65,7 +65,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     ),
     "levers": ("lever_fixed_point", "lever_bfv_symmetric_seeded", "lever_accumulate"),
     "round": ("round_overhead_ratio", "round_serverapp_ratio_5"),
-    "scale": ("max_sim_hospitals",),
+    "scale": ("max_sim_hospitals", "ray_cluster_hospital_rounds_per_s_2"),
     # Each of these needs its jobs to have finished: the DP+HE, DP and plain MLP jobs
     # and the many-hospital coordinator job.
     "big": ("big_round_ratio", "big_hospital_mem_ratio", "big_coordinator_ratio"),

@@ -20,8 +20,11 @@ no training:
 
 A round's time is the time between the ends of consecutive rounds, measured in
 the ServerApp; round 1 (actor start-up, the initial model) is dropped and the
-median of the rest is kept. Each configuration runs in its own process;
-``--quick`` runs both sides once in one process, on one Ray session.
+median of the rest is kept. Ours and FedAvg run alternately in one process
+on one Ray session, :data:`PAIRED_REPEATS` times each (``--quick``: once), and
+each side's rounds are pooled: run one after the other in separate processes,
+the two sides saw different machines (three quiet runs gave 1.00x, 1.16x and
+1.28x). The other configurations run in their own process.
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ __all__ = ["run"]
 
 ROUNDS = 9  # round 1 is dropped: the median of 8 (it moves by tens of ms between rounds)
 SIZES = (10, 100)
-# --quick (make test's smoke run): both sides once, in one process on one Ray session;
+# --quick (the bench smoke): both sides once, in one process on one Ray session;
 # 3 rounds: round 1 is dropped, so two are measured.
 QUICK_ROUNDS = 3
 QUICK_HOSPITALS = 5
+# Ours and FedAvg alternately, this many times each, on one Ray session.
+PAIRED_REPEATS = 3
 # The ServerApp's own work (``--inline``): no runtime, so a round costs milliseconds.
 INLINE_ROUNDS = 12
 PULL_S = 0.01  # lever: the in-memory grid's reply polling interval (Flower default 0.1 s)
@@ -544,10 +549,11 @@ def _serverapp_work(section: Section, details: dict[str, Any], hospitals: int, r
     )
 
 
-def _quick_children(hospitals: int, rounds: int) -> dict[str, dict[str, Any]]:
-    """Both sides in one child (``--mode quick``): one interpreter, one Ray start."""
-    args = ["--mode", "quick", "--hospitals", str(hospitals), "--rounds", str(rounds)]
-    run = run_child("bench.round_overhead", [*args, "--pull-interval", str(PULL_S)], TIMEOUT_S)
+def _paired_children(hospitals: int, rounds: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Both sides alternately in one child (``--mode paired``): one interpreter, one Ray start."""
+    args = ["--mode", "paired", "--hospitals", str(hospitals), "--rounds", str(rounds)]
+    args += ["--repeats", str(repeats), "--pull-interval", str(PULL_S)]
+    run = run_child("bench.round_overhead", args, TIMEOUT_S * repeats)
     if run.returncode != 0:
         why = f"no result within {TIMEOUT_S} s" if run.returncode is None else run.stderr[-2000:]
         return {mode: {"mode": mode, "error": why} for mode in ("ours", "flower")}
@@ -566,11 +572,9 @@ def run(quick: bool = False) -> Section:
     for hospitals in sizes:
         # The measurement: both sides on the same Flower settings, replies polled every
         # PULL_S (Flower's default 0.1 s quantises a ~0.1 s round into whole polls).
-        if quick:
-            res = _quick_children(hospitals, rounds)
-        else:
-            modes = ("ours", "flower", "ours-he")
-            res = {mode: _child(mode, hospitals, rounds, PULL_S) for mode in modes}
+        res = _paired_children(hospitals, rounds, 1 if quick else PAIRED_REPEATS)
+        if not quick:
+            res["ours-he"] = _child("ours-he", hospitals, rounds, PULL_S)
         ratio = _ratio(res["ours"], res["flower"])
         details[str(hospitals)] = {**res, "ratio": ratio}
         if ratio is not None:
@@ -620,7 +624,7 @@ def run(quick: bool = False) -> Section:
 
 @contextlib.contextmanager
 def _one_ray_session() -> Iterator[None]:
-    """Start Ray once for several simulations in this process (``--mode quick``).
+    """Start Ray once for several simulations in this process (``--mode paired``).
 
     Flower's Ray backend starts Ray only if none runs, but shuts it down after
     every simulation; starting it costs seconds (20 s at load 7 on 2 cores), so
@@ -670,14 +674,32 @@ def _measure(
     return out
 
 
+def _pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's runs as one result: every measured round, and each phase's median."""
+    rounds = [r for res in results for r in res["round_s"]]
+    phases = {
+        name: statistics.median(res["phases_s"].get(name, 0.0) for res in results)
+        for name in results[0]["phases_s"]
+    }
+    return {
+        **results[0],
+        "runs": len(results),
+        "round_s": rounds,
+        "median_round_s": statistics.median(rounds),
+        "run_medians_s": [res["median_round_s"] for res in results],
+        "phases_s": phases,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.round_overhead")
     parser.add_argument(
         "--mode",
-        choices=("ours", "ours-he", "flower", "flower-eval", "quick"),
+        choices=("ours", "ours-he", "flower", "flower-eval", "paired"),
         required=True,
-        help="quick: ours and flower, one after the other on one Ray session",
+        help="paired: ours and flower alternately, --repeats times each, on one Ray session",
     )
+    parser.add_argument("--repeats", type=int, default=1, help="paired: runs of each side")
     parser.add_argument("--hospitals", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--pull-interval", type=float, default=None)
@@ -690,12 +712,13 @@ def main(argv: list[str] | None = None) -> None:
         help="no Flower runtime: hospitals answer in the ServerApp's thread (its own work)",
     )
     args = parser.parse_args(argv)
-    if args.mode == "quick":
+    if args.mode == "paired":
+        runs: dict[str, list[Any]] = {"ours": [], "flower": []}
         with _one_ray_session():
-            out = {
-                mode: _measure(mode, args.hospitals, args.rounds, args.pull_interval)
-                for mode in ("ours", "flower")
-            }
+            for _ in range(args.repeats):
+                for mode, results in runs.items():
+                    results.append(_measure(mode, args.hospitals, args.rounds, args.pull_interval))
+        out = {mode: _pooled(results) for mode, results in runs.items()}
     else:
         kw = {"profile": args.profile} if args.mode.startswith("ours") else {}
         out = _measure(

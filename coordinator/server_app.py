@@ -47,10 +47,12 @@ from fedvault.errors import FedvaultError, InvalidConfigError, StoreError
 from fedvault.fingerprint import TaskFingerprint, fingerprint_task
 from fedvault.messages import (
     SUMMARY_KEY,
+    SUMMARY_ZLIB,
     CeremonyReply,
     HelloRequest,
     ModelPayload,
     RefusalCode,
+    pack_summary,
     payload_to_record,
     round_context,
 )
@@ -301,7 +303,8 @@ class _RoundRunner:
                 "server-round": server_round,
                 "key-epoch": self.key_epoch,
                 "task-fingerprint": self.fingerprint_json,
-                "summary": self.summary,
+                "summary": "",
+                SUMMARY_ZLIB: pack_summary(self.summary),
             }
         )
 

@@ -553,9 +553,10 @@ def _paired_children(hospitals: int, rounds: int, repeats: int) -> dict[str, dic
     """Both sides alternately in one child (``--mode paired``): one interpreter, one Ray start."""
     args = ["--mode", "paired", "--hospitals", str(hospitals), "--rounds", str(rounds)]
     args += ["--repeats", str(repeats), "--pull-interval", str(PULL_S)]
-    run = run_child("bench.round_overhead", args, TIMEOUT_S * repeats)
+    timeout = TIMEOUT_S * repeats
+    run = run_child("bench.round_overhead", args, timeout)
     if run.returncode != 0:
-        why = f"no result within {TIMEOUT_S} s" if run.returncode is None else run.stderr[-2000:]
+        why = f"no result within {timeout} s" if run.returncode is None else run.stderr[-2000:]
         return {mode: {"mode": mode, "error": why} for mode in ("ours", "flower")}
     out: dict[str, dict[str, Any]] = run.last_json()
     for res in out.values():

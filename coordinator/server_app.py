@@ -47,12 +47,11 @@ from fedvault.errors import FedvaultError, InvalidConfigError, StoreError
 from fedvault.fingerprint import TaskFingerprint, fingerprint_task
 from fedvault.messages import (
     SUMMARY_KEY,
-    SUMMARY_ZLIB,
     CeremonyReply,
     HelloRequest,
     ModelPayload,
     RefusalCode,
-    pack_summary,
+    instruction_config,
     payload_to_record,
     round_context,
 )
@@ -297,15 +296,8 @@ class _RoundRunner:
             )
 
     def _config(self, server_round: int) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "job-config": self.job.to_json(),
-                "server-round": server_round,
-                "key-epoch": self.key_epoch,
-                "task-fingerprint": self.fingerprint_json,
-                "summary": "",
-                SUMMARY_ZLIB: pack_summary(self.summary),
-            }
+        return instruction_config(
+            self.job.to_json(), server_round, self.key_epoch, self.fingerprint_json, self.summary
         )
 
     def _name(self, node: int) -> str:

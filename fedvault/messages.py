@@ -86,6 +86,7 @@ __all__ = [
     "UnmaskQuery",
     "ceremony_request",
     "content_nbytes",
+    "instruction_config",
     "pack_summary",
     "payload_from_record",
     "payload_to_record",
@@ -333,23 +334,16 @@ class RoundInstruction:
 
     def to_content(self) -> RecordDict:
         """The instruction as message content: the model and a config record."""
-        return RecordDict(
-            {
-                MODEL_KEY: payload_to_record(self.model),
-                CONFIG_KEY: ConfigRecord(
-                    {
-                        "job-config": self.job.to_json(),
-                        "server-round": self.server_round,
-                        "key-epoch": self.key_epoch,
-                        "task-fingerprint": self.task_fingerprint,
-                        "summary": "",
-                        SUMMARY_ZLIB: pack_summary(self.summary),
-                        "participants": list(self.participants),
-                        "attempt": self.attempt,
-                    }
-                ),
-            }
+        config = instruction_config(
+            self.job.to_json(),
+            self.server_round,
+            self.key_epoch,
+            self.task_fingerprint,
+            self.summary,
         )
+        config["participants"] = list(self.participants)
+        config["attempt"] = self.attempt
+        return RecordDict({MODEL_KEY: payload_to_record(self.model), CONFIG_KEY: config})
 
     def round_context(self) -> RoundContext:
         """The masked round this instruction opens (see :func:`round_context`)."""
@@ -993,6 +987,31 @@ def _text(value: object, name: str) -> str:
             f"config field {name} must be text (got {type(value).__name__}); {_DISCARD}"
         )
     return value
+
+
+def instruction_config(
+    job_json: str,
+    server_round: int,
+    key_epoch: int,
+    task_fingerprint: str,
+    summary: str,
+) -> ConfigRecord:
+    """A round instruction's config record, as :meth:`RoundInstruction.from_message` reads it.
+
+    A masked round adds its ``participants`` and ``attempt``. The coordinator
+    builds the record once per round and sends it with every hospital's copy of
+    the model.
+    """
+    return ConfigRecord(
+        {
+            "job-config": job_json,
+            "server-round": server_round,
+            "key-epoch": key_epoch,
+            "task-fingerprint": task_fingerprint,
+            "summary": "",
+            SUMMARY_ZLIB: pack_summary(summary),
+        }
+    )
 
 
 def pack_summary(summary: str) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +74,7 @@ def _config(**fields: object) -> ConfigRecord:
     return ConfigRecord({**base, **fields})  # type: ignore[arg-type]
 
 
-def test_the_coordinators_instruction_carries_the_summary_compressed(tmp_path: Path) -> None:
+def test_the_coordinators_instruction_carries_the_summary_compressed() -> None:
     settings = CoordinatorSettings(
         job=JOB, store_url="sqlite://", task=load_task("breast-cancer"), report_dir=None
     )
